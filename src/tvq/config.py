@@ -1,0 +1,109 @@
+"""Configuration of a Transformer-VQ model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ATTENTIONS = ("vq", "full")
+ATTN_IMPLS = ("blockwise", "quadratic")
+
+
+@dataclass
+class TransformerVQConfig:
+    """Hyperparameters of :class:`tvq.TransformerVQ`.
+
+    Widths are per head: each head has keys of width ``d_k`` and values of width ``d_v``,
+    so the value/gate projections are ``n_head * d_v`` wide.
+
+    ``n_layer`` counts *paper* layers. As in the paper, one layer is two gated attention
+    units (GAUs) and no MLP, so the model has ``2 * n_layer`` GAUs (``n_layer=24`` is the
+    paper's 48-GAU enwik8 model).
+
+    ``attention`` picks the model: ``"vq"`` is Transformer-VQ (quantized keys plus the
+    compressive cache); ``"full"`` is the dense baseline, the same layers with causal softmax
+    attention over unquantized keys and an unbounded key/value state.
+    ``attn_impl`` picks how ``"vq"`` attention is computed; both give the same result:
+    ``"blockwise"`` (default, linear time) or ``"quadratic"`` (the reference).
+    ``block_len`` only affects speed and memory of the blockwise path, never the output, and
+    no parameter shape depends on it.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    d_k: int = 64
+    d_v: int = 512
+    n_head: int = 1
+    n_layer: int = 2
+    n_code: int = 256
+    block_len: int = 128
+    mem_len: int = 128
+    agg_cache: bool = True
+    grad_thru_cache: bool = True
+    attention: str = "vq"
+    attn_impl: str = "blockwise"
+    commit_weight: float = 1e-4
+    codebook_decay: float = 0.99
+    dropout_emb: float = 0.0
+    dropout_sin: float = 0.0
+    dropout_res: float = 0.0
+    layerdrop: float = 0.0
+    rel_pos_base: float = 1e5
+    tie_embeddings: bool = False
+    final_norm: bool = False
+    logit_scale: float = 1.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that makes the config impossible."""
+        for name in ("vocab_size", "d_model", "d_k", "d_v", "n_head", "n_layer", "n_code",
+                     "block_len", "mem_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"config.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"config.{name} must be >= 1, got {value}")
+        for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"config.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"config.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        for name in ("dropout_emb", "dropout_sin", "dropout_res", "layerdrop"):
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+                raise ValueError(f"config.{name} must be a probability in [0, 1), got {p!r}")
+        if not isinstance(self.codebook_decay, (int, float)) or not 0.0 <= self.codebook_decay < 1.0:
+            raise ValueError(f"config.codebook_decay must be in [0, 1), got {self.codebook_decay!r}")
+        for name in ("commit_weight",):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"config.{name} must be a number >= 0, got {getattr(self, name)!r}")
+        for name in ("rel_pos_base", "logit_scale", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"config.{name} must be a number > 0, got {value!r}")
+
+    @property
+    def n_gau(self) -> int:
+        """Number of gated attention units (two per paper layer)."""
+        return 2 * self.n_layer
+
+    def replace(self, **changes) -> "TransformerVQConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerVQConfig":
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**d)

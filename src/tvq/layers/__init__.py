@@ -1,0 +1,1 @@
+"""Model building blocks: norms, positions, vector quantization, the GAU."""

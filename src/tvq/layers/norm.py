@@ -1,0 +1,28 @@
+"""RMS-style layer norm, as used throughout Transformer-VQ."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps), then an optional learnable gain and bias.
+
+    The GAU input norm has gain and bias; the query/key norms have neither.
+    Statistics are computed in at least float32.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype)
+        if self.weight is not None:
+            h = h * self.weight + self.bias
+        return h

@@ -1,0 +1,245 @@
+"""Transformer-VQ: a decoder-only stack of GAUs with vector-quantized keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tvq.config import TransformerVQConfig
+from tvq.layers.gau import GAU
+from tvq.layers.norm import RMSNorm
+from tvq.sampling import sample_next
+from tvq.state import TransformerVQState
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TransformerVQOutput:
+    """What a forward pass returns.
+
+    logits (B, T, V) in float32 (float64 under ``.double()``); ``state`` continues the
+    sequences; with ``labels``, ``loss = lm_loss + commit_weight * commit_loss``.
+    """
+
+    logits: Tensor
+    state: TransformerVQState
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    commit_loss: Tensor | None = None
+
+
+class TransformerVQ(nn.Module):
+    """Transformer-VQ language model (Lingle, ICLR 2024).
+
+    ``model(input_ids, state=None, labels=None, token_mask=None)``:
+
+    - input_ids (B, T) integer token ids, any T >= 1;
+    - state: a :class:`TransformerVQState` from a previous call, to continue the same sequences;
+    - labels (B, T): the target of each position (already shifted: usually the next token),
+      ``-100`` to ignore a position;
+    - token_mask (B, T) bool: False for padding, whose keys then stay out of the codebook
+      statistics and the commitment loss.
+
+    In training mode forwards accumulate codebook statistics; call :meth:`update_codebooks`
+    once per optimizer step.
+    """
+
+    def __init__(self, config: TransformerVQConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop_emb = nn.Dropout(config.dropout_emb)
+        self.gaus = nn.ModuleList(GAU(config) for _ in range(config.n_gau))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.final_norm else None
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embed.weight, std=1.0)
+        for gau in self.gaus:
+            gau.reset_parameters()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=self.config.d_model**-0.5)
+            nn.init.zeros_(self.lm_head.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self, batch_size: int) -> TransformerVQState:
+        """The empty state: nothing seen yet."""
+        p = self.embed.weight
+        return TransformerVQState([g.initial_state(batch_size, p.dtype, p.device) for g in self.gaus], 0)
+
+    def _check_state(self, state: TransformerVQState, batch_size: int) -> None:
+        cfg = self.config
+        if not isinstance(state, TransformerVQState):
+            raise ValueError(f"state must be a TransformerVQState, got {type(state).__name__}")
+        if len(state.layers) != cfg.n_gau:
+            raise ValueError(f"state has {len(state.layers)} layers but the model has {cfg.n_gau} GAUs "
+                             "(a state from another config?)")
+        if state.batch_size != batch_size:
+            raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
+        B, H = batch_size, cfg.n_head
+        window = state.pos if cfg.attention == "full" else cfg.mem_len
+        expect = {"keys": (B, H, window, cfg.d_k), "values": (B, H, window, cfg.d_v)}
+        if cfg.attention == "vq":
+            expect.update(codes=(B, H, window), cache_count=(B, H, cfg.n_code),
+                          cache_mean=(B, H, cfg.n_code, cfg.d_v))
+        for i, layer in enumerate(state.layers):
+            for name, shape in expect.items():
+                t = getattr(layer, name)
+                if t is None or tuple(t.shape) != shape:
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(f"state.layers[{i}].{name} has shape {got}, expected {shape} "
+                                     "(a state from another config?)")
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: TransformerVQState | None = None,
+        labels: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> TransformerVQOutput:
+        input_ids = self._check_ids(input_ids, "input_ids")
+        B, T = input_ids.shape
+        if state is None:
+            state = self.initial_state(B)
+        else:
+            self._check_state(state, B)
+        if token_mask is not None:
+            if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool or token_mask.shape != (B, T):
+                raise ValueError(f"token_mask must be a bool tensor of shape {(B, T)}")
+
+        x = self.drop_emb(self.embed(input_ids))  # (B, T, D)
+        commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+        layers = []
+        for gau, layer_state in zip(self.gaus, state.layers):
+            x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask)
+            layers.append(new_layer_state)
+            commit = commit + layer_commit
+        logits = self._logits(x)
+        out = TransformerVQOutput(logits, TransformerVQState(layers, state.pos + T), commit_loss=commit)
+        if labels is not None:
+            labels = self._check_ids(labels, "labels", shape=(B, T), allow_ignore=True)
+            out.lm_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            out.loss = out.lm_loss + self.config.commit_weight * commit
+        return out
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        bias = None if self.lm_head is None else self.lm_head.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), weight.to(dtype), bias)  # (B, T, V)
+        return logits * self.config.logit_scale
+
+    def _check_ids(self, ids, name: str, shape=None, allow_ignore: bool = False) -> Tensor:
+        V = self.config.vocab_size
+        if not isinstance(ids, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch, time), got {tuple(ids.shape)}")
+        if ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}; need batch >= 1 and time >= 1")
+        if shape is not None and tuple(ids.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {shape}")
+        check = ids[ids != IGNORE_INDEX] if allow_ignore else ids
+        if check.numel() and (int(check.min()) < 0 or int(check.max()) >= V):
+            raise ValueError(f"{name} has ids outside [0, {V}): min {int(check.min())}, max {int(check.max())}")
+        return ids.long()
+
+    # --------------------------------------------------------------- codebooks
+    def _quantizers(self):
+        return [g.quantizer for g in self.gaus if g.quantizer is not None]
+
+    def codebook_stats(self) -> Tensor:
+        """All codebook statistics gathered since the last update, as one flat vector."""
+        quantizers = self._quantizers()
+        if not quantizers:
+            return self.embed.weight.new_zeros(0)
+        return torch.cat([q.pending_stats() for q in quantizers])
+
+    @torch.no_grad()
+    def update_codebooks(self, all_reduce: Callable[[Tensor], object] | None = None) -> dict[str, float]:
+        """Apply the accumulated codebook statistics: one EMA step per optimizer step.
+
+        ``all_reduce`` receives one flat tensor of every GAU's statistics and must sum it in
+        place across data-parallel ranks (e.g. ``torch.distributed.all_reduce``), so that all
+        ranks apply the update of the global batch. Returns health metrics averaged over GAUs:
+        ``usage`` (fraction of codes assigned this step), ``dead`` (fraction with EMA count < 1),
+        ``entropy`` (of code usage, divided by log S), ``rel_err`` (||k - k_hat|| / ||k||).
+        """
+        quantizers = self._quantizers()
+        if not quantizers:
+            return {}
+        flat = self.codebook_stats()
+        if all_reduce is not None:
+            all_reduce(flat)
+        metrics: dict[str, float] = {}
+        for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers])):
+            for key, value in q.apply_update(stats).items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(quantizers)
+        return metrics
+
+    # -------------------------------------------------------------- generation
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        state: TransformerVQState | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield sampled tokens (B,) one at a time; the state has constant size per step.
+
+        The prompt is read with the blockwise path, then each new token costs one
+        single-token forward. Runs in eval mode (no dropout, no codebook statistics).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+            out = self(input_ids, state=state)
+            logits, state = out.logits[:, -1], out.state
+            for i in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                yield token
+                if i + 1 < max_new_tokens:
+                    out = self(token[:, None], state=state)
+                    logits, state = out.logits[:, -1], out.state
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids."""
+        tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed))
+        new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+        return torch.cat([input_ids.long(), new], 1)

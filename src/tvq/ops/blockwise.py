@@ -1,0 +1,111 @@
+"""Linear-time VQ attention: a sliding window per block plus the compressive cache (SPEC 4).
+
+All blocks are computed at once. Queries are split into blocks of L; block n attends to a
+window of the M + L keys ending at its last query, and to the cache of every key before that
+window. The per-block caches come from an exclusive prefix sum of per-block code statistics
+(in float32 or wider), so there is no loop over blocks and no (T, T) tensor: time
+O(T (M + L + S)) and memory O(T (M + L + S) + (T / L) S D_v).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from tvq.ops.cache import cache_log_count, code_statistics, merge_cache
+
+
+def skew(x: Tensor, width: int) -> Tensor:
+    """(..., L, J) -> (..., L, width) with out[..., a, w] = x[..., a, w - a] for 0 <= w - a < J.
+
+    Entries with w - a outside [0, J) hold other values and must be masked by the caller.
+    (The Transformer-XL relative shift, done with one pad and one reshape.)
+    """
+    L, J = x.shape[-2:]
+    x = F.pad(x, (0, width + 1 - J))  # (..., L, width + 1)
+    return x.flatten(-2)[..., : L * width].unflatten(-1, (L, width))
+
+
+def blockwise_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    codes: Tensor,
+    *,
+    n_invalid: int,
+    rel: Tensor,
+    u: Tensor,
+    v: Tensor,
+    mem_len: int,
+    block_len: int,
+    agg_cache: bool,
+    grad_thru_cache: bool,
+    cache: tuple[Tensor, Tensor, Tensor],
+) -> Tensor:
+    """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
+
+    keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T) start with the
+    M = ``mem_len`` window slots of the state (the first ``n_invalid`` of them empty);
+    ``cache`` = (codebook (H, S, D_k), count (B, H, S), mean (B, H, S, D_v)) holds everything
+    older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
+    """
+    B, H, T, _ = q.shape
+    M = mem_len
+    L = min(block_len, T)
+    nb = -(-T // L)
+    pad = nb * L - T
+    W = M + L  # window of one block
+    acc = torch.promote_types(q.dtype, torch.float32)
+    codebook, count0, mean0 = cache
+
+    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
+    keys = F.pad(keys, (0, 0, 0, pad))  # (B, H, M + nb L, D_k)
+    vals = F.pad(values, (0, 0, 0, pad))  # (B, H, M + nb L, D_v)
+    k_win = keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_k)
+    v_win = vals.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_v)
+    qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
+    qv = q + v[:, None, None]
+
+    # masks over (block n, query a, window slot w); distance d = M + a - w
+    dev = q.device
+    a = torch.arange(L, device=dev)[:, None]
+    w = torch.arange(W, device=dev)[None, :]
+    key_ok = (torch.arange(nb, device=dev)[:, None] * L + w) >= n_invalid  # (nb, W)
+    near = ((w >= a) & (w <= a + M)) & key_ok[:, None, :]  # (nb, L, W): d in [0, M]
+    old = (w < a) & key_ok[:, None, :] if agg_cache else None  # d > M, still in the window
+
+    content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
+    if old is not None and torch.is_grad_enabled():
+        # old keys are codewords: same score, but no straight-through gradient
+        stale = qu @ k_win[..., :L, :].detach().transpose(-1, -2)  # (B, H, nb, L, L)
+        content = torch.cat([torch.where(old[..., :L], stale, content[..., :L]), content[..., L:]], -1)
+    positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W)  # (B, H, nb, L, W)
+    scores = torch.where(near, content + positional, float("-inf") if old is None else
+                         torch.where(old, content, float("-inf"))).to(acc)
+
+    if agg_cache:
+        # cache of block n = state cache + keys of window slots that block n - 1 still had
+        blk = slice(0, (nb - 1) * L)
+        weight = (torch.arange((nb - 1) * L, device=dev) >= n_invalid).view(nb - 1, L)
+        cache_vals = vals[:, :, blk] if grad_thru_cache else vals[:, :, blk].detach()
+        n_blk, s_blk = code_statistics(
+            codes[:, :, blk].unflatten(2, (nb - 1, L)), cache_vals.unflatten(2, (nb - 1, L)),
+            weight, codebook.shape[1], acc,
+        )  # (B, H, nb - 1, S), (B, H, nb - 1, S, D_v)
+        n_pre = F.pad(n_blk.cumsum(2), (0, 0, 1, 0))  # (B, H, nb, S): exclusive prefix sums
+        s_pre = F.pad(s_blk.cumsum(2), (0, 0, 0, 0, 1, 0))  # (B, H, nb, S, D_v)
+        count, mean = merge_cache(count0[:, :, None].to(acc), mean0[:, :, None].to(acc), n_pre, s_pre)
+        cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
+        scores = torch.cat([scores, cache_scores + cache_log_count(count)[..., None, :]], -1)
+
+    probs = torch.softmax(scores, -1)  # (B, H, nb, L, W [+ S])
+    p_win = probs[..., :W].to(v_win.dtype)
+    if old is not None and not grad_thru_cache and torch.is_grad_enabled():
+        out = torch.where(old, 0.0, p_win) @ v_win
+        out = out + torch.where(old[..., :L], p_win[..., :L], 0.0) @ v_win[..., :L, :].detach()
+    else:
+        out = p_win @ v_win  # (B, H, nb, L, D_v)
+    if agg_cache:
+        out = out.to(acc) + probs[..., W:] @ mean
+    return out.flatten(2, 3)[:, :, :T].to(q.dtype)
