@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from tvq import TransformerVQ, TransformerVQConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> TransformerVQConfig:
+    """A model small enough to compare paths in float64 in milliseconds."""
+    base = dict(vocab_size=50, d_model=16, d_k=4, d_v=8, n_head=2, n_layer=1, n_code=8,
+                block_len=4, mem_len=8)
+    base.update(overrides)
+    return TransformerVQConfig(**base)
+
+
+def make_model(seed: int = 0, dtype=torch.float64, **overrides) -> TransformerVQ:
+    torch.manual_seed(seed)
+    model = TransformerVQ(tiny_config(**overrides)).to(dtype)
+    # spread the codebook so that keys use many codes and the cache holds several entries
+    with torch.no_grad():
+        for gau in model.gaus:
+            if gau.quantizer is not None:
+                gau.quantizer.c_sum.normal_(0.0, gau.config.d_k**-0.25)
+    return model
+
+
+def clone_with(model: TransformerVQ, **overrides) -> TransformerVQ:
+    """Same weights and buffers, config changed."""
+    other = TransformerVQ(model.config.replace(**overrides)).to(model.embed.weight.dtype)
+    other.load_state_dict(model.state_dict())
+    other.train(model.training)
+    return other
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(123)
+    return torch.randint(0, 50, (2, 200))

@@ -1,0 +1,130 @@
+"""Vector quantization: assignment, straight-through gradient, EMA update, distributed statistics."""
+
+import pytest
+import torch
+
+from tvq.layers.vq import VectorQuantizer
+from conftest import make_model
+
+
+def quantizer(seed=0):
+    torch.manual_seed(seed)
+    return VectorQuantizer(n_head=3, n_code=16, d_k=4, decay=0.9).double()
+
+
+def test_assignment_is_brute_force_nearest_codeword():
+    vq = quantizer().eval()
+    k = torch.randn(2, 3, 50, 4, dtype=torch.float64)
+    out = vq(k)
+    c = vq.codebook()  # (H, S, D_k)
+    brute = torch.stack([torch.cdist(k[:, h], c[h].expand(2, -1, -1)).argmin(-1) for h in range(3)], 1)
+    assert torch.equal(out.codes, brute)
+    torch.testing.assert_close(out.keys, c[torch.arange(3)[None, :, None], brute])
+
+
+def test_straight_through_gradient_is_identity():
+    vq = quantizer().eval()
+    k = torch.randn(2, 3, 10, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 10, 4, dtype=torch.float64)
+    (vq(k).keys * w).sum().backward()
+    torch.testing.assert_close(k.grad, w, atol=0, rtol=0)
+
+
+def test_commit_loss_definition():
+    vq = quantizer().eval()
+    k = torch.randn(2, 3, 10, 4, dtype=torch.float64)
+    out = vq(k)
+    expect = (k - out.keys).square().sum(-1).sum(1).mean()  # sum over heads, mean over tokens
+    torch.testing.assert_close(out.commit, expect)
+
+
+def test_ema_update_closed_form():
+    vq = quantizer().train()
+    k = torch.randn(2, 3, 40, 4, dtype=torch.float64)
+    c_sum, c_count = vq.c_sum.clone(), vq.c_count.clone()
+    codes = vq(k).codes
+    onehot = torch.nn.functional.one_hot(codes, 16).double()  # (B, H, T, S)
+    expect_sum = 0.9 * c_sum + 0.1 * torch.einsum("bhts,bhtk->hsk", onehot, k)
+    expect_count = 0.9 * c_count + 0.1 * onehot.sum((0, 2))
+    metrics = vq.apply_update()
+    torch.testing.assert_close(vq.c_sum, expect_sum, atol=1e-12, rtol=0)
+    torch.testing.assert_close(vq.c_count, expect_count, atol=1e-12, rtol=0)
+    assert vq.pending_stats().abs().sum() == 0  # cleared
+    assert 0 < metrics["usage"] <= 1 and 0 <= metrics["entropy"] <= 1 and metrics["rel_err"] > 0
+    assert metrics["tokens"] == 80
+
+
+def test_no_statistics_in_eval_mode(ids):
+    model = make_model().eval()
+    model(ids)
+    assert model.codebook_stats().abs().sum() == 0
+
+
+def test_codebooks_are_buffers_not_parameters():
+    model = make_model()
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("c_sum" in n or "c_count" in n for n in names)
+    assert any(n.endswith("quantizer.c_sum") for n in model.state_dict())
+
+
+def _codebooks(model):
+    return [t for n, t in model.state_dict().items() if "quantizer" in n]
+
+
+def test_micro_batches_and_fake_ranks_equal_one_batch():
+    torch.manual_seed(5)
+    ids = torch.randint(0, 50, (4, 90))
+    one = make_model().train()
+    one(ids)
+    one.update_codebooks()
+
+    # gradient accumulation: two micro-batches, one update
+    micro = make_model().train()
+    micro(ids[:2])
+    micro(ids[2:])
+    micro.update_codebooks()
+
+    # two fake data-parallel ranks: the all-reduce hook sums their statistics
+    ranks = [make_model().train(), make_model().train()]
+    for r, part in zip(ranks, (ids[:2], ids[2:])):
+        r(part)
+    stats = [r.codebook_stats().clone() for r in ranks]
+    for i, r in enumerate(ranks):
+        r.update_codebooks(all_reduce=lambda t, other=stats[1 - i]: t.add_(other))
+
+    for model in (micro, *ranks):
+        for a, b in zip(_codebooks(one), _codebooks(model)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert any((a != b).any() for a, b in zip(_codebooks(one), _codebooks(make_model())))
+
+
+def test_token_mask_excludes_padding():
+    torch.manual_seed(6)
+    ids = torch.randint(0, 50, (2, 30))
+    masked = make_model().train()
+    mask = torch.tensor([[True] * 30, [False] * 30])
+    out_masked = masked(ids, token_mask=mask)
+    alone = make_model().train()
+    out_alone = alone(ids[:1])
+    torch.testing.assert_close(masked.codebook_stats(), alone.codebook_stats())
+    torch.testing.assert_close(out_masked.commit_loss, out_alone.commit_loss)
+
+
+def test_update_changes_codebook_towards_keys():
+    model = make_model().train()
+    torch.manual_seed(7)
+    ids = torch.randint(0, 50, (2, 100))
+    before = model(ids).commit_loss.item()
+    for _ in range(20):
+        model(ids)
+        model.update_codebooks()
+    after = model.eval()(ids).commit_loss.item()
+    assert after < before
+
+
+@pytest.mark.parametrize("attention", ["full"])
+def test_full_attention_has_no_codebooks(attention, ids):
+    model = make_model(attention=attention).train()
+    model(ids)
+    assert model.update_codebooks() == {}
+    assert model.codebook_stats().numel() == 0

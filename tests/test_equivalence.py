@@ -1,0 +1,176 @@
+"""The three attention paths compute SPEC section 3 exactly (float64, tolerance 1e-10).
+
+Tolerance: every path does the same float64 arithmetic up to summation order, so results agree
+to a few ulps of the largest intermediate (~1e-15 relative, measured ~2e-15 on logits). 1e-10 leaves
+room for long sums at T = 1000 while any real error (a wrong mask, a missed cache entry, a
+wrong stop-gradient) changes logits by >= 1e-4 (checked by the "switch matters" tests below).
+"""
+
+import math
+
+import pytest
+import torch
+
+from tvq.ops import quadratic_attention
+from conftest import clone_with, make_model
+
+ATOL = 1e-10
+
+
+def logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids.roll(-1, 1))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def assert_close_grads(ga, gb):
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("T", [1, 7, 63, 200, 1000])
+@pytest.mark.parametrize("block_len,mem_len", [(4, 8), (8, 8), (16, 5)])  # L < M, L = M, L > M
+@pytest.mark.parametrize("agg_cache", [True, False])
+@pytest.mark.parametrize("grad_thru_cache", [True, False])
+def test_blockwise_equals_quadratic(T, block_len, mem_len, agg_cache, grad_thru_cache):
+    n_head = 1 if T == 63 else 2
+    model = make_model(block_len=block_len, mem_len=mem_len, agg_cache=agg_cache,
+                       grad_thru_cache=grad_thru_cache, n_head=n_head).train()
+    ref = clone_with(model, attn_impl="quadratic")
+    torch.manual_seed(T)
+    ids = torch.randint(0, 50, (2, T))
+    la, ga = logits_and_grads(model, ids)
+    lb, gb = logits_and_grads(ref, ids)
+    torch.testing.assert_close(la, lb, atol=ATOL, rtol=0)
+    assert_close_grads(ga, gb)
+
+
+def test_switches_matter(ids):
+    """agg_cache and grad_thru_cache really change outputs/gradients (so the test above can fail)."""
+    model = make_model().train()
+    la, ga = logits_and_grads(model, ids)
+    lb, _ = logits_and_grads(clone_with(model, agg_cache=False), ids)
+    assert (la - lb).abs().max() > 1e-4
+    _, gc = logits_and_grads(clone_with(model, grad_thru_cache=False), ids)
+    assert max((ga[n] - gc[n]).abs().max() for n in ga) > 1e-6
+
+
+def literal_attention(q, k_hat, v, rel, u, vb, mem_len, agg_cache):
+    """SPEC section 3 written out query by query, key by key."""
+    B, H, T, _ = q.shape
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                scores, vals = [], []
+                for j in range(i + 1):
+                    d = i - j
+                    if d > mem_len and not agg_cache:
+                        continue
+                    s = (q[b, h, i] + u[h]) @ k_hat[b, h, j]
+                    if d <= mem_len:
+                        s = s + (q[b, h, i] + vb[h]) @ rel[h, d]
+                    scores.append(s)
+                    vals.append(v[b, h, j])
+                w = torch.softmax(torch.stack(scores), 0)
+                out[b, h, i] = sum(wi * vi for wi, vi in zip(w, vals))
+    return out
+
+
+@pytest.mark.parametrize("agg_cache", [True, False])
+def test_reference_is_the_spec(agg_cache):
+    torch.manual_seed(0)
+    B, H, T, Dk, Dv, M = 2, 2, 23, 4, 3, 5
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for d in (Dk, Dk, Dv))
+    rel, u, vb = torch.randn(H, M + 1, Dk, dtype=torch.float64), torch.randn(H, Dk, dtype=torch.float64), \
+        torch.randn(H, Dk, dtype=torch.float64)
+    got = quadratic_attention(q, k, v, n_invalid=0, rel=rel, u=u, v=vb, mem_len=M,
+                              agg_cache=agg_cache, grad_thru_cache=True)
+    torch.testing.assert_close(got, literal_attention(q, k, v, rel, u, vb, M, agg_cache), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "quadratic"])
+def test_output_independent_of_block_len(ids, impl):
+    model = make_model(attn_impl=impl).eval()
+    base = model(ids).logits
+    for block_len in (1, 3, 8, 13, 64, 500):
+        model.config.block_len = block_len
+        torch.testing.assert_close(model(ids).logits, base, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention,impl", [("vq", "blockwise"), ("vq", "quadratic"), ("full", "blockwise")])
+def test_chunked_with_state_equals_full(ids, attention, impl):
+    model = make_model(attention=attention, attn_impl=impl).eval()
+    full = model(ids).logits
+    state, parts = None, []
+    for chunk in ids.split([1, 5, 2, 31, 8, 64, 89], 1):
+        out = model(chunk, state=state)
+        state, parts = out.state, parts + [out.logits]
+    assert state.pos == ids.shape[1]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["vq", "full"])
+def test_one_token_at_a_time_equals_full(ids, attention):
+    model = make_model(attention=attention).eval()
+    ids = ids[:, :60]
+    full = model(ids).logits
+    state, parts = None, []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t: t + 1], state=state)
+        state, parts = out.state, parts + [out.logits]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
+
+
+def test_final_state_independent_of_block_len(ids):
+    """The state is a function of the tokens seen, not of how they were blocked."""
+    model = make_model().eval()
+    a = model(ids).state
+    model.config.block_len = 7
+    b = model(ids).state
+    for la, lb in zip(a.layers, b.layers):
+        for x, y in zip(la._tensors(), lb._tensors()):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    # every key older than the window is in the cache, once
+    assert a.layers[0].cache_count.sum(-1).eq(ids.shape[1] - model.config.mem_len).all()
+
+
+@pytest.mark.parametrize("attention", ["vq", "full"])
+def test_causal(attention):
+    """d logits[t] / d embeddings[s] = 0 for s > t: the Jacobian is lower triangular."""
+    model = make_model(attention=attention, n_layer=2).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 50, (1, 24))
+    emb = model.embed(ids).detach().requires_grad_(True)
+    handle = model.embed.register_forward_hook(lambda mod, inp, out: emb)
+    try:
+        logits = model(ids).logits  # (1, T, V)
+        for t in range(ids.shape[1]):
+            (g,) = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
+            assert torch.all(g[0, t + 1:] == 0), f"logits[{t}] depend on a later token"
+            assert torch.all(g[0, : t + 1].abs().sum(-1) > 0), f"logits[{t}] ignore an earlier token"
+    finally:
+        handle.remove()
+
+
+def test_full_attention_is_dense_softmax():
+    """attention="full" attends to every past key with its true (unquantized) value."""
+    model = make_model(attention="full", mem_len=3).eval()
+    gau = model.gaus[0]
+    assert gau.quantizer is None
+    torch.manual_seed(2)
+    B, H, T, Dk, Dv, M = 1, 2, 12, 4, 8, 3
+    q, k = torch.randn(B, H, T, Dk, dtype=torch.float64), torch.randn(B, H, T, Dk, dtype=torch.float64)
+    v = torch.randn(B, H, T, Dv, dtype=torch.float64)
+    rel = torch.randn(H, M + 1, Dk, dtype=torch.float64)
+    zero = torch.zeros(H, Dk, dtype=torch.float64)
+    got = quadratic_attention(q, k, v, n_invalid=0, rel=rel, u=zero, v=zero, mem_len=M, agg_cache=True,
+                              grad_thru_cache=True, quantized=False)
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    bias = torch.einsum("bhik,hdk->bhid", q, rel).gather(-1, dist.clamp(0, M).expand(B, H, T, T))
+    scores = q @ k.transpose(-1, -2) + torch.where(dist <= M, bias, 0.0)
+    scores = scores.masked_fill(dist < 0, -math.inf)
+    torch.testing.assert_close(got, torch.softmax(scores, -1) @ v, atol=ATOL, rtol=0)

@@ -1,0 +1,121 @@
+"""The model's contract: dtypes, modes, state, checkpoints across block lengths, generation."""
+
+import pytest
+import torch
+
+from tvq import TransformerVQ, TransformerVQState
+from tvq.sampling import sample_next
+from conftest import make_model, tiny_config
+
+
+def test_contract_example_shapes():
+    model = make_model(dtype=torch.float32)
+    ids = torch.randint(0, 50, (3, 17))
+    out = model(ids)
+    assert out.logits.shape == (3, 17, 50) and out.logits.dtype == torch.float32
+    out2 = model(ids[:, :5], state=out.state)
+    assert out2.state.pos == 22
+
+
+def test_double_runs_in_float64(ids):
+    model = make_model(dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in [*model.parameters(), *model.buffers()])
+    out = model(ids)
+    assert out.logits.dtype == torch.float64
+    for layer in out.state.layers:
+        assert layer.keys.dtype == layer.values.dtype == layer.cache_mean.dtype == torch.float64
+
+
+def test_state_shapes_and_detach(ids):
+    cfg = tiny_config()
+    model = make_model().train()
+    state = model(ids).state
+    assert len(state.layers) == 2 * cfg.n_layer
+    layer = state.layers[0]
+    B, H, M = 2, cfg.n_head, cfg.mem_len
+    assert layer.keys.shape == (B, H, M, cfg.d_k) and layer.values.shape == (B, H, M, cfg.d_v)
+    assert layer.codes.shape == (B, H, M) and layer.codes.dtype == torch.long
+    assert layer.cache_count.shape == (B, H, cfg.n_code) and layer.cache_mean.shape == (B, H, cfg.n_code, cfg.d_v)
+    assert layer.values.requires_grad
+    detached = state.detach()
+    assert not any(t.requires_grad for lay in detached.layers for t in lay._tensors() if t is not None)
+
+
+def test_state_dict_loads_across_block_len(ids):
+    a = make_model(block_len=4).eval()
+    b = TransformerVQ(a.config.replace(block_len=32)).double().eval()
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-10, rtol=0)
+
+
+def test_eval_disables_dropout_and_train_enables_it(ids):
+    model = make_model(dropout_emb=0.1, dropout_sin=0.2, dropout_res=0.3, layerdrop=0.3).eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+    model.train()
+    assert (model(ids).logits - model(ids).logits).abs().max() > 0
+
+
+def test_loss_is_cross_entropy_plus_commitment(ids):
+    model = make_model().eval()
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    out = model(ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, :-1].flatten())
+    torch.testing.assert_close(out.lm_loss, ce)
+    torch.testing.assert_close(out.loss, ce + model.config.commit_weight * out.commit_loss)
+    assert out.commit_loss > 0
+
+
+def test_tied_embeddings_final_norm_and_logit_scale(ids):
+    model = make_model(tie_embeddings=True, final_norm=True, logit_scale=0.005)
+    assert model.lm_head is None and model.norm_f is not None
+    logits = model(ids).logits
+    assert logits.abs().max() < 1.0  # 0.005 * (normed h . N(0,1) embedding) stays small
+    params = sum(p.numel() for p in model.parameters())
+    untied = make_model()
+    assert params < untied.num_parameters()
+
+
+def test_generate_shapes_seed_and_mode():
+    model = make_model(dtype=torch.float32).train()
+    prompt = torch.randint(0, 50, (2, 5))
+    a = model.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=3)
+    b = model.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=3)
+    assert a.shape == (2, 17) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
+    assert model.training  # restored
+    assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)])
+def test_greedy_generation_matches_full_forward(kwargs):
+    model = make_model().eval()
+    prompt = torch.randint(0, 50, (2, 9))
+    seq = model.generate(prompt, 30, seed=0, **kwargs)
+    logits = model(seq).logits
+    assert torch.equal(seq[:, 9:], logits[:, 8:-1].argmax(-1))
+
+
+def test_generation_state_has_constant_size():
+    model = make_model().eval()
+    state = model(torch.randint(0, 50, (1, 3))).state
+    sizes = [sum(t.numel() for lay in state.layers for t in lay._tensors())]
+    for _ in range(40):
+        state = model(torch.randint(0, 50, (1, 1)), state=state).state
+        sizes.append(sum(t.numel() for lay in state.layers for t in lay._tensors()))
+    assert len(set(sizes)) == 1
+
+
+def test_nucleus_sampling_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample_next(logits, 1.0, None, 0.8, gen)
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    tokens = sample_next(logits, 1.0, 3, None, gen)
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_state_to_moves_floats_only(ids):
+    state = make_model().eval()(ids).state
+    moved = state.to(torch.float32)
+    assert isinstance(moved, TransformerVQState)
+    assert moved.layers[0].keys.dtype == torch.float32 and moved.layers[0].codes.dtype == torch.long
