@@ -1,0 +1,226 @@
+"""The ``tvq`` command: train, eval, sample, data, plot."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tvq.training.config import DEFAULT_PRESET, PRESETS, apply_overrides, load_config_file, preset
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvq", description="Transformer-VQ: train, evaluate and sample.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: the 'small' preset on the built-in stdlib corpus)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help=f"named configuration (default {DEFAULT_PRESET})")
+    src.add_argument("--config", help="JSON file of training config keys")
+    t.add_argument("--data", help="stdlib | FILE | DIR | enwik8 | pg19:DIR | imagenet64:DIR")
+    t.add_argument("--out", help="run directory (default runs/PRESET-TIME)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lr=1e-3 --set model.d_model=256")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a run on a data split (bits per byte, perplexity)")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="data source (default: the run's)")
+    e.add_argument("--split", choices=["validation", "test"], default="validation")
+    e.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
+    e.add_argument("--max-tokens", type=int, default=0, help="evaluate only this many tokens (0: whole split)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--device")
+
+    s = sub.add_parser("sample", help="sample text from a run, streaming tokens as they come")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--checkpoint", default="latest")
+    s.add_argument("--device")
+
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("train-vocab", help="train a SentencePiece vocabulary for pg19:DIR")
+    v.add_argument("source", help="pg19:DIR")
+    v.add_argument("--vocab-size", type=int, default=32000)
+    info = dsub.add_parser("info", help="print the size of each split of a data source")
+    info.add_argument("source")
+
+    pl = sub.add_parser("plot", help="draw loss and bpb curves of a run to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    return p
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    return name
+
+
+def _tokenizer_for(data: str):
+    from tvq.data import ByteTokenizer, SentencePieceTokenizer
+
+    if data.startswith("pg19:"):
+        path = Path(data.split(":", 1)[1]) / "spm32k.model"
+        if not path.is_file():
+            raise UsageError(f"{path} not found; run `tvq data train-vocab {data}` first")
+        return SentencePieceTokenizer(path)
+    return ByteTokenizer()
+
+
+def cmd_train(args) -> int:
+    from tvq.training.trainer import train
+
+    cfg = load_config_file(args.config) if args.config else preset(args.preset or DEFAULT_PRESET)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data={args.data}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    cfg = apply_overrides(cfg, overrides)
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    name = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
+    run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    val = train(cfg, run_dir, resume=args.resume, device=_device(args.device), progress=not args.no_progress)
+    print(f"validation: loss {val['loss']:.4f} nats/token, {val['bpb']:.4f} bits per byte ({val['tokens']:,} tokens)")
+    if not cfg.data.startswith("imagenet64") and cfg.sample_tokens:
+        print("sample:")
+        _stream_sample(run_dir, "latest", "", cfg.sample_tokens, 1.0, cfg.top_p, None, cfg.seed, _device(args.device))
+    print(f"run saved to {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tvq.data import ByteTokenizer, load_corpus
+    from tvq.training import checkpoint as ckpt
+    from tvq.training.evaluate import evaluate
+
+    path = ckpt.find_checkpoint(args.run_dir, args.checkpoint)
+    device = _device(args.device)
+    model, meta = ckpt.load_model(path, device)
+    data = args.data or meta.get("data", "stdlib")
+    corpus = load_corpus(data)
+    if corpus.vocab_size != model.config.vocab_size:
+        raise UsageError(f"data {data!r} has vocabulary {corpus.vocab_size} but the checkpoint's model has "
+                         f"{model.config.vocab_size}; evaluate on the data it was trained on")
+    run_cfg = json.loads((Path(args.run_dir) / "config.json").read_text())
+    result = evaluate(model, corpus.split(args.split), segment_len=run_cfg.get("update_len", 2048),
+                      max_tokens=args.max_tokens, byte_level=isinstance(corpus.tokenizer, ByteTokenizer),
+                      device=device)
+    result.update(split=args.split, data=data, step=meta["step"])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
+
+
+def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, top_k, seed, device) -> None:
+    from tvq.training import checkpoint as ckpt
+
+    model, meta = ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
+    tokenizer = _tokenizer_for(meta.get("data", "stdlib"))
+    ids = tokenizer.encode(prompt) if prompt else [0]
+    input_ids = torch.tensor([ids], device=device)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    byte_level = tokenizer.vocab_size == 256
+    sys.stdout.write(prompt)
+    generated: list[int] = []
+    for token in model.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        generated.append(int(token[0]))
+        if byte_level:
+            sys.stdout.write(decoder.decode(bytes([generated[-1]])))
+        sys.stdout.flush()
+    if not byte_level:
+        sys.stdout.write(tokenizer.decode(generated))
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+
+
+def cmd_sample(args) -> int:
+    _stream_sample(args.run_dir, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                   args.top_p, args.top_k, args.seed, _device(args.device))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from tvq.data import load_corpus
+
+    if args.data_command == "train-vocab":
+        from tvq.data import train_pg19_vocab
+
+        if not args.source.startswith("pg19:"):
+            raise UsageError(f"train-vocab expects pg19:DIR, got {args.source!r}")
+        path = train_pg19_vocab(args.source.split(":", 1)[1], vocab_size=args.vocab_size)
+        print(f"vocabulary written to {path}")
+        return 0
+    corpus = load_corpus(args.source)
+    for name, split in corpus.splits.items():
+        print(f"{name}: {len(split.tokens):,} tokens, {split.n_docs:,} documents, {split.n_bytes:,} bytes")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("tvq plot needs matplotlib: pip install 'tvq[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(args.run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path} not found; is {args.run_dir} a tvq run directory?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val/bpb" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax1.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax2.plot([r["step"] for r in train], [r["bpb"] for r in train], label="train")
+    if val:
+        ax2.plot([r["step"] for r in val], [r["val/bpb"] for r in val], "o-", label="validation")
+    ax2.set(xlabel="step", ylabel="bits per byte", title="bpb")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = Path(args.out or Path(args.run_dir) / "curves.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot written to {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tvq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvq: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130

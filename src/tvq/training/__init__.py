@@ -1,0 +1,1 @@
+"""Training: run configs and presets, batching, the loop, evaluation, checkpoints."""

@@ -1,0 +1,197 @@
+"""Training run configuration: presets, config files and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tvq.config import TransformerVQConfig
+
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides the model config (``model``).
+
+    Each optimizer step trains on one update segment of ``update_len`` tokens per sequence;
+    a sequence of ``sequence_len`` tokens is ``sequence_len / update_len`` consecutive steps with
+    the attention state carried (detached) from one to the next, as in the paper.
+    ``batch_size`` is the global batch, split into ``grad_accum`` micro-batches.
+    """
+
+    model: TransformerVQConfig = field(default_factory=TransformerVQConfig)
+    data: str = "stdlib"
+    batch_size: int = 8
+    grad_accum: int = 1
+    sequence_len: int = 1024
+    update_len: int = 256
+    max_steps: int = 500
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    weight_decay: float = 2e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_tokens: int = 32768  # validation tokens per evaluation during training (0: whole split)
+    save_every: int = 100
+    keep_last: int = 2
+    sample_tokens: int = 200
+    top_p: float = 0.9
+    bf16: bool = True  # bfloat16 autocast where the device supports it (CUDA)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = TransformerVQConfig.from_dict(self.model)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "sequence_len", "update_len", "max_steps", "log_every",
+                     "save_every", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "eval_tokens", "sample_tokens", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.sequence_len % self.update_len:
+            raise ValueError(f"sequence_len {self.sequence_len} is not divisible by update_len "
+                             f"{self.update_len}; pick update_len dividing it")
+        if self.update_len % self.model.block_len:
+            raise ValueError(f"update_len {self.update_len} is not divisible by model.block_len "
+                             f"{self.model.block_len}")
+        if not 0 < self.lr:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def segments_per_sequence(self) -> int:
+        return self.sequence_len // self.update_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _paper(model: dict, **train) -> dict:
+    return dict(model=model, **train)
+
+
+# SPEC section 7. enwik8: 24 layers x 2 GAUs, ~190M parameters.
+PRESETS: dict[str, dict] = {
+    "enwik8": _paper(
+        dict(vocab_size=256, d_model=768, d_k=128, d_v=1536, n_head=1, n_layer=24, n_code=512,
+             block_len=512, mem_len=512, dropout_sin=0.2, dropout_res=0.5, layerdrop=0.3),
+        data="enwik8", batch_size=128, sequence_len=8192, update_len=2048, max_steps=125_000,
+        optimizer="adamw", lr=4e-4, beta1=0.9, beta2=0.98, eps=1e-9, weight_decay=2e-4,
+        warmup_steps=10_000, grad_clip=0.1, eval_every=5000, eval_tokens=0, save_every=1000,
+        top_p=0.9,
+    ),
+    "pg19": _paper(
+        dict(vocab_size=32000, d_model=2048, d_k=128, d_v=4096, n_head=1, n_layer=24, n_code=512,
+             block_len=512, mem_len=512, dropout_sin=0.1, dropout_res=0.1, layerdrop=0.1,
+             tie_embeddings=True, final_norm=True, logit_scale=0.005),
+        data="pg19", batch_size=128, sequence_len=8192, update_len=2048, max_steps=500_000,
+        optimizer="adafactor", lr=1e-2, warmup_steps=10_000, grad_clip=0.1, eval_every=10_000,
+        eval_tokens=0, save_every=1000, top_p=0.8,
+    ),
+    "imagenet64": _paper(
+        dict(vocab_size=256, d_model=2048, d_k=128, d_v=4096, n_head=1, n_layer=24, n_code=512,
+             block_len=512, mem_len=512, dropout_sin=0.1, tie_embeddings=True, final_norm=True,
+             logit_scale=0.005),
+        data="imagenet64", batch_size=128, sequence_len=12288, update_len=1536, max_steps=500_000,
+        optimizer="adafactor", lr=1e-2, warmup_steps=10_000, grad_clip=0.1, eval_every=10_000,
+        eval_tokens=0, save_every=1000, top_p=0.999,
+    ),
+    # CPU presets: "small" trains in about five minutes on two cores; "tiny" is for tests.
+    "small": _paper(
+        dict(vocab_size=256, d_model=128, d_k=32, d_v=256, n_head=1, n_layer=2, n_code=64,
+             block_len=64, mem_len=64),
+        batch_size=8, sequence_len=1024, update_len=256, max_steps=500, lr=2e-3, warmup_steps=50,
+        eval_tokens=32768, save_every=100,
+    ),
+    "tiny": _paper(
+        dict(vocab_size=256, d_model=32, d_k=8, d_v=64, n_head=1, n_layer=1, n_code=16,
+             block_len=16, mem_len=16),
+        batch_size=4, sequence_len=128, update_len=64, max_steps=20, lr=3e-3, warmup_steps=5,
+        log_every=5, eval_tokens=2048, save_every=10, sample_tokens=32,
+    ),
+}
+DEFAULT_PRESET = "small"
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return TrainConfig.from_dict(json.loads(json.dumps(PRESETS[name])))
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """A JSON file with TrainConfig keys (``model`` a dict of TransformerVQConfig keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+
+
+def _parse(value: str, typ, key: str):
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={value}: expected true or false")
+    try:
+        return typ(value)
+    except ValueError:
+        raise ValueError(f"--set {key}={value}: expected a value of type {typ.__name__}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``key=value`` strings; model fields are ``model.NAME`` (or just ``NAME`` if unambiguous)."""
+    train_types = typing.get_type_hints(TrainConfig)
+    model_types = typing.get_type_hints(TransformerVQConfig)
+    train, model = cfg.to_dict(), cfg.model.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        name = key.removeprefix("model.")
+        if key.startswith("model.") or (key not in train_types and key in model_types):
+            if name not in model_types:
+                raise ValueError(f"--set {key}: unknown model config key {name!r}")
+            model[name] = _parse(value, model_types[name], key)
+        elif key in train_types and key != "model":
+            train[key] = _parse(value, train_types[key], key)
+        else:
+            raise ValueError(f"--set {key}: unknown config key")
+    train["model"] = model
+    return TrainConfig.from_dict(train)

@@ -1,0 +1,173 @@
+"""The training loop: update segments with carried state, one codebook update per step."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tvq.data import ByteTokenizer, load_corpus
+from tvq.models.transformer_vq import TransformerVQ
+from tvq.training import checkpoint as ckpt
+from tvq.training.batches import SegmentSampler
+from tvq.training.config import TrainConfig
+from tvq.training.evaluate import evaluate
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(cfg: TrainConfig, model: TransformerVQ) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only, or Adafactor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
+    """Create RUN_DIR for a new run, or read back its config for ``--resume``; never overwrite."""
+    saved = run_dir / CONFIG_FILE
+    if resume:
+        if not saved.is_file():
+            raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
+        prior = TrainConfig.from_dict(json.loads(saved.read_text()))
+        if cfg.max_steps != prior.max_steps:  # extending a finished run is allowed
+            prior.max_steps = cfg.max_steps
+        return prior
+    if saved.exists() or ckpt.latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
+    return cfg
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
+          progress: bool = True, log=print) -> dict:
+    """Train ``cfg`` into ``run_dir``; returns the final validation metrics."""
+    run_dir = Path(run_dir)
+    cfg = prepare_run_dir(cfg, run_dir, resume)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    corpus = load_corpus(cfg.data)
+    if corpus.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"data {cfg.data!r} has vocabulary {corpus.vocab_size} but the model has "
+                         f"{cfg.model.vocab_size}; use --set model.vocab_size={corpus.vocab_size}")
+    train_split, val_split = corpus.split("train"), corpus.split("validation")
+    sampler = SegmentSampler(train_split.tokens, cfg)
+    byte_level = isinstance(corpus.tokenizer, ByteTokenizer)
+    bytes_per_token = 1.0 if byte_level else train_split.n_bytes / len(train_split.tokens)
+
+    model = TransformerVQ(cfg.model).to(device)
+    optimizer = make_optimizer(cfg, model)
+    start_step, best_loss = 0, math.inf
+    micro = cfg.batch_size // cfg.grad_accum
+    states: list = [None] * cfg.grad_accum
+    if resume and (last := ckpt.latest_checkpoint(run_dir)) is not None:
+        ckpt.load_weights(model, last)
+        ts = ckpt.load_train_state(last)
+        optimizer.load_state_dict(ts["optimizer"])
+        _set_rng_state(ts["rng"])
+        start_step, best_loss = ts["step"], ts["best_loss"]
+        states = [None if s is None else s.to(device) for s in ts["states"]]
+        log(f"resuming {run_dir} from step {start_step}")
+    elif resume:
+        log(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_gau} GAUs; "
+        f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)")
+
+    amp = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp else contextlib.nullcontext
+    tokens_per_step = cfg.batch_size * cfg.update_len
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    val = {}
+    t_last, model_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        if sampler.is_sequence_start(step):
+            states = [None] * cfg.grad_accum
+        inputs, labels = sampler.batch(step)
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = lm_sum = 0.0
+        for m in range(cfg.grad_accum):
+            rows = slice(m * micro, (m + 1) * micro)
+            with autocast():
+                out = model(inputs[rows].to(device), state=states[m], labels=labels[rows].to(device))
+            (out.loss / cfg.grad_accum).backward()
+            states[m] = out.state.detach()
+            loss_sum += out.loss.item() / cfg.grad_accum
+            lm_sum += out.lm_loss.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        codebook = model.update_codebooks()
+        model_steps += 1
+        done = step + 1
+        bpb = lm_sum / math.log(2) / bytes_per_token
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{bpb:.3f}",
+                        tok_s=f"{tokens_per_step * model_steps / (time.perf_counter() - t_last):,.0f}")
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            elapsed = time.perf_counter() - t_last
+            _log(run_dir, {"step": done, "loss": loss_sum, "lm_loss": lm_sum, "bpb": bpb, "lr": lr,
+                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step * model_steps / elapsed,
+                           **{f"codebook/{k}": v for k, v in codebook.items()}})
+            t_last, model_steps = time.perf_counter(), 0
+        evaluate_now = done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)
+        if evaluate_now:
+            val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
+                           byte_level=byte_level, device=device)
+            _log(run_dir, {"step": done, **{f"val/{k}": v for k, v in val.items()}})
+            bar.write(f"step {done}: validation loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            is_best = bool(val) and evaluate_now and val["loss"] < best_loss
+            best_loss = val["loss"] if is_best else best_loss
+            train_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": done,
+                           "best_loss": best_loss, "states": [None if s is None else s.to("cpu") for s in states]}
+            ckpt.save_checkpoint(run_dir, done, model, train_state, {"data": cfg.data, "val": val},
+                                 cfg.keep_last, is_best=is_best)
+    bar.close()
+    return val

@@ -1,0 +1,165 @@
+"""Training loop, checkpoints and the tvq command, on a small real text (CPU, seconds)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tvq.cli import main
+from tvq.training import checkpoint as ckpt
+from tvq.training.batches import SegmentSampler
+from tvq.training.config import apply_overrides, preset
+from tvq.training.trainer import lr_at, train
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    path.write_bytes(SHAKESPEARE.read_bytes()[:200_000])
+    return str(path)
+
+
+def tiny(text_file, *extra):
+    return apply_overrides(preset("tiny"), [f"data={text_file}", "log_every=1", *extra])
+
+
+def losses(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_lr_schedule():
+    cfg = apply_overrides(preset("tiny"), ["max_steps=100", "warmup_steps=10", "lr=1.0"])
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_sampler_is_deterministic_and_contiguous():
+    cfg = apply_overrides(preset("tiny"), ["sequence_len=128", "update_len=64"])
+    tokens = np.arange(10_000, dtype=np.int64) % 256
+    a, b = SegmentSampler(tokens, cfg), SegmentSampler(tokens, cfg)
+    x0, y0 = a.batch(0)
+    x1, _ = a.batch(1)
+    assert torch.equal(x0, b.batch(0)[0])
+    assert torch.equal(y0[:, :-1], x0[:, 1:])
+    assert torch.equal(x1[:, 0], y0[:, -1])  # segment 1 continues segment 0
+    assert not torch.equal(a.batch(2)[0], x0)  # a new sequence
+    with pytest.raises(ValueError, match="fewer than sequence_len"):
+        SegmentSampler(tokens[:100], cfg)
+
+
+def test_resume_reproduces_the_uninterrupted_run(text_file, tmp_path):
+    # 6 steps straight vs 3 + resume + 3; step 3 is mid-sequence, so the carried state matters
+    cfg = tiny(text_file, "max_steps=6", "save_every=3", "sequence_len=128", "update_len=32")
+    train(cfg, tmp_path / "straight", progress=False, log=lambda *a: None)
+    first = apply_overrides(cfg, ["max_steps=3"])
+    train(first, tmp_path / "split", progress=False, log=lambda *a: None)
+    train(cfg, tmp_path / "split", resume=True, progress=False, log=lambda *a: None)
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]
+    assert straight == split
+    a = ckpt.load_model(ckpt.find_checkpoint(tmp_path / "straight"))[0].state_dict()
+    b = ckpt.load_model(ckpt.find_checkpoint(tmp_path / "split"))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_matches_one_batch(text_file, tmp_path):
+    cfg = tiny(text_file, "max_steps=2", "grad_accum=1")
+    train(cfg, tmp_path / "one", progress=False, log=lambda *a: None)
+    train(apply_overrides(cfg, ["grad_accum=2"]), tmp_path / "two", progress=False, log=lambda *a: None)
+    for (s1, l1), (s2, l2) in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
+
+
+def test_cli_train_eval_sample_end_to_end(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+                 "--set", "max_steps=12"]) == 0
+    out = capsys.readouterr().out
+    assert f"run saved to {run}" in out and "sample:" in out
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["best", "step_00000010", "step_00000012"]  # keep_last=2, plus best
+    assert main(["eval", str(run), "--json", "--max-tokens", "500"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"bpb", "loss", "tokens"} <= result.keys() and result["tokens"] == 500
+    assert result["bpb"] == pytest.approx(result["loss"] / math.log(2))
+    assert 0 < result["bpb"] < 8.5
+    assert main(["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    main(["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"])
+    assert first.startswith("ROMEO:") and capsys.readouterr().out == first
+
+
+def test_training_lowers_validation_loss(text_file, tmp_path):
+    cfg = tiny(text_file, "max_steps=40", "lr=1e-2", "eval_every=40")
+    val = train(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    assert val["bpb"] < 5.0  # uniform over bytes is 8 bits; the text's unigram entropy is ~4.7
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--set", "lr"], "key=value"),
+    (["train", "--set", "nonsense=1"], "unknown config key"),
+    (["train", "--set", "model.d_kk=1"], "unknown model config key"),
+    (["train", "--set", "lr=fast"], "type float"),
+    (["train", "--preset", "tiny", "--set", "sequence_len=100"], "not divisible by update_len"),
+    (["train", "--preset", "tiny", "--set", "update_len=24", "--set", "sequence_len=48"],
+     "not divisible by model.block_len"),
+    (["train", "--preset", "tiny", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["train", "--config", "/no/such/config.json"], "does not exist"),
+    (["eval", "/no/such/run"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(argv, match, capsys, tmp_path):
+    assert main(argv + (["--out", str(tmp_path / "x")] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tvq: error:") and match in err and "\n" not in err
+
+
+def test_existing_run_is_never_overwritten(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+            "--set", "max_steps=2", "--set", "sample_tokens=0"]
+    assert main(args) == 0
+    before = (run / "checkpoints" / "step_00000002" / "model.safetensors").read_bytes()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_00000002" / "model.safetensors").read_bytes() == before
+
+
+def test_corrupt_and_mismatched_checkpoints(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+          "--set", "max_steps=2", "--set", "sample_tokens=0"])
+    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert main(["eval", str(run)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    weights.write_bytes(good)
+    meta = run / "checkpoints" / "step_00000002" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["config"]["d_model"] = 64
+    meta.write_text(json.dumps(m))
+    assert main(["eval", str(run)]) == 2
+    assert "does not match the model config" in capsys.readouterr().err
+
+
+def test_interrupted_save_keeps_previous_checkpoint(text_file, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny(text_file, "max_steps=2", "save_every=1"), run, progress=False, log=lambda *a: None)
+    model = ckpt.load_model(ckpt.find_checkpoint(run))[0]
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(run, 2, model, {}, {}, keep_last=2)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best", "step_00000001", "step_00000002"]  # no temp dir left, step 2 intact
+    ckpt.load_model(run / "checkpoints" / "step_00000002")
