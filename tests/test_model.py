@@ -116,6 +116,8 @@ def test_nucleus_sampling_keeps_only_the_nucleus():
 
 def test_state_to_moves_floats_only(ids):
     state = make_model().eval()(ids).state
-    moved = state.to(torch.float32)
+    moved = state.to(dtype=torch.bfloat16)
     assert isinstance(moved, TransformerVQState)
-    assert moved.layers[0].keys.dtype == torch.float32 and moved.layers[0].codes.dtype == torch.long
+    layer = moved.layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.bfloat16 and layer.codes.dtype == torch.long
+    assert layer.cache_count.dtype == layer.cache_mean.dtype == torch.float32  # never narrower than float32

@@ -56,16 +56,20 @@ class TransformerVQState:
     def batch_size(self) -> int:
         return self.layers[0].keys.shape[0]
 
-    def to(self, *args, **kwargs) -> "TransformerVQState":
-        """Move tensors (e.g. ``state.to("cuda")``); dtype changes apply to floating fields only."""
-        def move(t):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TransformerVQState":
+        """Move to a device and/or cast keys and values to ``dtype``.
+
+        Codes stay long; the cache stays float32 or wider so counts and means remain exact.
+        """
+        def move(t: Tensor | None, kind: str) -> Tensor | None:
             if t is None:
                 return None
-            if t.is_floating_point():
-                return t.to(*args, **kwargs)
-            device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
-            return t if device is None else t.to(device)
+            if kind == "codes" or dtype is None:
+                return t.to(device=device)
+            return t.to(device=device, dtype=dtype if kind == "kv" else torch.promote_types(dtype, torch.float32))
 
-        return TransformerVQState(
-            [LayerState(*(move(t) for t in layer._tensors())) for layer in self.layers], self.pos
-        )
+        return TransformerVQState([
+            LayerState(move(lay.keys, "kv"), move(lay.values, "kv"), move(lay.codes, "codes"),
+                       move(lay.cache_count, "cache"), move(lay.cache_mean, "cache"))
+            for lay in self.layers
+        ], self.pos)

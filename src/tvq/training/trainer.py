@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
         optimizer.load_state_dict(ts["optimizer"])
         _set_rng_state(ts["rng"])
         start_step, best_loss = ts["step"], ts["best_loss"]
-        states = [None if s is None else s.to(device) for s in ts["states"]]
+        states = [None if s is None else s.to(device=device) for s in ts["states"]]
         log(f"resuming {run_dir} from step {start_step}")
     elif resume:
         log(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
             is_best = bool(val) and evaluate_now and val["loss"] < best_loss
             best_loss = val["loss"] if is_best else best_loss
             train_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": done,
-                           "best_loss": best_loss, "states": [None if s is None else s.to("cpu") for s in states]}
+                           "best_loss": best_loss, "states": [None if s is None else s.to(device="cpu") for s in states]}
             ckpt.save_checkpoint(run_dir, done, model, train_state, {"data": cfg.data, "val": val},
                                  cfg.keep_last, is_best=is_best)
     bar.close()
