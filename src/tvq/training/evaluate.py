@@ -19,13 +19,16 @@ def evaluate(
     *,
     segment_len: int,
     max_tokens: int = 0,
+    reset_every: int = 0,
     byte_level: bool = True,
     device: str | torch.device = "cpu",
     progress=None,
 ) -> dict:
     """Loss over a split, read as one stream in segments of ``segment_len`` with the state carried.
 
-    ``max_tokens`` > 0 evaluates only the first that many predictions. Returns ``loss`` (nats per
+    ``max_tokens`` > 0 evaluates only the first that many predictions; ``reset_every`` > 0 (a
+    multiple of ``segment_len``) starts from an empty state every that many tokens, to score
+    every model with the same context. Returns ``loss`` (nats per
     token), ``bpb`` (bits per UTF-8 byte of the raw text), ``tokens``; for non-byte tokenizers
     also ``ppl`` (per token) and, over a whole split, ``word_ppl`` (per whitespace word).
     """
@@ -36,9 +39,13 @@ def evaluate(
         n_pred = min(n_pred, max_tokens)
     if n_pred < 1:
         raise ValueError("the evaluation split has fewer than 2 tokens")
+    if reset_every % segment_len:
+        raise ValueError(f"reset_every {reset_every} must be a multiple of segment_len {segment_len}")
     state, total = None, 0.0
     try:
         for start in range(0, n_pred, segment_len):
+            if reset_every and start % reset_every == 0:
+                state = None
             end = min(start + segment_len, n_pred)
             window = torch.from_numpy(split.tokens[start: end + 1].astype(np.int64))[None].to(device)
             out = model(window[:, :-1], state=state)
