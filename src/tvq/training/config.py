@@ -29,21 +29,21 @@ class TrainConfig:
     grad_accum: int = 1
     sequence_len: int = 1024
     update_len: int = 256
-    max_steps: int = 500
+    max_steps: int = 2000
     optimizer: str = "adamw"
     lr: float = 2e-3
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-9
     weight_decay: float = 2e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.1
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 20
     eval_every: int = 0  # 0: only at the end
     eval_tokens: int = 32768  # validation tokens per evaluation during training (0: whole split)
-    save_every: int = 100
+    save_every: int = 500
     keep_last: int = 2
     sample_tokens: int = 200
     top_p: float = 0.9
@@ -131,8 +131,8 @@ PRESETS: dict[str, dict] = {
     "small": _paper(
         dict(vocab_size=256, d_model=128, d_k=32, d_v=256, n_head=1, n_layer=2, n_code=64,
              block_len=64, mem_len=64),
-        batch_size=8, sequence_len=1024, update_len=256, max_steps=500, lr=2e-3, warmup_steps=50,
-        eval_tokens=32768, save_every=100,
+        batch_size=8, sequence_len=1024, update_len=256, max_steps=2000, lr=2e-3, warmup_steps=100,
+        eval_tokens=32768, save_every=500, log_every=20,
     ),
     "tiny": _paper(
         dict(vocab_size=256, d_model=32, d_k=8, d_v=64, n_head=1, n_layer=1, n_code=16,

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
             val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
                            byte_level=byte_level, device=device)
             _log(run_dir, {"step": done, **{f"val/{k}": v for k, v in val.items()}})
-            bar.write(f"step {done}: validation loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+            (bar.write if progress else log)(f"step {done}: validation loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             is_best = bool(val) and evaluate_now and val["loss"] < best_loss
             best_loss = val["loss"] if is_best else best_loss
