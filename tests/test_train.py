@@ -40,18 +40,46 @@ def test_lr_schedule():
     assert lr_at(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
-def test_sampler_is_deterministic_and_contiguous():
-    cfg = apply_overrides(preset("tiny"), ["sequence_len=128", "update_len=64"])
-    tokens = np.arange(10_000, dtype=np.int64) % 256
-    a, b = SegmentSampler(tokens, cfg), SegmentSampler(tokens, cfg)
+def make_split(doc_lengths=None, docs=None):
+    from tvq.data.corpus import split_from_documents
+
+    rng = np.random.default_rng(0)
+    docs = docs or [rng.integers(1, 256, n).astype(np.uint8) for n in doc_lengths]
+    return split_from_documents(docs, np.uint8, n_bytes=sum(map(len, docs)), n_words=0)
+
+
+def test_sampler_is_deterministic_contiguous_and_inside_documents():
+    cfg = apply_overrides(preset("tiny"), ["sequence_len=128", "update_len=64", "batch_size=512"])
+    split = make_split([130, 50, 128, 200])  # the 50-token document can hold no sequence
+    a, b = SegmentSampler(split, cfg), SegmentSampler(split, cfg)
     x0, y0 = a.batch(0)
-    x1, _ = a.batch(1)
-    assert torch.equal(x0, b.batch(0)[0])
-    assert torch.equal(y0[:, :-1], x0[:, 1:])
-    assert torch.equal(x1[:, 0], y0[:, -1])  # segment 1 continues segment 0
-    assert not torch.equal(a.batch(2)[0], x0)  # a new sequence
-    with pytest.raises(ValueError, match="fewer than sequence_len"):
-        SegmentSampler(tokens[:100], cfg)
+    x1, y1 = a.batch(1)
+    assert torch.equal(x0, b.batch(0)[0]) and torch.equal(y0, b.batch(0)[1])
+    assert torch.equal(x0[:, 1:], y0[:, :-1])  # inputs are labels shifted right
+    assert torch.equal(x1[:, 0], y0[:, -1]) and torch.equal(x1[:, 1:], y1[:, :-1])  # segment 1 continues 0
+    starts, at_doc_start = a.sequence_starts(0)
+    ends = np.append(split.doc_starts, len(split.tokens))
+    doc = np.searchsorted(split.doc_starts, starts, side="right") - 1
+    assert np.all(starts + 128 <= ends[doc + 1])  # the whole sequence inside one document
+    assert not np.any(doc == 1)
+    assert torch.equal(x0[torch.from_numpy(at_doc_start), 0], torch.zeros(int(at_doc_start.sum()), dtype=torch.long))
+    assert at_doc_start.any() and not at_doc_start.all()
+    assert not torch.equal(a.batch(2)[1], y0)  # a new sequence
+    with pytest.raises(ValueError, match="no training document"):
+        SegmentSampler(make_split([100, 120]), cfg)
+
+
+def test_evaluation_resets_state_at_each_document():
+    """Scoring two documents in one split == scoring each alone."""
+    from tvq.training.evaluate import evaluate
+    from conftest import make_model
+
+    model = make_model(vocab_size=256).eval()
+    docs = make_split([70, 90])
+    both, first, second = docs, make_split(docs=[docs.document(0)]), make_split(docs=[docs.document(1)])
+    r = [evaluate(model, s, segment_len=32) for s in (both, first, second)]
+    assert r[0]["tokens"] == 160
+    assert r[0]["loss"] * 160 == pytest.approx(r[1]["loss"] * 70 + r[2]["loss"] * 90, rel=1e-12)
 
 
 def test_resume_reproduces_the_uninterrupted_run(text_file, tmp_path):

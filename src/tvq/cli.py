@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tvq.training.batches import DOC_START
 from tvq.training.config import DEFAULT_PRESET, PRESETS, apply_overrides, load_config_file, preset
 
 
@@ -141,7 +142,7 @@ def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, t
 
     model, meta = ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
     tokenizer = _tokenizer_for(meta.get("data", "stdlib"))
-    ids = tokenizer.encode(prompt) if prompt else [0]
+    ids = [DOC_START] + tokenizer.encode(prompt)  # a sample starts a new document
     input_ids = torch.tensor([ids], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     byte_level = tokenizer.vocab_size == 256

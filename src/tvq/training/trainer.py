@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
         raise ValueError(f"data {cfg.data!r} has vocabulary {corpus.vocab_size} but the model has "
                          f"{cfg.model.vocab_size}; use --set model.vocab_size={corpus.vocab_size}")
     train_split, val_split = corpus.split("train"), corpus.split("validation")
-    sampler = SegmentSampler(train_split.tokens, cfg)
+    sampler = SegmentSampler(train_split, cfg)
     byte_level = isinstance(corpus.tokenizer, ByteTokenizer)
     bytes_per_token = 1.0 if byte_level else train_split.n_bytes / len(train_split.tokens)
 
