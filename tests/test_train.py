@@ -191,3 +191,70 @@ def test_interrupted_save_keeps_previous_checkpoint(text_file, tmp_path, monkeyp
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best", "step_00000001", "step_00000002"]  # no temp dir left, step 2 intact
     ckpt.load_model(run / "checkpoints" / "step_00000002")
+
+
+def test_pg19_end_to_end_word_perplexity(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sentencepiece")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = SHAKESPEARE.read_bytes()
+    books = {"train": [raw[:40_000], raw[40_000:80_000]], "validation": [raw[80_000:86_000]],
+             "test": [raw[86_000:90_000]]}
+    for split, texts in books.items():
+        (tmp_path / "pg19" / split).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (tmp_path / "pg19" / split / f"{i}.txt").write_bytes(text)
+    source = f"pg19:{tmp_path / 'pg19'}"
+    assert main(["train", "--preset", "tiny", "--data", source, "--out", str(tmp_path / "x")]) == 2
+    assert "tvq data train-vocab" in capsys.readouterr().err
+    assert main(["data", "train-vocab", source, "--vocab-size", "400"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", source, "--out", str(run), "--no-progress",
+                 "--set", "model.vocab_size=400", "--set", "max_steps=3", "--set", "sample_tokens=5"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    words = len(books["test"][0].split())
+    assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * result["tokens"] / words))
+    assert result["ppl"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / len(books["test"][0]))
+    # a byte-level run cannot be evaluated on a 400-piece vocabulary
+    byte_run = tmp_path / "bytes"
+    main(["train", "--preset", "tiny", "--data", str(tmp_path / "pg19"), "--out", str(byte_run),
+          "--no-progress", "--set", "max_steps=1", "--set", "sample_tokens=0"])
+    capsys.readouterr()
+    assert main(["eval", str(byte_run), "--data", source]) == 2
+    assert "vocabulary 400" in capsys.readouterr().err
+
+
+def test_imagenet64_train_and_sample_png(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("PIL")
+    import tvq.data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "in64").mkdir()
+    np.savez(tmp_path / "in64" / "train_data_batch_1.npz", data=rng.integers(0, 256, (20, 12288), dtype=np.uint8))
+    np.savez(tmp_path / "in64" / "val_data.npz", data=rng.integers(0, 256, (2, 12288), dtype=np.uint8))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", f"imagenet64:{tmp_path / 'in64'}", "--out", str(run),
+                 "--no-progress", "--set", "max_steps=2", "--set", "sequence_len=12288",
+                 "--set", "update_len=1536", "--set", "eval_tokens=3000"]) == 0
+    capsys.readouterr()
+    # sample tiny 4x4 images: the full 12288-token loop is the same code, 256x longer
+    monkeypatch.setattr(tvq.data, "TOKENS_PER_IMAGE", 48)
+    monkeypatch.setattr(tvq.data, "tokens_to_image", lambda t: t.reshape(4, 4, 3).astype(np.uint8))
+    assert main(["sample", str(run), "--num-images", "3", "--seed", "0", "--top-p", "0.999"]) == 0
+    assert "3 images written" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(run / "samples.png").size[0] > 4
+
+
+def test_plot_writes_png(text_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    main(["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+          "--set", "max_steps=10", "--set", "eval_every=5", "--set", "sample_tokens=0"])
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path)]) == 2

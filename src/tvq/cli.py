@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--checkpoint", default="latest")
+    s.add_argument("--num-images", type=int, default=4, help="image models: how many images to draw")
+    s.add_argument("--out", help="image models: PNG grid path (default RUN_DIR/samples.png)")
     s.add_argument("--device")
 
     d = sub.add_parser("data", help="data utilities")
@@ -158,9 +160,32 @@ def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, t
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
 
 
+def _sample_images(args, device) -> None:
+    from tqdm import tqdm
+
+    from tvq.data import TOKENS_PER_IMAGE, save_image_grid, tokens_to_image
+    from tvq.training import checkpoint as ckpt
+
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    model, _ = ckpt.load_model(ckpt.find_checkpoint(args.run_dir, args.checkpoint), device)
+    start = torch.full((args.num_images, 1), DOC_START, device=device)
+    stream = model.stream(start, TOKENS_PER_IMAGE, args.temperature, args.top_k, args.top_p, args.seed)
+    tokens = torch.stack(list(tqdm(stream, total=TOKENS_PER_IMAGE, unit="tok", desc="sampling")), 1)
+    out = Path(args.out or Path(args.run_dir) / "samples.png")
+    save_image_grid([tokens_to_image(t.cpu().numpy()) for t in tokens], out)
+    print(f"{args.num_images} images written to {out}")
+
+
 def cmd_sample(args) -> int:
+    from tvq.training import checkpoint as ckpt
+
+    device = _device(args.device)
+    if ckpt.load_meta(ckpt.find_checkpoint(args.run_dir, args.checkpoint)).get("data", "").startswith("imagenet64"):
+        _sample_images(args, device)
+        return 0
     _stream_sample(args.run_dir, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                   args.top_p, args.top_k, args.seed, _device(args.device))
+                   args.top_p, args.top_k, args.seed, device)
     return 0
 
 

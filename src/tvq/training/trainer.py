@@ -58,9 +58,29 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _log(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Appends records to RUN_DIR/metrics.jsonl, and to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS_FILE
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.tb = None
+        else:
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
@@ -120,6 +140,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
     amp = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp else contextlib.nullcontext
     tokens_per_step = cfg.batch_size * cfg.update_len
+    metrics_log = MetricsLog(run_dir)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     val = {}
     t_last, model_steps = time.perf_counter(), 0
@@ -152,7 +173,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
                         tok_s=f"{tokens_per_step * model_steps / (time.perf_counter() - t_last):,.0f}")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - t_last
-            _log(run_dir, {"step": done, "loss": loss_sum, "lm_loss": lm_sum, "bpb": bpb, "lr": lr,
+            metrics_log({"step": done, "loss": loss_sum, "lm_loss": lm_sum, "bpb": bpb, "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": tokens_per_step * model_steps / elapsed,
                            **{f"codebook/{k}": v for k, v in codebook.items()}})
             t_last, model_steps = time.perf_counter(), 0
@@ -160,7 +181,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
         if evaluate_now:
             val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
                            byte_level=byte_level, device=device)
-            _log(run_dir, {"step": done, **{f"val/{k}": v for k, v in val.items()}})
+            metrics_log({"step": done, **{f"val/{k}": v for k, v in val.items()}})
             (bar.write if progress else log)(f"step {done}: validation loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             is_best = bool(val) and evaluate_now and val["loss"] < best_loss
@@ -170,4 +191,5 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
             ckpt.save_checkpoint(run_dir, done, model, train_state, {"data": cfg.data, "val": val},
                                  cfg.keep_last, is_best=is_best)
     bar.close()
+    metrics_log.close()
     return val
