@@ -9,8 +9,24 @@ ATTENTIONS = ("vq", "full")
 ATTN_IMPLS = ("blockwise", "quadratic")
 
 
+class DictConfig:
+    """Dict round trip for config dataclasses, rejecting unknown keys by name."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__} must be built from a dict of keys, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class TransformerVQConfig:
+class TransformerVQConfig(DictConfig):
     """Hyperparameters of :class:`tvq.TransformerVQ`.
 
     Widths are per head: each head has keys of width ``d_k`` and values of width ``d_v``,
@@ -96,14 +112,3 @@ class TransformerVQConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerVQConfig":
-        """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**d)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvq.config import TransformerVQConfig
+from tvq.config import DictConfig, TransformerVQConfig
 
 OPTIMIZERS = ("adamw", "adafactor")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything a run needs besides the model config (``model``).
 
     Each optimizer step trains on one update segment of ``update_len`` tokens per sequence;
@@ -85,16 +84,6 @@ class TrainConfig:
     def segments_per_sequence(self) -> int:
         return self.sequence_len // self.update_len
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 def _paper(model: dict, **train) -> dict:
