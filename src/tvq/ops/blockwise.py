@@ -85,7 +85,7 @@ def blockwise_attention(
                          torch.where(old, content, float("-inf"))).to(acc)
 
     if agg_cache:
-        # cache of block n = state cache + keys of window slots that block n - 1 still had
+        # cache of block n = the state's cache + every key before its window (key blocks 0..n-1)
         blk = slice(0, (nb - 1) * L)
         weight = (torch.arange((nb - 1) * L, device=dev) >= n_invalid).view(nb - 1, L)
         cache_vals = vals[:, :, blk] if grad_thru_cache else vals[:, :, blk].detach()
