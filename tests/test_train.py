@@ -92,6 +92,8 @@ def test_resume_reproduces_the_uninterrupted_run(text_file, tmp_path):
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]
     assert straight == split
+    again = train(cfg, tmp_path / "split", resume=True, progress=False, log=lambda *a: None)
+    assert again["tokens"] > 0 and losses(tmp_path / "split") == split  # nothing left to train
     a = ckpt.load_model(ckpt.find_checkpoint(tmp_path / "straight"))[0].state_dict()
     b = ckpt.load_model(ckpt.find_checkpoint(tmp_path / "split"))[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -143,9 +143,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
     metrics_log = MetricsLog(run_dir)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     val = {}
-    t_last, model_steps = time.perf_counter(), 0
+    train_time, model_steps = 0.0, 0  # since the last log record; excludes evaluation and saving
     model.train()
     for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
         if sampler.is_sequence_start(step):
             states = [None] * cfg.grad_accum
         inputs, labels = sampler.batch(step)
@@ -165,18 +166,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         codebook = model.update_codebooks()
+        train_time += time.perf_counter() - t0
         model_steps += 1
         done = step + 1
         bpb = lm_sum / math.log(2) / bytes_per_token
+        tokens_per_s = tokens_per_step * model_steps / train_time
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{bpb:.3f}",
-                        tok_s=f"{tokens_per_step * model_steps / (time.perf_counter() - t_last):,.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{bpb:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            elapsed = time.perf_counter() - t_last
             metrics_log({"step": done, "loss": loss_sum, "lm_loss": lm_sum, "bpb": bpb, "lr": lr,
-                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step * model_steps / elapsed,
-                           **{f"codebook/{k}": v for k, v in codebook.items()}})
-            t_last, model_steps = time.perf_counter(), 0
+                         "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                         **{f"codebook/{k}": v for k, v in codebook.items()}})
+            train_time, model_steps = 0.0, 0
         evaluate_now = done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)
         if evaluate_now:
             val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
@@ -192,4 +193,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
                                  cfg.keep_last, is_best=is_best)
     bar.close()
     metrics_log.close()
+    if not val:  # resumed a run that had already reached max_steps
+        log(f"{run_dir} is already trained to step {start_step}; evaluating it")
+        val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
+                       byte_level=byte_level, device=device)
     return val
