@@ -133,6 +133,7 @@ def test_training_lowers_validation_loss(text_file, tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--set", "lr"], "key=value"),
     (["train", "--set", "nonsense=1"], "unknown config key"),
     (["train", "--set", "model.d_kk=1"], "unknown model config key"),
@@ -260,3 +261,26 @@ def test_plot_writes_png(text_file, tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path)]) == 2
+
+
+def test_sentencepiece_vocabulary_for_a_text_file(text_file, tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    model_file = tmp_path / "shakes.model"
+    assert main(["data", "train-vocab", text_file, "--vocab-size", "500", "--out", str(model_file)]) == 0
+    assert f"--set tokenizer={model_file}" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+                 "--set", f"tokenizer={model_file}", "--set", "max_steps=2", "--set", "sample_tokens=8"]) == 2
+    assert "--set model.vocab_size=500" in capsys.readouterr().err
+    assert not run.exists()  # a run that fails its checks leaves nothing behind
+    assert main(["train", "--preset", "tiny", "--data", text_file, "--out", str(run), "--no-progress",
+                 "--set", f"tokenizer={model_file}", "--set", "model.vocab_size=500", "--set", "max_steps=2",
+                 "--set", "sample_tokens=8"]) == 0
+    assert (run / "tokenizer.model").read_bytes() == model_file.read_bytes()
+    capsys.readouterr()
+    model_file.unlink()  # the run keeps its own copy
+    assert main(["eval", str(run), "--json", "--max-tokens", "300"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 300 and "ppl" in result
+    assert main(["sample", str(run), "--prompt", "First", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("First")

@@ -6,6 +6,7 @@ import argparse
 import codecs
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: the 'small' preset on the built-in stdlib corpus)")
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), help=f"named configuration (default {DEFAULT_PRESET})")
+    src.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     src.add_argument("--config", help="JSON file of training config keys")
     t.add_argument("--data", help="stdlib | FILE | DIR | enwik8 | pg19:DIR | imagenet64:DIR")
     t.add_argument("--out", help="run directory (default runs/PRESET-TIME)")
@@ -60,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    v = dsub.add_parser("train-vocab", help="train a SentencePiece vocabulary for pg19:DIR")
-    v.add_argument("source", help="pg19:DIR")
+    v = dsub.add_parser("train-vocab", help="train a SentencePiece vocabulary on a source's training split")
+    v.add_argument("source", help="pg19:DIR (writes DIR/spm32k.model), or any text source")
     v.add_argument("--vocab-size", type=int, default=32000)
+    v.add_argument("--out", help="the .model file to write (default: DIR/spm32k.model for PG-19, "
+                                 "else spm-VOCAB_SIZE.model); use it with --set tokenizer=PATH")
     info = dsub.add_parser("info", help="print the size of each split of a data source")
     info.add_argument("source")
 
@@ -78,17 +81,6 @@ def _device(name: str | None) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
     return name
-
-
-def _tokenizer_for(data: str):
-    from tvq.data import ByteTokenizer, SentencePieceTokenizer
-
-    if data.startswith("pg19:"):
-        path = Path(data.split(":", 1)[1]) / "spm32k.model"
-        if not path.is_file():
-            raise UsageError(f"{path} not found; run `tvq data train-vocab {data}` first")
-        return SentencePieceTokenizer(path)
-    return ByteTokenizer()
 
 
 def cmd_train(args) -> int:
@@ -118,12 +110,13 @@ def cmd_eval(args) -> int:
     from tvq.data import ByteTokenizer, load_corpus
     from tvq.training import checkpoint as ckpt
     from tvq.training.evaluate import evaluate
+    from tvq.training.trainer import run_tokenizer
 
     path = ckpt.find_checkpoint(args.run_dir, args.checkpoint)
     device = _device(args.device)
     model, meta = ckpt.load_model(path, device)
     data = args.data or meta.get("data", "stdlib")
-    corpus = load_corpus(data)
+    corpus = load_corpus(data, tokenizer=run_tokenizer(args.run_dir))
     if corpus.vocab_size != model.config.vocab_size:
         raise UsageError(f"data {data!r} has vocabulary {corpus.vocab_size} but the checkpoint's model has "
                          f"{model.config.vocab_size}; evaluate on the data it was trained on")
@@ -142,8 +135,11 @@ def cmd_eval(args) -> int:
 def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, top_k, seed, device) -> None:
     from tvq.training import checkpoint as ckpt
 
-    model, meta = ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
-    tokenizer = _tokenizer_for(meta.get("data", "stdlib"))
+    from tvq.data import ByteTokenizer
+    from tvq.training.trainer import run_tokenizer
+
+    model, _ = ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
+    tokenizer = run_tokenizer(run_dir) or ByteTokenizer()
     ids = [DOC_START] + tokenizer.encode(prompt)  # a sample starts a new document
     input_ids = torch.tensor([ids], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -193,12 +189,25 @@ def cmd_data(args) -> int:
     from tvq.data import load_corpus
 
     if args.data_command == "train-vocab":
-        from tvq.data import train_pg19_vocab
+        from tvq.data import train_pg19_vocab, train_sentencepiece
 
-        if not args.source.startswith("pg19:"):
-            raise UsageError(f"train-vocab expects pg19:DIR, got {args.source!r}")
-        path = train_pg19_vocab(args.source.split(":", 1)[1], vocab_size=args.vocab_size)
-        print(f"vocabulary written to {path}")
+        if args.vocab_size < 2:
+            raise UsageError(f"--vocab-size must be >= 2, got {args.vocab_size}")
+        if args.source.startswith("pg19:"):
+            path = train_pg19_vocab(args.source.split(":", 1)[1], vocab_size=args.vocab_size, output=args.out)
+        elif args.source.startswith("imagenet64:"):
+            raise UsageError("train-vocab needs a text source; images are always 256 intensity tokens")
+        else:
+            out = Path(args.out or f"spm-{args.vocab_size}.model")
+            if out.suffix != ".model":
+                raise UsageError(f"--out must end in .model, got {out}")
+            train = load_corpus(args.source).split("train")
+            with tempfile.TemporaryDirectory() as tmp:
+                text = Path(tmp) / "train.txt"
+                text.write_bytes(train.tokens.tobytes())
+                train_sentencepiece([text], out.with_suffix(""), args.vocab_size)
+            path = out
+        print(f"vocabulary written to {path}; train with --set tokenizer={path} --set model.vocab_size={args.vocab_size}")
         return 0
     corpus = load_corpus(args.source)
     for name, split in corpus.splits.items():

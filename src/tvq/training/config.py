@@ -24,6 +24,7 @@ class TrainConfig(DictConfig):
 
     model: TransformerVQConfig = field(default_factory=TransformerVQConfig)
     data: str = "stdlib"
+    tokenizer: str = ""  # a SentencePiece .model; "" = the source's own (bytes; DIR/spm32k.model for PG-19)
     batch_size: int = 8
     grad_accum: int = 1
     sequence_len: int = 1024

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tvq.data import ByteTokenizer, load_corpus
+from tvq.data import ByteTokenizer, SentencePieceTokenizer, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
@@ -22,6 +23,13 @@ from tvq.training.evaluate import evaluate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TOKENIZER_FILE = "tokenizer.model"  # a run's SentencePiece model, kept beside its checkpoints
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The SentencePiece tokenizer a run was trained with, or None for the source's default."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    return SentencePieceTokenizer(path) if path.is_file() else None
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -83,39 +91,52 @@ class MetricsLog:
             self.tb.close()
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """Create RUN_DIR for a new run, or read back its config for ``--resume``; never overwrite."""
+def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The config saved in RUN_DIR, with ``max_steps`` from ``cfg`` (extending a run is allowed)."""
     saved = run_dir / CONFIG_FILE
-    if resume:
-        if not saved.is_file():
-            raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
-        prior = TrainConfig.from_dict(json.loads(saved.read_text()))
-        if cfg.max_steps != prior.max_steps:  # extending a finished run is allowed
-            prior.max_steps = cfg.max_steps
-        return prior
-    if saved.exists() or ckpt.latest_checkpoint(run_dir) is not None:
+    if not saved.is_file():
+        raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
+    prior = TrainConfig.from_dict(json.loads(saved.read_text()))
+    prior.max_steps = cfg.max_steps
+    return prior
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a new run where one already is."""
+    if (run_dir / CONFIG_FILE).exists() or ckpt.latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def create_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Create RUN_DIR for a new run and save its config; never touch an existing run."""
+    check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2))
-    return cfg
+    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
           progress: bool = True, log=print) -> dict:
     """Train ``cfg`` into ``run_dir``; returns the final validation metrics."""
     run_dir = Path(run_dir)
-    cfg = prepare_run_dir(cfg, run_dir, resume)
+    if resume:
+        cfg = resume_config(cfg, run_dir)
+    else:
+        check_new_run_dir(run_dir)  # fail fast, before loading data
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, tokenizer=SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None)
     if corpus.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"data {cfg.data!r} has vocabulary {corpus.vocab_size} but the model has "
                          f"{cfg.model.vocab_size}; use --set model.vocab_size={corpus.vocab_size}")
     train_split, val_split = corpus.split("train"), corpus.split("validation")
     sampler = SegmentSampler(train_split, cfg)
+    if not resume:  # everything checked: only now does the run directory appear
+        create_run_dir(cfg, run_dir)
+    if isinstance(corpus.tokenizer, SentencePieceTokenizer) and not (run_dir / TOKENIZER_FILE).exists():
+        shutil.copyfile(corpus.tokenizer.path, run_dir / TOKENIZER_FILE)
     byte_level = isinstance(corpus.tokenizer, ByteTokenizer)
     bytes_per_token = 1.0 if byte_level else train_split.n_bytes / len(train_split.tokens)
 
