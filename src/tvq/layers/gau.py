@@ -10,7 +10,7 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.norm import RMSNorm
 from tvq.layers.position import sinusoids
 from tvq.layers.vq import VectorQuantizer
-from tvq.ops import blockwise_attention, quadratic_attention
+from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import code_statistics, merge_cache
 from tvq.state import LayerState
 
@@ -91,10 +91,7 @@ class GAU(nn.Module):
             commit = x.new_zeros(())
             keys = torch.cat([state.keys, k], 2)  # (B, H, pos + T, D_k)
             values = torch.cat([state.values, v], 2)
-            attn = quadratic_attention(
-                q, keys, values, n_invalid=0, rel=rel, u=u, v=vb, mem_len=M,
-                agg_cache=True, grad_thru_cache=True, quantized=False,
-            )
+            attn = dense_attention(q, keys, values, rel=rel, u=u, v=vb, mem_len=M, chunk=cfg.block_len)
             new_state = LayerState(keys, values)
         else:
             quant = self.quantizer(k, token_mask)
