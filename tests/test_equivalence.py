@@ -198,3 +198,25 @@ def test_dense_chunked_equals_reference(T, P, chunk, mem_len):
     g_want = torch.autograd.grad((want * w).sum(), inputs)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 32, 33, 100])
+def test_exclusive_prefix_sum(n):
+    from tvq.ops.cache import exclusive_prefix_sum
+
+    x = torch.randn(2, n, 3, 4, dtype=torch.float64)
+    want = torch.cat([torch.zeros_like(x[:, :1]), x.cumsum(1)[:, :-1]], 1)
+    torch.testing.assert_close(exclusive_prefix_sum(x, 1, group=8), want, atol=1e-12, rtol=0)
+
+
+def test_code_statistics_is_a_per_code_sum():
+    from tvq.ops.cache import code_statistics
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 5, (2, 3, 4, 9))
+    values = torch.randn(2, 3, 4, 9, 6, dtype=torch.float64)
+    valid = torch.rand(4, 9) > 0.3
+    counts, sums = code_statistics(codes, values, valid, 5, torch.float64)
+    onehot = torch.nn.functional.one_hot(codes, 5).double() * valid[..., None]
+    torch.testing.assert_close(counts, onehot.sum(-2))
+    torch.testing.assert_close(sums, onehot.transpose(-1, -2) @ values)

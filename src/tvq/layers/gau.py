@@ -123,7 +123,7 @@ class GAU(nn.Module):
         count, mean = state.cache_count, state.cache_mean
         if self.config.agg_cache:
             leaving = values[:, :, :T] if self.config.grad_thru_cache else values[:, :, :T].detach()
-            weight = torch.arange(T, device=keys.device) >= n_invalid
-            n, s = code_statistics(codes[:, :, :T], leaving, weight, self.config.n_code, mean.dtype)
+            valid = torch.arange(T, device=keys.device) >= n_invalid
+            n, s = code_statistics(codes[:, :, :T], leaving, valid, self.config.n_code, mean.dtype)
             count, mean = merge_cache(count, mean, n, s)
         return LayerState(keys[:, :, T:], values[:, :, T:], codes[:, :, T:], count, mean)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import cache_log_count, code_statistics, merge_cache
+from tvq.ops.cache import cache_log_count, code_statistics, exclusive_prefix_sum, merge_cache
 
 
 def skew(x: Tensor, width: int) -> Tensor:
@@ -87,14 +87,14 @@ def blockwise_attention(
     if agg_cache:
         # cache of block n = the state's cache + every key before its window (key blocks 0..n-1)
         blk = slice(0, (nb - 1) * L)
-        weight = (torch.arange((nb - 1) * L, device=dev) >= n_invalid).view(nb - 1, L)
+        valid = (torch.arange((nb - 1) * L, device=dev) >= n_invalid).view(nb - 1, L)
         cache_vals = vals[:, :, blk] if grad_thru_cache else vals[:, :, blk].detach()
         n_blk, s_blk = code_statistics(
             codes[:, :, blk].unflatten(2, (nb - 1, L)), cache_vals.unflatten(2, (nb - 1, L)),
-            weight, codebook.shape[1], acc,
+            valid, codebook.shape[1], acc,
         )  # (B, H, nb - 1, S), (B, H, nb - 1, S, D_v)
-        n_pre = F.pad(n_blk.cumsum(2), (0, 0, 1, 0))  # (B, H, nb, S): exclusive prefix sums
-        s_pre = F.pad(s_blk.cumsum(2), (0, 0, 0, 0, 1, 0))  # (B, H, nb, S, D_v)
+        n_pre = exclusive_prefix_sum(F.pad(n_blk, (0, 0, 0, 1)), 2)  # (B, H, nb, S)
+        s_pre = exclusive_prefix_sum(F.pad(s_blk, (0, 0, 0, 0, 0, 1)), 2)  # (B, H, nb, S, D_v)
         count, mean = merge_cache(count0[:, :, None].to(acc), mean0[:, :, None].to(acc), n_pre, s_pre)
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         scores = torch.cat([scores, cache_scores + cache_log_count(count)[..., None, :]], -1)

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: ``tvq bench`` (see :mod:`tvq.bench.runner`)."""
