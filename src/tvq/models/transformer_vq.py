@@ -155,6 +155,8 @@ class TransformerVQ(nn.Module):
             raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}; need batch >= 1 and time >= 1")
         if shape is not None and tuple(ids.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {shape}")
+        if torch.compiler.is_compiling():  # value checks need the data: they would break the graph
+            return ids.long()
         check = ids[ids != IGNORE_INDEX] if allow_ignore else ids
         if check.numel() and (int(check.min()) < 0 or int(check.max()) >= V):
             raise ValueError(f"{name} has ids outside [0, {V}): min {int(check.min())}, max {int(check.max())}")
@@ -194,6 +196,14 @@ class TransformerVQ(nn.Module):
         return metrics
 
     # -------------------------------------------------------------- generation
+    def decoder(self, state: TransformerVQState):
+        """A :class:`~tvq.models.decoding.VQDecoder` continuing ``state`` one token at a time
+        (``attention="vq"``; put the model in eval mode)."""
+        from tvq.models.decoding import VQDecoder
+
+        self._check_state(state, state.batch_size)
+        return VQDecoder(self, state)
+
     @torch.no_grad()
     def stream(
         self,
@@ -207,8 +217,9 @@ class TransformerVQ(nn.Module):
     ) -> Iterator[Tensor]:
         """Yield sampled tokens (B,) one at a time; the state has constant size per step.
 
-        The prompt is read with the blockwise path, then each new token costs one
-        single-token forward. Runs in eval mode (no dropout, no codebook statistics).
+        The prompt is read with the blockwise path, then each new token costs one step of a
+        :class:`~tvq.models.decoding.VQDecoder` (O(mem_len + n_code), in-place state).
+        Runs in eval mode (no dropout, no codebook statistics).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -220,10 +231,15 @@ class TransformerVQ(nn.Module):
                 generator = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
             out = self(input_ids, state=state)
             logits, state = out.logits[:, -1], out.state
+            decoder = self.decoder(state) if self.config.attention == "vq" else None
             for i in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
                 yield token
-                if i + 1 < max_new_tokens:
+                if i + 1 == max_new_tokens:
+                    break
+                if decoder is not None:
+                    logits = decoder.step(token)
+                else:
                     out = self(token[:, None], state=state)
                     logits, state = out.logits[:, -1], out.state
         finally:
