@@ -27,6 +27,35 @@ def skew(x: Tensor, width: int) -> Tensor:
     return x.flatten(-2)[..., : L * width].unflatten(-1, (L, width))
 
 
+class _KeepGradMatmul(torch.autograd.Function):
+    """a @ b whose gradient to b counts only the kept products (both gradients are exact otherwise).
+
+    ``keep`` broadcasts against a (mask_a=True: drop a[..., i, j] from b's gradient) or against the
+    output (mask_a=False: drop out[..., i, j]'s gradient from b). This stops gradients through
+    chosen (query, key) pairs without a second matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, keep, mask_a):
+        ctx.save_for_backward(a, b, keep)
+        ctx.mask_a = mask_a
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, keep = ctx.saved_tensors
+        grad_a = grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+            if ctx.mask_a:
+                grad_b = torch.where(keep, a, zero).transpose(-1, -2) @ grad
+            else:
+                grad_b = a.transpose(-1, -2) @ torch.where(keep, grad, zero)
+            grad_b = grad_b.sum_to_size(b.shape)
+        return grad_a, grad_b, None, None
+
+
 def blockwise_attention(
     q: Tensor,
     keys: Tensor,
@@ -75,11 +104,11 @@ def blockwise_attention(
     near = ((w >= a) & (w <= a + M)) & key_ok[:, None, :]  # (nb, L, W): d in [0, M]
     old = (w < a) & key_ok[:, None, :] if agg_cache else None  # d > M, still in the window
 
-    content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
     if old is not None and torch.is_grad_enabled():
-        # old keys are codewords: same score, but no straight-through gradient
-        stale = qu @ k_win[..., :L, :].detach().transpose(-1, -2)  # (B, H, nb, L, L)
-        content = torch.cat([torch.where(old[..., :L], stale, content[..., :L]), content[..., L:]], -1)
+        # old keys are codewords: same score, but no straight-through gradient to the key
+        content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), ~old, False)  # (B, H, nb, L, W)
+    else:
+        content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
     positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W)  # (B, H, nb, L, W)
     scores = torch.where(near, content + positional, float("-inf") if old is None else
                          torch.where(old, content, float("-inf"))).to(acc)
@@ -97,15 +126,23 @@ def blockwise_attention(
         s_pre = exclusive_prefix_sum(F.pad(s_blk, (0, 0, 0, 0, 0, 1)), 2)  # (B, H, nb, S, D_v)
         count, mean = merge_cache(count0[:, :, None].to(acc), mean0[:, :, None].to(acc), n_pre, s_pre)
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
-        scores = torch.cat([scores, cache_scores + cache_log_count(count)[..., None, :]], -1)
+        cache_scores = cache_scores + cache_log_count(count)[..., None, :]
 
-    probs = torch.softmax(scores, -1)  # (B, H, nb, L, W [+ S])
-    p_win = probs[..., :W].to(v_win.dtype)
+    # one softmax over window and cache: shared max, normalise before multiplying by values
+    peak = scores.amax(-1, keepdim=True)
+    if agg_cache:
+        peak = torch.maximum(peak, cache_scores.amax(-1, keepdim=True))
+    peak = peak.detach()  # (B, H, nb, L, 1)
+    e_win = (scores - peak).exp()  # (B, H, nb, L, W)
+    denom = e_win.sum(-1, keepdim=True)
+    if agg_cache:
+        e_cache = (cache_scores - peak).exp()  # (B, H, nb, L, S)
+        denom = denom + e_cache.sum(-1, keepdim=True)
+    p_win = (e_win / denom).to(v_win.dtype)
     if old is not None and not grad_thru_cache and torch.is_grad_enabled():
-        out = torch.where(old, 0.0, p_win) @ v_win
-        out = out + torch.where(old[..., :L], p_win[..., :L], 0.0) @ v_win[..., :L, :].detach()
+        out = _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
     else:
         out = p_win @ v_win  # (B, H, nb, L, D_v)
     if agg_cache:
-        out = out.to(acc) + probs[..., W:] @ mean
+        out = out.to(acc) + (e_cache / denom) @ mean
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)
