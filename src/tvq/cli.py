@@ -14,6 +14,7 @@ import torch
 
 from tvq.training.batches import DOC_START
 from tvq.training.config import DEFAULT_PRESET, PRESETS, apply_overrides, load_config_file, preset
+from tvq.training.distributed import env_rank
 
 
 class UsageError(ValueError):
@@ -84,20 +85,26 @@ def _device(name: str | None) -> str:
 
 
 def cmd_train(args) -> int:
-    from tvq.training.trainer import train
+    from tvq.training.trainer import CONFIG_FILE, train
 
-    cfg = load_config_file(args.config) if args.config else preset(args.preset or DEFAULT_PRESET)
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    saved = Path(args.out or ".") / CONFIG_FILE
+    if args.resume and saved.is_file():  # the run's own config: only --set of RESUMABLE_KEYS changes it
+        cfg = load_config_file(saved)
+    else:
+        cfg = load_config_file(args.config) if args.config else preset(args.preset or DEFAULT_PRESET)
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data={args.data}")
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
     cfg = apply_overrides(cfg, overrides)
-    if args.resume and not args.out:
-        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
     name = args.preset or (Path(args.config).stem if args.config else DEFAULT_PRESET)
     run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     val = train(cfg, run_dir, resume=args.resume, device=_device(args.device), progress=not args.no_progress)
+    if env_rank() != 0:  # rank 0 reports and samples
+        return 0
     print(f"validation: loss {val['loss']:.4f} nats/token, {val['bpb']:.4f} bits per byte ({val['tokens']:,} tokens)")
     if not cfg.data.startswith("imagenet64") and cfg.sample_tokens:
         print("sample:")
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"tvq: error: {e}", file=sys.stderr)
+        rank = env_rank()
+        print(f"tvq: error: {e}" if rank == 0 else f"tvq: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tvq: interrupted; the last checkpoint is intact", file=sys.stderr)

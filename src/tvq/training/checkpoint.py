@@ -2,7 +2,7 @@
 
 ``RUN/checkpoints/step_00000100/`` holds ``model.safetensors`` (weights and codebooks),
 ``train_state.pt`` (optimizer, RNG states, data position, the carried attention state) and
-``meta.json``. A checkpoint is first written to a temporary directory and renamed into place,
+``meta.json``, whatever the number of ranks that trained it (see ``trainer.save``). A checkpoint is first written to a temporary directory and renamed into place,
 so an interrupted save never damages an earlier checkpoint. ``best`` is a copy of the
 checkpoint with the lowest validation loss.
 """
@@ -51,10 +51,12 @@ def _write_atomic_dir(final: Path, write) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: TransformerVQ, train_state: dict, meta: dict,
-                    keep_last: int, is_best: bool = False) -> Path:
+                    keep_last: int, is_best: bool = False, weights: dict | None = None) -> Path:
+    """Write checkpoint ``step``: ``weights`` (default ``model.state_dict()``; a full state dict
+    gathered from the ranks under FSDP), ``train_state`` and ``meta`` plus the model config."""
     ckpt_root = Path(run_dir) / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     meta = dict(meta, step=step, config=model.config.to_dict())
 
     def write(d: Path) -> None:
@@ -130,9 +132,10 @@ def load_weights(model: TransformerVQ, ckpt: Path) -> None:
 
 
 def load_train_state(ckpt: Path) -> dict:
+    """The training state, memory-mapped: each rank reads only the state rows it needs."""
     path = ckpt / "train_state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # torch.load raises many types on a damaged file

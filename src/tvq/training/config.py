@@ -10,6 +10,9 @@ from pathlib import Path
 from tvq.config import DictConfig, TransformerVQConfig
 
 OPTIMIZERS = ("adamw", "adafactor")
+PARALLEL = ("ddp", "fsdp")
+# keys a resumed run may change: none of them changes what the run computes
+RESUMABLE_KEYS = ("max_steps", "grad_accum", "parallel", "dist_timeout")
 
 
 @dataclass
@@ -19,7 +22,8 @@ class TrainConfig(DictConfig):
     Each optimizer step trains on one update segment of ``update_len`` tokens per sequence;
     a sequence of ``sequence_len`` tokens is ``sequence_len / update_len`` consecutive steps with
     the attention state carried (detached) from one to the next, as in the paper.
-    ``batch_size`` is the global batch, split into ``grad_accum`` micro-batches.
+    ``batch_size`` is the global batch: under torchrun each of N ranks takes ``batch_size / N``
+    rows, split into ``grad_accum`` micro-batches.
     """
 
     model: TransformerVQConfig = field(default_factory=TransformerVQConfig)
@@ -48,6 +52,8 @@ class TrainConfig(DictConfig):
     sample_tokens: int = 200
     top_p: float = 0.9
     bf16: bool = True  # bfloat16 autocast where the device supports it (CUDA)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
+    dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the job fails
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -56,7 +62,7 @@ class TrainConfig(DictConfig):
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "sequence_len", "update_len", "max_steps", "log_every",
-                     "save_every", "keep_last"):
+                     "save_every", "keep_last", "dist_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -66,6 +72,11 @@ class TrainConfig(DictConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.optimizer == "adafactor":
+            raise ValueError("parallel=fsdp cannot use optimizer=adafactor (torch.optim.Adafactor cannot step "
+                             "sharded parameters); use --set parallel=ddp or --set optimizer=adamw")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.sequence_len % self.update_len:

@@ -23,6 +23,9 @@ def evaluate(
     reset_every: int = 0,
     byte_level: bool = True,
     device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    lockstep: bool = False,
 ) -> dict:
     """Loss over a split: each document streamed in segments of ``segment_len`` with the state
     carried, from an empty state at the document's start (the paper's long-context evaluation).
@@ -32,6 +35,12 @@ def evaluate(
     also empties the state every that many tokens, to score models with the same context.
     Returns ``loss`` (nats per token), ``bpb`` (bits per UTF-8 byte of the raw text), ``tokens``;
     for non-byte tokenizers also ``ppl`` (per token) and, over a whole split, ``word_ppl``.
+
+    With ``world_size`` > 1 (in a torch.distributed process group) the documents are shared out
+    over the ranks (largest first, each to the least loaded rank) and the sums all-reduced, so
+    every rank returns the result of the whole budget. ``lockstep`` (needed for FSDP, whose
+    forwards are collectives) makes every rank run the same number of forwards, padding with
+    one-token forwards.
     """
     if reset_every % segment_len:
         raise ValueError(f"reset_every {reset_every} must be a multiple of segment_len {segment_len}")
@@ -39,13 +48,15 @@ def evaluate(
     budget = min(max_tokens, n_total) if max_tokens else n_total
     if budget < 1:
         raise ValueError("the evaluation split is empty")
+    lengths = np.diff(np.append(split.doc_starts, n_total))
+    counts = np.minimum(lengths, np.maximum(budget - np.concatenate([[0], np.cumsum(lengths)[:-1]]), 0))
+    mine, forwards = _share_documents(counts, segment_len, world_size)
     was_training = model.training
     model.eval()
     total, done = 0.0, 0
     try:
-        for d in range(split.n_docs):
-            doc = split.document(d)
-            n = min(len(doc), budget - done)
+        for d in mine[rank]:
+            doc, n = split.document(d), int(counts[d])
             state = None
             for start in range(0, n, segment_len):
                 if reset_every and start % reset_every == 0:
@@ -57,10 +68,15 @@ def evaluate(
                 total += F.cross_entropy(out.logits[0].double(), labels, reduction="sum").item()
                 state = out.state
             done += n
-            if done >= budget:
-                break
+        if lockstep:
+            for _ in range(max(forwards) - forwards[rank]):
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))
     finally:
         model.train(was_training)
+    if world_size > 1:
+        sums = torch.tensor([total, done], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, done = sums[0].item(), int(sums[1].item())
     n_bytes = done if byte_level else split.n_bytes * done / n_total
     result = {"loss": total / done, "bpb": total / math.log(2) / n_bytes, "tokens": done}
     if not byte_level:
@@ -68,3 +84,16 @@ def evaluate(
         if done == n_total and split.n_words:
             result["word_ppl"] = math.exp(total / split.n_words)
     return result
+
+
+def _share_documents(counts: np.ndarray, segment_len: int, world_size: int) -> tuple[list[list[int]], list[int]]:
+    """Documents with tokens to score, shared over ranks by forwards (largest first, each to the
+    least loaded rank); each rank's list in document order. Returns (lists, forwards per rank)."""
+    forwards = [0] * world_size
+    mine: list[list[int]] = [[] for _ in range(world_size)]
+    segments = -(-counts // segment_len)
+    for d in sorted(np.flatnonzero(counts), key=lambda d: -segments[d]):
+        r = forwards.index(min(forwards))
+        mine[r].append(int(d))
+        forwards[r] += int(segments[d])
+    return [sorted(m) for m in mine], forwards

@@ -18,7 +18,8 @@ from tvq.data import ByteTokenizer, SentencePieceTokenizer, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
-from tvq.training.config import TrainConfig
+from tvq.training.config import RESUMABLE_KEYS, TrainConfig
+from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
 
 CONFIG_FILE = "config.json"
@@ -67,18 +68,22 @@ def _set_rng_state(s: dict) -> None:
 
 
 class MetricsLog:
-    """Appends records to RUN_DIR/metrics.jsonl, and to TensorBoard when it is installed."""
+    """Appends records to RUN_DIR/metrics.jsonl, and to TensorBoard when it is installed
+    (nothing when not ``enabled``: the ranks other than 0)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path, self.enabled, self.tb = run_dir / METRICS_FILE, enabled, None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            self.tb = None
-        else:
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            return
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def __call__(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -92,13 +97,14 @@ class MetricsLog:
 
 
 def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The config saved in RUN_DIR, with ``max_steps`` from ``cfg`` (extending a run is allowed)."""
+    """The config saved in RUN_DIR, with the keys a resumed run may change (``RESUMABLE_KEYS``:
+    ``max_steps`` to extend it, ``grad_accum``, ``parallel``, ``dist_timeout``) taken from ``cfg``."""
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
-    prior = TrainConfig.from_dict(json.loads(saved.read_text()))
-    prior.max_steps = cfg.max_steps
-    return prior
+    prior = json.loads(saved.read_text())
+    prior.update({key: getattr(cfg, key) for key in RESUMABLE_KEYS})
+    return TrainConfig.from_dict(prior)
 
 
 def check_new_run_dir(run_dir: Path) -> None:
@@ -116,52 +122,97 @@ def create_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
           progress: bool = True, log=print) -> dict:
-    """Train ``cfg`` into ``run_dir``; returns the final validation metrics."""
+    """Train ``cfg`` into ``run_dir``; returns the final validation metrics.
+
+    Under torchrun every rank calls this: data-parallel training over the process group (see
+    :mod:`tvq.training.distributed`); only rank 0 logs, shows progress and writes the run.
+    """
     run_dir = Path(run_dir)
     if resume:
         cfg = resume_config(cfg, run_dir)
     else:
         check_new_run_dir(run_dir)  # fail fast, before loading data
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
+    with cluster(cfg.parallel, cfg.batch_size, cfg.grad_accum, cfg.dist_timeout, device) as cl:
+        if not cl.is_main:
+            log, progress = (lambda *a, **k: None), False
+        return _train(cfg, run_dir, cl, resume, progress, log)
+
+
+def _seed_rank(cfg: TrainConfig, rank: int, step: int) -> None:
+    """Seed the RNGs of rank > 0 from (seed, rank, step), so ranks draw different dropout masks."""
+    seed = int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress: bool, log) -> dict:
+    device = cl.device
+    torch.manual_seed(cfg.seed)  # the same on every rank: FSDP shards identically initialised weights
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    corpus = load_corpus(cfg.data, tokenizer=SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+    tokenizer = SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    corpus = cl.first_on_each_node(load_corpus, cfg.data, tokenizer=tokenizer)
     if corpus.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"data {cfg.data!r} has vocabulary {corpus.vocab_size} but the model has "
                          f"{cfg.model.vocab_size}; use --set model.vocab_size={corpus.vocab_size}")
     train_split, val_split = corpus.split("train"), corpus.split("validation")
     sampler = SegmentSampler(train_split, cfg)
-    if not resume:  # everything checked: only now does the run directory appear
+    # everything checked: only now does the run directory appear (every rank has passed
+    # check_new_run_dir, since all met in first_on_each_node's barrier)
+    if cl.is_main and not resume:
         create_run_dir(cfg, run_dir)
-    if isinstance(corpus.tokenizer, SentencePieceTokenizer) and not (run_dir / TOKENIZER_FILE).exists():
+    if (cl.is_main and isinstance(corpus.tokenizer, SentencePieceTokenizer)
+            and not (run_dir / TOKENIZER_FILE).exists()):
         shutil.copyfile(corpus.tokenizer.path, run_dir / TOKENIZER_FILE)
     byte_level = isinstance(corpus.tokenizer, ByteTokenizer)
     bytes_per_token = 1.0 if byte_level else train_split.n_bytes / len(train_split.tokens)
 
     model = TransformerVQ(cfg.model).to(device)
+    n_params = model.num_parameters()
+    last = ckpt.latest_checkpoint(run_dir) if resume else None
+    if last is not None:
+        ckpt.load_weights(model, last)  # before wrapping: FSDP shards the loaded weights
+    amp = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    net = cl.wrap(model, bf16=amp)
     optimizer = make_optimizer(cfg, model)
     start_step, best_loss = 0, math.inf
-    micro = cfg.batch_size // cfg.grad_accum
-    states: list = [None] * cfg.grad_accum
-    if resume and (last := ckpt.latest_checkpoint(run_dir)) is not None:
-        ckpt.load_weights(model, last)
+    rows = cl.rows(cfg.batch_size)  # this rank's rows of the global batch
+    micro = (rows.stop - rows.start) // cfg.grad_accum
+    states: list = [None] * cfg.grad_accum  # states[m]: the rows of micro-batch m
+    if last is not None:
         ts = ckpt.load_train_state(last)
-        optimizer.load_state_dict(ts["optimizer"])
-        _set_rng_state(ts["rng"])
+        cl.load_optimizer(model, optimizer, ts["optimizer"])
         start_step, best_loss = ts["step"], ts["best_loss"]
-        states = [None if s is None else s.to(device=device) for s in ts["states"]]
+        rngs = ts["rng"]  # one per rank of the run that saved it
+        if len(rngs) == cl.world_size:
+            _set_rng_state(rngs[cl.rank])
+        elif cl.is_main:
+            _set_rng_state(rngs[0])
+        else:  # resumed on another number of ranks: rank 0 continues, the others reseed
+            _seed_rank(cfg, cl.rank, start_step)
+        states = [select_rows(ts["states"], rows.start + m * micro, rows.start + (m + 1) * micro).to(device)
+                  for m in range(cfg.grad_accum)]
         log(f"resuming {run_dir} from step {start_step}")
-    elif resume:
-        log(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_gau} GAUs; "
-        f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)")
+    else:
+        if resume:
+            log(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
+        if cl.rank > 0:
+            _seed_rank(cfg, cl.rank, 0)
+    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_gau} GAUs; "
+        f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)"
+        + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else ""))
 
-    amp = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp else contextlib.nullcontext
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp and not cl.fsdp else contextlib.nullcontext
+
+    def validate() -> dict:
+        return evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
+                        byte_level=byte_level, device=device, rank=cl.rank, world_size=cl.world_size,
+                        lockstep=cl.fsdp)
+
     tokens_per_step = cfg.batch_size * cfg.update_len
-    metrics_log = MetricsLog(run_dir)
+    metrics_log = MetricsLog(run_dir, enabled=cl.is_main)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     val = {}
     train_time, model_steps = 0.0, 0  # since the last log record; excludes evaluation and saving
@@ -170,23 +221,25 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
         t0 = time.perf_counter()
         if sampler.is_sequence_start(step):
             states = [None] * cfg.grad_accum
-        inputs, labels = sampler.batch(step)
+        inputs, labels = (t[rows] for t in sampler.batch(step))
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = lm_sum = 0.0
         for m in range(cfg.grad_accum):
-            rows = slice(m * micro, (m + 1) * micro)
-            with autocast():
-                out = model(inputs[rows].to(device), state=states[m], labels=labels[rows].to(device))
-            (out.loss / cfg.grad_accum).backward()
+            mb = slice(m * micro, (m + 1) * micro)
+            with cl.grad_sync(net, m == cfg.grad_accum - 1):  # gradients all-reduced on the last only
+                with autocast():
+                    out = net(inputs[mb].to(device), state=states[m], labels=labels[mb].to(device))
+                (out.loss / cfg.grad_accum).backward()
             states[m] = out.state.detach()
             loss_sum += out.loss.item() / cfg.grad_accum
             lm_sum += out.lm_loss.item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        codebook = model.update_codebooks()
+        codebook = model.update_codebooks(all_reduce=cl.all_reduce())
+        loss_sum, lm_sum = cl.mean(loss_sum, lm_sum)
         train_time += time.perf_counter() - t0
         model_steps += 1
         done = step + 1
@@ -201,21 +254,34 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
             train_time, model_steps = 0.0, 0
         evaluate_now = done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0)
         if evaluate_now:
-            val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
-                           byte_level=byte_level, device=device)
+            val = validate()
             metrics_log({"step": done, **{f"val/{k}": v for k, v in val.items()}})
             (bar.write if progress else log)(f"step {done}: validation loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             is_best = bool(val) and evaluate_now and val["loss"] < best_loss
             best_loss = val["loss"] if is_best else best_loss
-            train_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": done,
-                           "best_loss": best_loss, "states": [None if s is None else s.to(device="cpu") for s in states]}
-            ckpt.save_checkpoint(run_dir, done, model, train_state, {"data": cfg.data, "val": val},
-                                 cfg.keep_last, is_best=is_best)
+            save(cl, run_dir, cfg, done, model, optimizer, states, best_loss, {"data": cfg.data, "val": val}, is_best)
     bar.close()
     metrics_log.close()
     if not val:  # resumed a run that had already reached max_steps
         log(f"{run_dir} is already trained to step {start_step}; evaluating it")
-        val = evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
-                       byte_level=byte_level, device=device)
+        val = validate()
     return val
+
+
+def save(cl: Cluster, run_dir: Path, cfg: TrainConfig, step: int, model: TransformerVQ,
+         optimizer: torch.optim.Optimizer, states: list, best_loss: float, meta: dict, is_best: bool) -> None:
+    """Write a checkpoint from rank 0; every rank takes part in gathering it.
+
+    ``train_state.pt`` holds the full optimizer state keyed by parameter name, the RNG states of
+    every rank, and the carried attention state as row blocks in global row order, so that any
+    number of ranks and any ``grad_accum`` can resume it.
+    """
+    weights, optim_state = cl.full_state_dicts(model, optimizer)
+    blocks = cl.gather_states(states)
+    rngs = cl.gather_objects(_rng_state())
+    if cl.is_main:
+        train_state = {"optimizer": optim_state, "rng": rngs, "step": step, "best_loss": best_loss,
+                       "states": blocks}
+        ckpt.save_checkpoint(run_dir, step, model, train_state, meta, cfg.keep_last, is_best=is_best,
+                             weights=weights)

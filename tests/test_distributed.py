@@ -1,0 +1,233 @@
+"""Data-parallel training on CPU with gloo: 2 ranks == 1 process (DDP and FSDP), gradient
+accumulation, resuming on another number of ranks, torchrun + the real CLI, a failing rank."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tvq.training import checkpoint as ckpt
+from tvq.training.batches import SegmentSampler
+from tvq.training.config import apply_overrides, preset
+from tvq.training.distributed import combine, select_rows
+from tvq.training.trainer import train
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+def run_jobs(rank: int, jobs: list) -> None:
+    """A rank of a 2-process job: train each (port, cfg, run_dir, resume) in turn, one process group each."""
+    for port, cfg, run_dir, resume in jobs:
+        set_rank_env(rank, 2, port)
+        train(cfg, run_dir, resume=resume, **QUIET)
+
+
+def fail_at_step_2_on_rank_1(rank: int, port: int, cfg, run_dir, how: str) -> None:
+    """A rank of a 2-process job whose rank 1 raises, or hangs, at step 2."""
+    set_rank_env(rank, 2, port)
+    if rank == 1:
+        batch = SegmentSampler.batch
+
+        def failing(self, step):
+            if step == 2:
+                if how == "raise":
+                    raise RuntimeError("injected failure on rank 1")
+                time.sleep(600)
+            return batch(self, step)
+
+        SegmentSampler.batch = failing
+    train(cfg, run_dir, **QUIET)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads (and each spawned rank uses one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """~200 KB of Shakespeare: one training file, three validation files of unequal length (so
+    evaluation shares documents unevenly over the ranks), one test file."""
+    raw = SHAKESPEARE.read_bytes()[:200_000]
+    root = tmp_path_factory.mktemp("data")
+    files = {"train/a.txt": raw[:190_000], "validation/a.txt": raw[190_000:190_700],
+             "validation/b.txt": raw[191_000:191_900], "validation/c.txt": raw[192_000:193_200],
+             "test/a.txt": raw[194_000:]}
+    for name, text in files.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(text)
+    return root
+
+
+def config(data_dir, *extra):
+    # steps 0-4 are warmup, so a 3-step run and the first 3 steps of a 6-step run are the same
+    return apply_overrides(preset("tiny"), [f"data={data_dir}", "log_every=1", "batch_size=4", "max_steps=3",
+                                            "save_every=3", "sequence_len=128", "update_len=32",
+                                            "sample_tokens=0", *extra])
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def losses(run_dir):
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def val_loss(run_dir):
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["val/loss"] for r in records if "val/loss" in r][-1]
+
+
+def weights(run_dir, step=3):
+    return ckpt.load_model(Path(run_dir) / "checkpoints" / f"step_{step:08d}")[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Reference runs in this process, then the 2-rank runs, all spawned at once."""
+    root = tmp_path_factory.mktemp("runs")
+    train(config(data_dir), root / "one", **QUIET)  # 1 process, batch 4, 3 steps
+    train(config(data_dir, "max_steps=6"), root / "straight", **QUIET)  # uninterrupted, 6 steps
+    copy_run(root / "one", root / "one_then_fsdp")
+    jobs = [
+        (free_port(), config(data_dir), root / "ddp", False),  # 2 ranks x 2 rows
+        (free_port(), config(data_dir, "parallel=fsdp"), root / "fsdp", False),
+        (free_port(), config(data_dir, "grad_accum=2"), root / "ddp_accum", False),  # 2 ranks x 2 x 1 row
+        (free_port(), config(data_dir, "max_steps=6", "parallel=fsdp", "grad_accum=2"), root / "one_then_fsdp", True),
+    ]
+    mp.spawn(run_jobs, args=(jobs,), nprocs=2)
+    return root
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum"])
+def test_two_ranks_match_one_process(runs, name):
+    one, two = weights(runs / "one"), weights(runs / name)
+    assert one.keys() == two.keys() and any("c_sum" in k for k in one)  # codebooks included
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert losses(runs / name) == pytest.approx(losses(runs / "one"), rel=1e-5)
+    assert val_loss(runs / name) == pytest.approx(val_loss(runs / "one"), rel=1e-5)  # sharded evaluation
+
+
+def test_distributed_grad_accum_matches_one_batch(runs):
+    accum, plain = weights(runs / "ddp_accum"), weights(runs / "ddp")
+    for key in plain:
+        torch.testing.assert_close(accum[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("saved_by", ["ddp", "fsdp"])
+def test_resume_two_rank_checkpoint_in_one_process(runs, data_dir, saved_by):
+    run = copy_run(runs / saved_by, runs / f"{saved_by}_then_one")
+    train(config(data_dir, "max_steps=6"), run, resume=True, **QUIET)
+    resumed, straight = losses(run), losses(runs / "straight")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_resume_one_process_checkpoint_on_two_fsdp_ranks(runs):
+    resumed, straight = losses(runs / "one_then_fsdp"), losses(runs / "straight")
+    assert [resumed[s] for s in (1, 2, 3)] == [straight[s] for s in (1, 2, 3)]
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
+    resumed, straight = weights(runs / "one_then_fsdp", 6), weights(runs / "straight", 6)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_torchrun_cli_resumes_with_other_rank_count_and_grad_accum(runs, data_dir):
+    run = copy_run(runs / "one", runs / "one_then_torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "tvq", "train", "--out", str(run), "--resume",
+           "--max-steps", "6", "--set", "grad_accum=2", "--set", "sample_tokens=8", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("validation: loss") == 1 and result.stdout.count(f"run saved to {run}") == 1
+    assert result.stdout.count("sample:") == 1  # rank 0 alone reports and samples
+    resumed, straight = losses(run), losses(runs / "straight")
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_torchrun_bad_input_is_one_line_and_exit_2(data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "tvq", "train", "--preset", "tiny", "--data", str(data_dir),
+           "--out", str(tmp_path / "r"), "--set", "batch_size=3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tvq: error: ")]
+    assert len(lines) == 1 and "does not split over 2 ranks" in lines[0] and "exitcode  : 2" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("how", ["raise", "hang"])
+def test_a_failing_rank_ends_the_job(data_dir, tmp_path, how):
+    """Rank 1 raises (or hangs) at step 2; no launcher tears the job down, yet rank 0 stops with
+    an error: at once when rank 1's process is gone, after dist_timeout when it hangs."""
+    cfg = config(data_dir, "max_steps=6", "dist_timeout=15")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ranks = [ctx.Process(target=fail_at_step_2_on_rank_1, args=(r, port, cfg, tmp_path / "run", how)) for r in (0, 1)]
+    t0 = time.perf_counter()
+    for p in ranks:
+        p.start()
+    ranks[0].join(timeout=90)
+    seconds = time.perf_counter() - t0
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    assert ranks[0].exitcode not in (0, -9), f"rank 0: exit code {ranks[0].exitcode} after {seconds:.0f}s"
+    if how == "raise":
+        assert ranks[1].exitcode == 1
+
+
+def test_state_rows_round_trip_over_blocks():
+    """Row blocks of any sizes, in order, give back any rows of the global state."""
+    from conftest import make_model
+
+    model = make_model()
+    state = model(torch.randint(0, 50, (6, 20))).state
+    blocks = [combine([state], lambda ts, a=a, b=b: ts[0][a:b]) for a, b in ((0, 2), (2, 3), (3, 6))]
+    for start, stop in ((0, 6), (1, 5), (3, 4), (2, 6)):
+        part = select_rows(blocks, start, stop)
+        for got, want in zip(part.layers, state.layers):
+            assert torch.equal(got.keys, want.keys[start:stop])
+            assert torch.equal(got.cache_mean, want.cache_mean[start:stop])
+        assert part.pos == state.pos
+    with pytest.raises(ValueError, match="has 6 rows"):
+        select_rows(blocks, 4, 8)
+
+
+def test_batch_must_split_over_ranks_and_micro_batches(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="batch_size 4 does not split over 2 ranks x grad_accum 4"):
+        train(config(data_dir, "grad_accum=4"), tmp_path / "r", **QUIET)
+    assert not (tmp_path / "r").exists()
