@@ -14,7 +14,7 @@ FIELDS = {"impl", "mode", "seq_len", "batch_size", "tokens_per_s", "peak_mem_byt
 def test_sweep_writes_records_table_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert runner.main(["--mode", "train,decode", "--impl", "vq,sdpa", "--seq-lens", "64", "--repeats", "1",
+    assert runner.main(["--mode", "train,decode", "--impl", "vq,sdpa", "--seq-lens", "64", "--decode-positions", "64", "--repeats", "1",
                         "--warmup", "0", "--decode-steps", "2", "--json", str(out), "--plot", str(png)]) == 0
     records = json.loads(out.read_text())
     assert len(records) == 4 and all(FIELDS <= r.keys() for r in records)

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     info = dsub.add_parser("info", help="print the size of each split of a data source")
     info.add_argument("source")
 
+    sub.add_parser("bench", help="speed and memory of vq vs quadratic attention (see tvq bench --help)",
+                   add_help=False)  # its own parser: tvq.bench.runner
+
     pl = sub.add_parser("plot", help="draw loss and bpb curves of a run to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
@@ -253,13 +256,21 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from tvq.bench.runner import main as bench_main
+
+    return bench_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    bench = argv[:1] == ["bench"]
+    args = None if bench else _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return cmd_bench(argv[1:]) if bench else COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         rank = env_rank()
         print(f"tvq: error: {e}" if rank == 0 else f"tvq: error (rank {rank}): {e}", file=sys.stderr)

@@ -352,7 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tvq bench", description="Speed and memory of vq vs quadratic attention.")
     p.add_argument("--mode", default="train", help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--impl", default="vq,full,sdpa", help=f"comma-separated: {', '.join(IMPLS)}")
-    p.add_argument("--seq-lens", default="2048,8192,32768", help="comma-separated lengths (decode: positions)")
+    p.add_argument("--seq-lens", default="2048,8192,32768", help="comma-separated sequence lengths (train, forward)")
+    p.add_argument("--decode-positions", default="1024,65536", help="comma-separated context positions (decode)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--batch-size", type=int, default=1)
@@ -367,6 +368,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{flag} must be positive, got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     modes, impls = args.mode.split(","), args.impl.split(",")
@@ -377,14 +388,11 @@ def main(argv=None) -> int:
         raise ValueError(f"unknown bench preset {args.preset!r}; choose one of {', '.join(BENCH_PRESETS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    try:
-        lens = [int(x) for x in args.seq_lens.split(",")]
-    except ValueError:
-        raise ValueError(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}") from None
+    lens, positions = _ints(args.seq_lens, "--seq-lens"), _ints(args.decode_positions, "--decode-positions")
     records = []
     for mode in modes:
         for impl in impls:
-            for T in lens:
+            for T in positions if mode == "decode" else lens:
                 case = Case(impl, mode, T, args.batch_size, args.preset, args.device, args.dtype, args.warmup,
                             args.repeats, args.decode_steps, args.compile)
                 r = run_isolated(case, args.time_budget)
