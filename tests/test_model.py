@@ -146,3 +146,10 @@ def test_blockwise_training_forward_compiles_without_graph_breaks():
     ids = torch.randint(0, 50, (2, 41))
     explanation = torch._dynamo.explain(model)(ids[:, :-1], labels=ids[:, 1:])
     assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]
+
+
+def test_cpu_allocator_tuning_is_opt_out(monkeypatch):
+    from tvq.runtime import tune_cpu_allocator
+
+    monkeypatch.setenv("TVQ_KEEP_MALLOC", "1")
+    assert tune_cpu_allocator() is False

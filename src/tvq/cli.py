@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tvq.runtime import tune_cpu_allocator
 from tvq.training.batches import DOC_START
 from tvq.training.config import DEFAULT_PRESET, PRESETS, apply_overrides, load_config_file, preset
 from tvq.training.distributed import env_rank
@@ -266,6 +267,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_cpu_allocator()
     argv = sys.argv[1:] if argv is None else argv
     bench = argv[:1] == ["bench"]
     args = None if bench else _parser().parse_args(argv)

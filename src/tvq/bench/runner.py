@@ -408,6 +408,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # one case, in a subprocess of run_isolated
+    from tvq.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     torch.set_num_threads(int(os.environ.get("TVQ_BENCH_THREADS", torch.get_num_threads())))
     result = measure(Case(**json.loads(sys.argv[1])))
     print(json.dumps(asdict(result)))

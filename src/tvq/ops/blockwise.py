@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import cache_log_count, code_statistics, exclusive_prefix_sum, merge_cache
+from tvq.ops.cache import cache_log_count, code_statistics, exclusive_prefix_sum
 
 
 def skew(x: Tensor, width: int) -> Tensor:
@@ -91,6 +91,7 @@ def blockwise_attention(
     q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
     keys = F.pad(keys, (0, 0, 0, pad))  # (B, H, M + nb L, D_k)
     vals = F.pad(values, (0, 0, 0, pad))  # (B, H, M + nb L, D_v)
+    codes = F.pad(codes, (0, pad))  # (B, H, M + nb L)
     k_win = keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_k)
     v_win = vals.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_v)
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
@@ -114,17 +115,19 @@ def blockwise_attention(
                          torch.where(old, content, float("-inf"))).to(acc)
 
     if agg_cache:
-        # cache of block n = the state's cache + every key before its window (key blocks 0..n-1)
-        blk = slice(0, (nb - 1) * L)
-        valid = (torch.arange((nb - 1) * L, device=dev) >= n_invalid).view(nb - 1, L)
-        cache_vals = vals[:, :, blk] if grad_thru_cache else vals[:, :, blk].detach()
+        # Cache of block n = the state's cache (count c0, mean m0) + every key before its window
+        # (key blocks 0..n-1). With N_n, S_n the prefix counts and value sums of those blocks,
+        # mean_n = m0 + (S_n - N_n m0) / (c0 + N_n); only D_n = prefix of (s - n m0) per block
+        # is materialised at (blocks, S, D_v), and 1 / count scales the (L, S) probabilities.
+        cache_vals = vals[:, :, : nb * L] if grad_thru_cache else vals[:, :, : nb * L].detach()
+        valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
         n_blk, s_blk = code_statistics(
-            codes[:, :, blk].unflatten(2, (nb - 1, L)), cache_vals.unflatten(2, (nb - 1, L)),
+            codes[:, :, : nb * L].unflatten(2, (nb, L)), cache_vals.unflatten(2, (nb, L)),
             valid, codebook.shape[1], acc,
-        )  # (B, H, nb - 1, S), (B, H, nb - 1, S, D_v)
-        n_pre = exclusive_prefix_sum(F.pad(n_blk, (0, 0, 0, 1)), 2)  # (B, H, nb, S)
-        s_pre = exclusive_prefix_sum(F.pad(s_blk, (0, 0, 0, 0, 0, 1)), 2)  # (B, H, nb, S, D_v)
-        count, mean = merge_cache(count0[:, :, None].to(acc), mean0[:, :, None].to(acc), n_pre, s_pre)
+        )  # (B, H, nb, S), (B, H, nb, S, D_v); the last block only ever feeds later chunks
+        c0, m0 = count0[:, :, None].to(acc), mean0[:, :, None].to(acc)  # (B, H, 1, S), (B, H, 1, S, D_v)
+        count = c0 + exclusive_prefix_sum(n_blk, 2)  # (B, H, nb, S)
+        delta = exclusive_prefix_sum(s_blk - n_blk[..., None] * m0, 2)  # (B, H, nb, S, D_v)
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
 
@@ -144,5 +147,6 @@ def blockwise_attention(
     else:
         out = p_win @ v_win  # (B, H, nb, L, D_v)
     if agg_cache:
-        out = out.to(acc) + (e_cache / denom) @ mean
+        p_cache = e_cache / denom  # (B, H, nb, L, S)
+        out = out.to(acc) + p_cache @ m0 + (p_cache / count.clamp_min(1.0)[..., None, :]) @ delta
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)

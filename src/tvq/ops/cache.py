@@ -40,21 +40,25 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, d
 
 
 def exclusive_prefix_sum(x: Tensor, dim: int, group: int = 32) -> Tensor:
-    """out[n] = sum_{m < n} x[m] along ``dim``, without a loop.
+    """out[n] = sum_{m < n} x[m] along ``dim``, without a loop and without copying ``x``.
 
     Within groups of ``group`` entries a triangular matmul (BLAS-fast, unlike ``cumsum`` along a
     leading dimension on CPU); across groups a cumsum of the group totals.
     """
-    x = x.movedim(dim, 0)
-    n, rest = x.shape[0], x.shape[1:]
+    dim %= x.dim()
+    n = x.shape[dim]
     g = min(group, n)
     n_groups = -(-n // g)
-    flat = F.pad(x.reshape(n, -1), (0, 0, 0, n_groups * g - n)).view(n_groups, g, -1)  # (G, g, N)
+    flat = x.reshape(math.prod(x.shape[:dim]), n, -1)  # (P, n, R): a view of contiguous x
+    if n_groups * g != n:
+        flat = F.pad(flat, (0, 0, 0, n_groups * g - n))
+    flat = flat.view(flat.shape[0], n_groups, g, -1)  # (P, G, g, R)
     tri = torch.ones(g, g, dtype=x.dtype, device=x.device).tril(-1)  # strictly lower: exclusive
-    inner = tri @ flat  # (G, g, N)
-    carry = F.pad(flat.sum(1).cumsum(0)[:-1], (0, 0, 1, 0))  # (G, N): totals of earlier groups
-    out = (inner + carry[:, None]).view(n_groups * g, -1)[:n]
-    return out.view(n, *rest).movedim(0, dim)
+    out = tri @ flat  # (P, G, g, R)
+    if n_groups > 1:
+        carry = F.pad(flat.sum(2).cumsum(1)[:, :-1], (0, 0, 1, 0))  # (P, G, R): earlier groups' totals
+        out += carry[:, :, None]  # in place: the matmul does not need its output for backward
+    return out.view(out.shape[0], n_groups * g, -1)[:, :n].reshape(x.shape)
 
 
 def cache_log_count(count: Tensor) -> Tensor:
