@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--checkpoint", default="latest")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (long samples)")
     s.add_argument("--num-images", type=int, default=4, help="image models: how many images to draw")
     s.add_argument("--out", help="image models: PNG grid path (default RUN_DIR/samples.png)")
     s.add_argument("--device")
@@ -143,7 +144,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, top_k, seed, device) -> None:
+def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, top_k, seed, device,
+                   compile: bool = False) -> None:
     from tvq.training import checkpoint as ckpt
 
     from tvq.data import ByteTokenizer
@@ -157,7 +159,7 @@ def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, t
     byte_level = tokenizer.vocab_size == 256
     sys.stdout.write(prompt)
     generated: list[int] = []
-    for token in model.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed):
+    for token in model.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, compile=compile):
         generated.append(int(token[0]))
         if byte_level:
             sys.stdout.write(decoder.decode(bytes([generated[-1]])))
@@ -177,7 +179,8 @@ def _sample_images(args, device) -> None:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
     model, _ = ckpt.load_model(ckpt.find_checkpoint(args.run_dir, args.checkpoint), device)
     start = torch.full((args.num_images, 1), DOC_START, device=device)
-    stream = model.stream(start, TOKENS_PER_IMAGE, args.temperature, args.top_k, args.top_p, args.seed)
+    stream = model.stream(start, TOKENS_PER_IMAGE, args.temperature, args.top_k, args.top_p, args.seed,
+                          compile=args.compile)
     tokens = torch.stack(list(tqdm(stream, total=TOKENS_PER_IMAGE, unit="tok", desc="sampling")), 1)
     out = Path(args.out or Path(args.run_dir) / "samples.png")
     save_image_grid([tokens_to_image(t.cpu().numpy()) for t in tokens], out)
@@ -192,7 +195,7 @@ def cmd_sample(args) -> int:
         _sample_images(args, device)
         return 0
     _stream_sample(args.run_dir, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                   args.top_p, args.top_k, args.seed, device)
+                   args.top_p, args.top_k, args.seed, device, compile=args.compile)
     return 0
 
 

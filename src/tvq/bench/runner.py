@@ -75,6 +75,7 @@ class Record:
     status: str = "ok"  # ok | oom | timeout | wrong | error
     detail: str = ""
     preset: str = "bench-small"
+    compiled: bool = False
     params: int = 0
     seconds: list[float] = field(default_factory=list)
 
@@ -201,7 +202,7 @@ def measure(case: Case) -> Record:
     """Run one case in this process."""
     device, dtype = case.device, DTYPES[case.dtype]
     record = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, device, case.dtype,
-                    torch.__version__, _commit(), preset=case.preset)
+                    torch.__version__, _commit(), preset=case.preset, compiled=case.compile)
     check(case.impl, case.preset)
     torch.manual_seed(0)
     model = build(case.impl, case.preset).to(device)
@@ -242,18 +243,26 @@ def measure(case: Case) -> Record:
         model.eval()
         state0 = synthetic_state(model, B, T, dtype if amp else torch.float32)
         tok = torch.randint(0, 256, (B, 1), device=device)
+        vq_decoder = isinstance(model, TransformerVQ) and model.config.attention == "vq"
 
         def step():
-            state = state0
             with torch.no_grad(), autocast:
+                if vq_decoder:  # what generation uses: ring buffers, in-place cache
+                    decoder = model.decoder(state0, compile=case.compile)
+                    for _ in range(case.decode_steps):
+                        decoder.step(tok[:, 0])
+                    return
+                state = state0
                 for _ in range(case.decode_steps):
                     _, state = logits_of(model, tok, state)
         n_tokens = B * case.decode_steps
 
+    # peak memory of the whole step (activations, gradients, optimizer state), measured from
+    # before the warm-up: the tvq command keeps freed memory, so a later baseline would hide it
+    base = _reset_peak(device)
     for _ in range(case.warmup):
         step()
     _sync(device)
-    base = _reset_peak(device)
     for _ in range(case.repeats):
         t0 = time.perf_counter()
         step()
@@ -362,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds per case before it is reported as a timeout")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (train and forward)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train, forward) or the decode step")
     p.add_argument("--json", help="write the records here")
     p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here")
     return p.parse_args(argv)
