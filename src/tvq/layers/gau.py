@@ -53,6 +53,16 @@ class GAU(nn.Module):
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)
 
+    def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Relative embeddings of distances 0..M (H, M + 1, D_k) and the biases u, v (H, D_k),
+        all scaled by D_k^-1/4 like q and k (sinusoid dropout applies in training)."""
+        cfg = self.config
+        H, Dk, M = cfg.n_head, cfg.d_k, cfg.mem_len
+        scale = Dk**-0.25
+        rel = self.w_r(self.drop_sin(self.sin.to(dtype)))  # (M + 1, H D_k)
+        rel = rel.view(M + 1, H, Dk).transpose(0, 1) * scale  # (H, M + 1, D_k)
+        return rel, self.xl_u * scale, self.xl_v * scale
+
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
         cfg = self.config
         H, M = cfg.n_head, cfg.mem_len
@@ -83,9 +93,7 @@ class GAU(nn.Module):
         k = self.qk_norm(k.view(B, T, H, Dk)).transpose(1, 2) * scale  # (B, H, T, D_k)
         v = F.silu(v).view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, D_v)
         g = F.silu(g)  # (B, T, H D_v)
-        rel = self.w_r(self.drop_sin(self.sin.to(h.dtype)))  # (M + 1, H D_k)
-        rel = rel.view(M + 1, H, Dk).transpose(0, 1) * scale  # (H, M + 1, D_k)
-        u, vb = self.xl_u * scale, self.xl_v * scale  # (H, D_k)
+        rel, u, vb = self.position_terms(h.dtype)  # (H, M + 1, D_k), (H, D_k), (H, D_k)
 
         if self.quantizer is None:
             commit = x.new_zeros(())

@@ -54,15 +54,14 @@ class VQDecoder:
         self.buffers = []
         with torch.no_grad():
             for gau, layer in zip(model.gaus, state.layers):
-                H, Dk = gau.config.n_head, gau.config.d_k
-                scale = Dk**-0.25
-                rel = gau.w_r(gau.sin.to(gau.w_r.weight.dtype)).view(M + 1, H, Dk).transpose(0, 1) * scale
+                H = gau.config.n_head
+                rel, u, v = gau.position_terms(gau.w_r.weight.dtype)
                 c = gau.quantizer.codebook().to(gau.w_r.weight.dtype)
                 self.buffers.append(_GAUBuffers(
                     layer.keys.detach().roll(shift, 2), layer.values.detach().roll(shift, 2),
                     layer.codes.roll(shift, 2), layer.cache_count.detach().clone(), layer.cache_mean.detach().clone(),
                     torch.cat([gau.w_q.weight, gau.w_kvg.weight]), torch.arange(H, device=c.device),
-                    rel.contiguous(), gau.xl_u * scale, gau.xl_v * scale, c, c.square().sum(-1),
+                    rel.contiguous(), u, v, c, c.square().sum(-1),
                 ))
 
     @torch.no_grad()
