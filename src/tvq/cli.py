@@ -113,7 +113,9 @@ def cmd_train(args) -> int:
     print(f"validation: loss {val['loss']:.4f} nats/token, {val['bpb']:.4f} bits per byte ({val['tokens']:,} tokens)")
     if not cfg.data.startswith("imagenet64") and cfg.sample_tokens:
         print("sample:")
-        _stream_sample(run_dir, "latest", "", cfg.sample_tokens, 1.0, cfg.top_p, None, cfg.seed, _device(args.device))
+        device = _device(args.device)
+        model, _ = _load_for_sampling(run_dir, "latest", device)
+        _stream_sample(model, run_dir, "", cfg.sample_tokens, 1.0, cfg.top_p, None, cfg.seed, device)
     print(f"run saved to {run_dir}")
     return 0
 
@@ -144,14 +146,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, top_k, seed, device,
-                   compile: bool = False) -> None:
+def _load_for_sampling(run_dir, which: str, device):
     from tvq.training import checkpoint as ckpt
 
+    return ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
+
+
+def _stream_sample(model, run_dir, prompt, max_new_tokens, temperature, top_p, top_k, seed, device,
+                   compile: bool = False) -> None:
     from tvq.data import ByteTokenizer
     from tvq.training.trainer import run_tokenizer
 
-    model, _ = ckpt.load_model(ckpt.find_checkpoint(run_dir, which), device)
     tokenizer = run_tokenizer(run_dir) or ByteTokenizer()
     ids = [DOC_START] + tokenizer.encode(prompt)  # a sample starts a new document
     input_ids = torch.tensor([ids], device=device)
@@ -169,15 +174,13 @@ def _stream_sample(run_dir, which, prompt, max_new_tokens, temperature, top_p, t
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
 
 
-def _sample_images(args, device) -> None:
+def _sample_images(model, args, device) -> None:
     from tqdm import tqdm
 
     from tvq.data import TOKENS_PER_IMAGE, save_image_grid, tokens_to_image
-    from tvq.training import checkpoint as ckpt
 
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    model, _ = ckpt.load_model(ckpt.find_checkpoint(args.run_dir, args.checkpoint), device)
     start = torch.full((args.num_images, 1), DOC_START, device=device)
     stream = model.stream(start, TOKENS_PER_IMAGE, args.temperature, args.top_k, args.top_p, args.seed,
                           compile=args.compile)
@@ -188,13 +191,12 @@ def _sample_images(args, device) -> None:
 
 
 def cmd_sample(args) -> int:
-    from tvq.training import checkpoint as ckpt
-
     device = _device(args.device)
-    if ckpt.load_meta(ckpt.find_checkpoint(args.run_dir, args.checkpoint)).get("data", "").startswith("imagenet64"):
-        _sample_images(args, device)
+    model, meta = _load_for_sampling(args.run_dir, args.checkpoint, device)
+    if meta.get("data", "").startswith("imagenet64"):
+        _sample_images(model, args, device)
         return 0
-    _stream_sample(args.run_dir, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+    _stream_sample(model, args.run_dir, args.prompt, args.max_new_tokens, args.temperature,
                    args.top_p, args.top_k, args.seed, device, compile=args.compile)
     return 0
 
