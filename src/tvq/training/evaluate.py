@@ -53,7 +53,8 @@ def evaluate(
     mine, forwards = _share_documents(counts, segment_len, world_size)
     was_training = model.training
     model.eval()
-    total, done = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync at the end
+    done = 0
     try:
         for d in mine[rank]:
             doc, n = split.document(d), int(counts[d])
@@ -65,7 +66,7 @@ def evaluate(
                 inputs = shifted_inputs(doc, np.array([start]), length, np.array([start == 0]))
                 labels = torch.from_numpy(doc[start: start + length].astype(np.int64)).to(device)
                 out = model(torch.from_numpy(inputs).to(device), state=state)
-                total += F.cross_entropy(out.logits[0].double(), labels, reduction="sum").item()
+                total += F.cross_entropy(out.logits[0].double(), labels, reduction="sum")
                 state = out.state
             done += n
         if lockstep:
@@ -74,9 +75,11 @@ def evaluate(
     finally:
         model.train(was_training)
     if world_size > 1:
-        sums = torch.tensor([total, done], dtype=torch.float64, device=device)
+        sums = torch.stack([total, torch.tensor(float(done), dtype=torch.float64, device=device)])
         torch.distributed.all_reduce(sums)
         total, done = sums[0].item(), int(sums[1].item())
+    else:
+        total = total.item()
     n_bytes = done if byte_level else split.n_bytes * done / n_total
     result = {"loss": total / done, "bpb": total / math.log(2) / n_bytes, "tokens": done}
     if not byte_level:
