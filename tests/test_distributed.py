@@ -1,5 +1,6 @@
-"""Data-parallel training on CPU with gloo: 2 ranks == 1 process (DDP and FSDP), gradient
-accumulation, resuming on another number of ranks, torchrun + the real CLI, a failing rank."""
+"""Data-parallel training on CPU with gloo: 2 ranks == 1 process (DDP and FSDP; FSDP with AdamW
+and with Adafactor), gradient accumulation, resuming on another number of ranks, torchrun + the
+real CLI, a failing rank; tvq's Adafactor on uneven FSDP shards against torch's on full tensors."""
 
 import json
 import os
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
@@ -58,6 +62,95 @@ def fail_at_step_2_on_rank_1(rank: int, port: int, cfg, run_dir, how: str) -> No
 
         SegmentSampler.batch = failing
     train(cfg, run_dir, **QUIET)
+
+
+class Uneven(nn.Module):
+    """Parameters whose dim 0 (5, 3 or 1) splits unevenly over 2 ranks, so that rank 1's shards of
+    ``row`` and ``single`` are empty. FSDP2 shards the rows of the matrices ``w`` and ``row`` and the
+    batch dim of ``batch`` and ``single`` (3-D: batches of matrices for Adafactor)."""
+
+    SHAPES = {"w": (5, 4), "batch": (3, 5, 4), "v": (5,), "row": (1, 6), "single": (1, 2, 3)}
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name, shape in self.SHAPES.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 4] -> a scalar loss
+        h = torch.tanh(x @ self.w.T) * self.v  # [n, 5]
+        hb = torch.tanh(torch.einsum("bij,nj->nbi", self.batch, x)) * self.v  # [n, 3, 5]
+        return ((h.sum(-1) ** 2).mean() + hb.square().mean() + (self.row.sum() * x.mean()) ** 2
+                + torch.sin(self.single).sum() * x.sum())
+
+
+def adafactor_under_fsdp(rank: int, port: int, out: Path) -> None:
+    """A rank of a 2-process job: tvq's Adafactor on an FSDP2-sharded ``Uneven`` takes the steps of
+    torch.optim.Adafactor on the full model (in every rank, with the mean loss of both ranks'
+    inputs); the full state that ``Cluster.full_state_dicts`` gathers is torch's, and loaded with
+    ``Cluster.load_optimizer`` into a new sharded model it goes on taking torch's steps. Rank 0
+    writes the largest differences (float64) to ``out``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tvq.training.adafactor import Adafactor
+    from tvq.training.distributed import Cluster
+
+    set_rank_env(rank, 2, port)
+    dist.init_process_group("gloo")
+    cl = Cluster(rank, 2, rank, torch.device("cpu"), "fsdp")
+    mesh = init_device_mesh("cpu", (2,))
+
+    def groups(model):  # weight decay on the matrices only
+        return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in model.parameters() if p.dim() < 2]}]
+
+    def take_steps(pairs, steps):
+        for step in steps:
+            xs = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            for model, opt, is_sharded in pairs:
+                for group in opt.param_groups:
+                    group["lr"] = 0.02 / (1 + step)
+                # FSDP averages the gradients of the ranks' losses
+                loss = model(xs[rank]) if is_sharded else (model(xs[0]) + model(xs[1])) / 2
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+
+    def full(model):
+        return {name: p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+                for name, p in model.named_parameters()}
+
+    def largest(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in b)
+
+    sharded, reference = Uneven(), Uneven()
+    start = full(reference)
+    fully_shard(sharded, mesh=mesh)
+    opt, ref = Adafactor(groups(sharded)), torch.optim.Adafactor(groups(reference))
+    take_steps([(sharded, opt, True), (reference, ref, False)], range(5))
+    diffs = {"moved": largest(full(reference), start), "params": largest(full(sharded), full(reference))}
+
+    _, state = cl.full_state_dicts(sharded, opt)  # rank 0: keyed by parameter name
+    if cl.is_main:
+        names = {p: name for name, p in reference.named_parameters()}
+        ref_state = {names[p]: s for p, s in ref.state.items()}
+        assert state["state"].keys() == ref_state.keys() == Uneven.SHAPES.keys()
+        assert all(state["state"][n].keys() == ref_state[n].keys() for n in ref_state)
+        diffs["state"] = max((state["state"][n][k] - v).abs().max().item()
+                             for n, s in ref_state.items() for k, v in s.items())
+    shared = [state]
+    dist.broadcast_object_list(shared, src=0)  # every rank loads the full state, as from a checkpoint
+    resumed = Uneven()
+    resumed.load_state_dict(full(sharded))
+    fully_shard(resumed, mesh=mesh)
+    opt = Adafactor(groups(resumed))
+    cl.load_optimizer(resumed, opt, shared[0])
+    take_steps([(resumed, opt, True), (reference, ref, False)], range(5, 10))
+    diffs["resumed"] = largest(full(resumed), full(reference))
+    if cl.is_main:
+        out.write_text(json.dumps(diffs))
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,31 +203,50 @@ def weights(run_dir, step=3):
     return ckpt.load_model(Path(run_dir) / "checkpoints" / f"step_{step:08d}")[0].state_dict()
 
 
+ADAFACTOR = "optimizer=adafactor"
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Reference runs in this process, then the 2-rank runs, all spawned at once."""
+    """Reference runs in this process, then the 2-rank runs, all spawned at once. The runs whose
+    name ends in ``_adafactor`` use Adafactor (FSDP steps sharded parameters), the others AdamW."""
     root = tmp_path_factory.mktemp("runs")
-    train(config(data_dir), root / "one", **QUIET)  # 1 process, batch 4, 3 steps
-    train(config(data_dir, "max_steps=6"), root / "straight", **QUIET)  # uninterrupted, 6 steps
-    copy_run(root / "one", root / "one_then_fsdp")
+    for suffix, extra in (("", []), ("_adafactor", [ADAFACTOR])):
+        train(config(data_dir, *extra), root / f"one{suffix}", **QUIET)  # 1 process, batch 4, 3 steps
+        train(config(data_dir, "max_steps=6", *extra), root / f"straight{suffix}", **QUIET)  # uninterrupted, 6 steps
+        copy_run(root / f"one{suffix}", root / f"one_then_fsdp{suffix}")
     jobs = [
         (free_port(), config(data_dir), root / "ddp", False),  # 2 ranks x 2 rows
         (free_port(), config(data_dir, "parallel=fsdp"), root / "fsdp", False),
         (free_port(), config(data_dir, "grad_accum=2"), root / "ddp_accum", False),  # 2 ranks x 2 x 1 row
         (free_port(), config(data_dir, "max_steps=6", "parallel=fsdp", "grad_accum=2"), root / "one_then_fsdp", True),
+        (free_port(), config(data_dir, "parallel=fsdp", ADAFACTOR), root / "fsdp_adafactor", False),
+        (free_port(), config(data_dir, "max_steps=6", "parallel=fsdp", "grad_accum=2", ADAFACTOR),
+         root / "one_then_fsdp_adafactor", True),
     ]
     mp.spawn(run_jobs, args=(jobs,), nprocs=2)
     return root
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum"])
+def reference(name: str, run: str) -> str:
+    """The 1-process run ``run`` (``one``, ``straight``) with the optimizer of run ``name``."""
+    return run + ("_adafactor" if name.endswith("_adafactor") else "")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum", "fsdp_adafactor"])
 def test_two_ranks_match_one_process(runs, name):
-    one, two = weights(runs / "one"), weights(runs / name)
+    one, two = weights(runs / reference(name, "one")), weights(runs / name)
     assert one.keys() == two.keys() and any("c_sum" in k for k in one)  # codebooks included
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert losses(runs / name) == pytest.approx(losses(runs / "one"), rel=1e-5)
-    assert val_loss(runs / name) == pytest.approx(val_loss(runs / "one"), rel=1e-5)  # sharded evaluation
+    assert losses(runs / name) == pytest.approx(losses(runs / reference(name, "one")), rel=1e-5)
+    assert val_loss(runs / name) == pytest.approx(val_loss(runs / reference(name, "one")), rel=1e-5)
+
+
+def test_adafactor_and_adamw_runs_differ(runs):
+    """The Adafactor runs above are compared with Adafactor references, not with AdamW ones."""
+    adamw, adafactor = weights(runs / "one"), weights(runs / "one_adafactor")
+    assert max((adamw[k] - adafactor[k]).abs().max().item() for k in adamw if "weight" in k) > 1e-3
 
 
 def test_distributed_grad_accum_matches_one_batch(runs):
@@ -143,22 +255,31 @@ def test_distributed_grad_accum_matches_one_batch(runs):
         torch.testing.assert_close(accum[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("saved_by", ["ddp", "fsdp"])
+@pytest.mark.parametrize("saved_by", ["ddp", "fsdp", "fsdp_adafactor"])
 def test_resume_two_rank_checkpoint_in_one_process(runs, data_dir, saved_by):
     run = copy_run(runs / saved_by, runs / f"{saved_by}_then_one")
     train(config(data_dir, "max_steps=6"), run, resume=True, **QUIET)
-    resumed, straight = losses(run), losses(runs / "straight")
+    resumed, straight = losses(run), losses(runs / reference(saved_by, "straight"))
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
 
 
-def test_resume_one_process_checkpoint_on_two_fsdp_ranks(runs):
-    resumed, straight = losses(runs / "one_then_fsdp"), losses(runs / "straight")
+@pytest.mark.parametrize("name", ["one_then_fsdp", "one_then_fsdp_adafactor"])
+def test_resume_one_process_checkpoint_on_two_fsdp_ranks(runs, name):
+    resumed, straight = losses(runs / name), losses(runs / reference(name, "straight"))
     assert [resumed[s] for s in (1, 2, 3)] == [straight[s] for s in (1, 2, 3)]
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
-    resumed, straight = weights(runs / "one_then_fsdp", 6), weights(runs / "straight", 6)
+    resumed, straight = weights(runs / name, 6), weights(runs / reference(name, "straight"), 6)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_adafactor_on_uneven_fsdp_shards_steps_like_torch_on_full_tensors(tmp_path):
+    out = tmp_path / "diffs.json"
+    mp.spawn(adafactor_under_fsdp, args=(free_port(), out), nprocs=2)
+    diffs = json.loads(out.read_text())
+    assert diffs["moved"] > 1e-2
+    assert diffs["params"] < 1e-12 and diffs["state"] < 1e-12 and diffs["resumed"] < 1e-12, diffs
 
 
 def test_torchrun_cli_resumes_with_other_rank_count_and_grad_accum(runs, data_dir):

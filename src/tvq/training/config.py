@@ -74,9 +74,6 @@ class TrainConfig(DictConfig):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.parallel == "fsdp" and self.optimizer == "adafactor":
-            raise ValueError("parallel=fsdp cannot use optimizer=adafactor (torch.optim.Adafactor cannot step "
-                             "sharded parameters); use --set parallel=ddp or --set optimizer=adamw")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.sequence_len % self.update_len:

@@ -43,10 +43,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, model: TransformerVQ) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only, or Adafactor."""
+    """AdamW with decoupled weight decay on matrices only, or Adafactor (torch's algorithm, in an
+    implementation that also steps FSDP-sharded parameters: :mod:`tvq.training.adafactor`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(params, lr=cfg.lr)
+        from tvq.training.adafactor import Adafactor  # imports DTensor (half a second): only when used
+
+        return Adafactor(params, lr=cfg.lr)
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
