@@ -200,13 +200,21 @@ def test_dense_chunked_equals_reference(T, P, chunk, mem_len):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("n", [1, 5, 32, 33, 100])
+@pytest.mark.parametrize("n", [1, 2, 5, 32, 33, 100, 257])
 def test_exclusive_prefix_sum(n):
     from tvq.ops.cache import exclusive_prefix_sum
 
-    x = torch.randn(2, n, 3, 4, dtype=torch.float64)
+    x = torch.randn(2, n, 3, 4, dtype=torch.float64, requires_grad=True)
+    start = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     want = torch.cat([torch.zeros_like(x[:, :1]), x.cumsum(1)[:, :-1]], 1)
-    torch.testing.assert_close(exclusive_prefix_sum(x, 1, group=8), want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(exclusive_prefix_sum(x, 1), want, atol=1e-12, rtol=0)
+    got = exclusive_prefix_sum(x, 1, initial=start)
+    torch.testing.assert_close(got, want + start[:, None], atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), (x, start))
+    g_want = torch.autograd.grad(((want + start[:, None]) * w).sum(), (x, start))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 def test_code_statistics_is_a_per_code_sum():

@@ -116,37 +116,30 @@ def blockwise_attention(
 
     if agg_cache:
         # Cache of block n = the state's cache (count c0, mean m0) + every key before its window
-        # (key blocks 0..n-1). With N_n, S_n the prefix counts and value sums of those blocks,
-        # mean_n = m0 + (S_n - N_n m0) / (c0 + N_n); only D_n = prefix of (s - n m0) per block
-        # is materialised at (blocks, S, D_v), and 1 / count scales the (L, S) probabilities.
+        # (key blocks 0..n-1): count_n = c0 + N_n and value sum c0 m0 + S_n, with N_n, S_n
+        # exclusive prefix sums of per-block code statistics. The cache's share of the output,
+        # sum_s p_s (c0 m0 + S_n)_s / count_n,s, is then one (L, S) @ (S, D_v) product per block.
         cache_vals = vals[:, :, : nb * L] if grad_thru_cache else vals[:, :, : nb * L].detach()
         valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
         n_blk, s_blk = code_statistics(
             codes[:, :, : nb * L].unflatten(2, (nb, L)), cache_vals.unflatten(2, (nb, L)),
             valid, codebook.shape[1], acc,
         )  # (B, H, nb, S), (B, H, nb, S, D_v); the last block only ever feeds later chunks
-        c0, m0 = count0[:, :, None].to(acc), mean0[:, :, None].to(acc)  # (B, H, 1, S), (B, H, 1, S, D_v)
-        count = c0 + exclusive_prefix_sum(n_blk, 2)  # (B, H, nb, S)
-        delta = exclusive_prefix_sum(s_blk - n_blk[..., None] * m0, 2)  # (B, H, nb, S, D_v)
+        c0 = count0.to(acc)  # (B, H, S)
+        count = exclusive_prefix_sum(n_blk, 2, initial=c0)  # (B, H, nb, S)
+        total = exclusive_prefix_sum(s_blk, 2, initial=c0[..., None] * mean0.to(acc))  # (B, H, nb, S, D_v)
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
 
-    # one softmax over window and cache: shared max, normalise before multiplying by values
-    peak = scores.amax(-1, keepdim=True)
-    if agg_cache:
-        peak = torch.maximum(peak, cache_scores.amax(-1, keepdim=True))
-    peak = peak.detach()  # (B, H, nb, L, 1)
-    e_win = (scores - peak).exp()  # (B, H, nb, L, W)
-    denom = e_win.sum(-1, keepdim=True)
-    if agg_cache:
-        e_cache = (cache_scores - peak).exp()  # (B, H, nb, L, S)
-        denom = denom + e_cache.sum(-1, keepdim=True)
-    p_win = (e_win / denom).to(v_win.dtype)
+    # one softmax over the window and the cache (a fused kernel, forward and backward)
+    p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
+    p_win = p[..., :W].to(v_win.dtype)  # (B, H, nb, L, W)
     if old is not None and not grad_thru_cache and torch.is_grad_enabled():
         out = _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
     else:
         out = p_win @ v_win  # (B, H, nb, L, D_v)
     if agg_cache:
-        p_cache = e_cache / denom  # (B, H, nb, L, S)
-        out = out.to(acc) + p_cache @ m0 + (p_cache / count.clamp_min(1.0)[..., None, :]) @ delta
+        p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
+        out = out.to(acc)  # a fresh product that backward does not need: accumulate into it
+        out.flatten(0, 2).baddbmm_(p_mean.flatten(0, 2), total.flatten(0, 2))  # (B H nb, L, D_v)
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)

@@ -33,21 +33,23 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, d
     offset = torch.arange(groups, device=codes.device).view(*lead, 1) * S
     idx = torch.where(valid, codes + offset, groups * S).flatten()  # (G N,), spare bucket G S
     counts = torch.zeros(groups * S + 1, dtype=dtype, device=codes.device)
-    counts = counts.index_add(0, idx, torch.ones(idx.shape, dtype=dtype, device=codes.device))
+    counts.index_add_(0, idx, torch.ones(idx.shape, dtype=dtype, device=codes.device))
     sums = torch.zeros(groups * S + 1, values.shape[-1], dtype=dtype, device=codes.device)
-    sums = sums.index_add(0, idx, values.to(dtype).flatten(0, -2))
+    sums.index_add_(0, idx, values.to(dtype).flatten(0, -2))  # in place: no copy of the zeros
     return counts[:-1].view(*lead, S), sums[:-1].view(*lead, S, values.shape[-1])
 
 
-def exclusive_prefix_sum(x: Tensor, dim: int, group: int = 32) -> Tensor:
-    """out[n] = sum_{m < n} x[m] along ``dim``, without a loop and without copying ``x``.
+def exclusive_prefix_sum(x: Tensor, dim: int, initial: Tensor | None = None) -> Tensor:
+    """out[n] = initial + sum_{m < n} x[m] along ``dim``, without a loop and without copying ``x``.
 
-    Within groups of ``group`` entries a triangular matmul (BLAS-fast, unlike ``cumsum`` along a
-    leading dimension on CPU); across groups a cumsum of the group totals.
+    ``initial`` (broadcastable to one slice of ``x``, default 0) is where the sum starts. Within
+    groups of g ~ sqrt(n) entries a strictly lower triangular matmul (BLAS speed, unlike
+    ``cumsum`` along a leading dimension on CPU), across groups a cumsum of the group totals: about
+    four passes over ``x`` for any n.
     """
     dim %= x.dim()
     n = x.shape[dim]
-    g = min(group, n)
+    g = 1 << max(0, round(math.log2(max(n, 1)) / 2))  # n = 64 -> 8, n = 256 -> 16
     n_groups = -(-n // g)
     flat = x.reshape(math.prod(x.shape[:dim]), n, -1)  # (P, n, R): a view of contiguous x
     if n_groups * g != n:
@@ -55,8 +57,13 @@ def exclusive_prefix_sum(x: Tensor, dim: int, group: int = 32) -> Tensor:
     flat = flat.view(flat.shape[0], n_groups, g, -1)  # (P, G, g, R)
     tri = torch.ones(g, g, dtype=x.dtype, device=x.device).tril(-1)  # strictly lower: exclusive
     out = tri @ flat  # (P, G, g, R)
+    carry = None  # (P, G, R): what comes before each group
     if n_groups > 1:
-        carry = F.pad(flat.sum(2).cumsum(1)[:, :-1], (0, 0, 1, 0))  # (P, G, R): earlier groups' totals
+        carry = F.pad(flat.sum(2).cumsum(1)[:, :-1], (0, 0, 1, 0))
+    if initial is not None:
+        start = initial.expand(*x.shape[:dim], *x.shape[dim + 1:]).reshape(flat.shape[0], 1, -1)  # (P, 1, R)
+        carry = start if carry is None else carry + start
+    if carry is not None:
         out += carry[:, :, None]  # in place: the matmul does not need its output for backward
     return out.view(out.shape[0], n_groups * g, -1)[:, :n].reshape(x.shape)
 
