@@ -199,7 +199,7 @@ class TransformerVQ(nn.Module):
     def decoder(self, state: TransformerVQState, compile: bool = False):
         """A :class:`~tvq.models.decoding.VQDecoder` continuing ``state`` one token at a time
         (``attention="vq"``; put the model in eval mode). ``compile=True`` fuses the step with
-        torch.compile: a minute to compile, then several times faster per token."""
+        torch.compile: 15-20 s to compile on a CPU, then about 3x faster per token."""
         from tvq.models.decoding import VQDecoder
 
         self._check_state(state, state.batch_size)
@@ -222,7 +222,7 @@ class TransformerVQ(nn.Module):
         The prompt is read with the blockwise path, then each new token costs one step of a
         :class:`~tvq.models.decoding.VQDecoder` (O(mem_len + n_code), in-place state).
         Runs in eval mode (no dropout, no codebook statistics). ``compile=True`` compiles the
-        decode step (worth it for long samples: ~15 s once, then ~4x faster per token on a CPU).
+        decode step (worth it for long samples: 15-20 s once, then about 3x faster per token on a CPU).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
