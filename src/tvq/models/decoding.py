@@ -29,7 +29,8 @@ class _GAUBuffers:
     count: Tensor   # (B, H, S)
     mean: Tensor    # (B, H, S, D_v)
     # constants for this decoder's lifetime (eval mode: no dropout, codebook fixed)
-    w_in: Tensor      # (H (2 D_k + 2 D_v), D) fused [W_q; W_k; W_v; W_g]
+    w_in: Tensor      # (D, H (2 D_k + 2 D_v)) fused [W_q; W_k; W_v; W_g], transposed: row-vector products
+    w_out: Tensor     # (H D_v, D) W_o transposed
     heads: Tensor     # (H,) arange, for codeword look-up
     rel: Tensor       # (H, M + 1, D_k) relative embeddings of distances 0..M
     u: Tensor         # (H, D_k)
@@ -64,7 +65,8 @@ class VQDecoder:
                 self.buffers.append(_GAUBuffers(
                     layer.keys.detach().roll(shift, 2), layer.values.detach().roll(shift, 2),
                     layer.codes.roll(shift, 2), layer.cache_count.detach().clone(), layer.cache_mean.detach().clone(),
-                    torch.cat([gau.w_q.weight, gau.w_kvg.weight]), torch.arange(H, device=c.device),
+                    torch.cat([gau.w_q.weight, gau.w_kvg.weight]).T.contiguous(), gau.w_o.weight.T.contiguous(),
+                    torch.arange(H, device=c.device),
                     rel.contiguous(), u, v, c, c.square().sum(-1),
                 ))
 
@@ -104,7 +106,7 @@ def _gau_step(gau: GAU, buf: _GAUBuffers, x: Tensor, pos: Tensor) -> Tensor:
     H, Dk, Dv, M = cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len
     scale = Dk**-0.25
     h = torch.addcmul(gau.norm.bias, _rms(x, cfg.norm_eps), gau.norm.weight)  # (B, 1, D)
-    q, k, v, g = (h[:, 0] @ buf.w_in.T).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
+    q, k, v, g = (h[:, 0] @ buf.w_in).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
     q = _rms(q.view(B, H, Dk), cfg.norm_eps) * scale  # (B, H, D_k)
     k = _rms(k.view(B, H, Dk), cfg.norm_eps) * scale  # (B, H, D_k)
     v = F.silu(v).view(B, H, Dv)  # (B, H, D_v)
@@ -143,5 +145,5 @@ def _gau_step(gau: GAU, buf: _GAUBuffers, x: Tensor, pos: Tensor) -> Tensor:
     buf.values.index_copy_(2, j, v[:, :, None].to(buf.values.dtype))
     buf.codes.index_copy_(2, j, z[:, :, None])
 
-    res = gau.w_o(out.to(x.dtype).reshape(B, H * Dv) * F.silu(g))  # (B, D)
+    res = (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ buf.w_out  # (B, D)
     return x + res[:, None]
