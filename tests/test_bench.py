@@ -15,10 +15,11 @@ def test_sweep_writes_records_table_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert runner.main(["--mode", "train,decode", "--impl", "vq,sdpa", "--seq-lens", "64", "--decode-positions", "64", "--repeats", "1",
-                        "--warmup", "0", "--decode-steps", "2", "--json", str(out), "--plot", str(png)]) == 0
+                        "--warmup", "0", "--decode-steps", "2", "--threads", "1", "--json", str(out), "--plot", str(png)]) == 0
     records = json.loads(out.read_text())
     assert len(records) == 4 and all(FIELDS <= r.keys() for r in records)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0 for r in records)
+    assert all(r["threads"] == 1 for r in records)  # --threads reaches the case subprocesses
     table = capsys.readouterr().out
     assert "| train | 64 |" in table and "vq / sdpa" in table
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -47,3 +48,5 @@ def test_bad_arguments():
         runner.main(["--impl", "flash"])
     with pytest.raises(ValueError, match="bench preset"):
         runner.main(["--preset", "huge"])
+    with pytest.raises(ValueError, match="--threads"):
+        runner.main(["--threads", "-1"])

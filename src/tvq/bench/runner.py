@@ -57,6 +57,7 @@ class Case:
     repeats: int = 3
     decode_steps: int = 64
     compile: bool = False
+    threads: int = 0  # intra-op CPU threads; 0: torch's default (one per core)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Record:
     preset: str = "bench-small"
     compiled: bool = False
     params: int = 0
+    threads: int = 0  # intra-op CPU threads (torch.get_num_threads()) the case ran with
     seconds: list[float] = field(default_factory=list)
 
 
@@ -201,7 +203,8 @@ def measure(case: Case) -> Record:
     """Run one case in this process."""
     device, dtype = case.device, DTYPES[case.dtype]
     record = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, device, case.dtype,
-                    torch.__version__, _commit(), preset=case.preset, compiled=case.compile)
+                    torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
+                    threads=torch.get_num_threads())
     check(case.impl, case.preset)
     torch.manual_seed(0)
     model = build(case.impl, case.preset).to(device)
@@ -371,6 +374,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds per case before it is reported as a timeout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train, forward) or the decode step")
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads per case (default: one per core)")
     p.add_argument("--json", help="write the records here")
     p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here")
     return p.parse_args(argv)
@@ -397,12 +401,14 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     lens, positions = _ints(args.seq_lens, "--seq-lens"), _ints(args.decode_positions, "--decode-positions")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
     records = []
     for mode in modes:
         for impl in impls:
             for T in positions if mode == "decode" else lens:
                 case = Case(impl, mode, T, args.batch_size, args.preset, args.device, args.dtype, args.warmup,
-                            args.repeats, args.decode_steps, args.compile)
+                            args.repeats, args.decode_steps, args.compile, args.threads)
                 r = run_isolated(case, args.time_budget)
                 records.append(r)
                 speed = f"{r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else f"{r.status}: {r.detail}"
@@ -419,6 +425,8 @@ if __name__ == "__main__":  # one case, in a subprocess of run_isolated
     from tvq.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
-    torch.set_num_threads(int(os.environ.get("TVQ_BENCH_THREADS", torch.get_num_threads())))
-    result = measure(Case(**json.loads(sys.argv[1])))
+    case = Case(**json.loads(sys.argv[1]))
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    result = measure(case)
     print(json.dumps(asdict(result)))
