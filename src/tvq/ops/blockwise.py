@@ -88,10 +88,12 @@ def blockwise_attention(
     acc = torch.promote_types(q.dtype, torch.float32)
     codebook, count0, mean0 = cache
 
-    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
-    keys = F.pad(keys, (0, 0, 0, pad))  # (B, H, M + nb L, D_k)
-    vals = F.pad(values, (0, 0, 0, pad))  # (B, H, M + nb L, D_v)
-    codes = F.pad(codes, (0, pad))  # (B, H, M + nb L)
+    vals = values
+    if pad:  # F.pad copies even when there is nothing to add
+        q, keys = F.pad(q, (0, 0, 0, pad)), F.pad(keys, (0, 0, 0, pad))
+        vals, codes = F.pad(values, (0, 0, 0, pad)), F.pad(codes, (0, pad))
+    q = q.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
+    # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
     k_win = keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_k)
     v_win = vals.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_v)
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
