@@ -54,15 +54,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Strides of a contiguous tensor of ``shape``."""
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(out))
-
-
 def _zeros(p: Tensor, shape: tuple[int, ...], sharded: bool) -> Tensor:
     """Zeros of global ``shape`` for the state of ``p``: a plain tensor for a plain ``p``; for a
     sharded ``p``, a DTensor on its mesh, sharded on dim 0 as ``p`` is when ``sharded`` (``shape[0]``
@@ -73,7 +64,7 @@ def _zeros(p: Tensor, shape: tuple[int, ...], sharded: bool) -> Tensor:
     local_shape = (local_p.shape[0], *shape[1:]) if sharded else shape
     local = torch.zeros(local_shape, dtype=p.dtype, device=local_p.device)
     return DTensor.from_local(local, p.device_mesh, [Shard(0) if sharded else Replicate()], run_check=False,
-                              shape=torch.Size(shape), stride=_strides(shape))
+                              shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
 
 
 def _sum_over_ranks(tensors: list[Tensor], mesh: DeviceMesh | None) -> list[Tensor]:
