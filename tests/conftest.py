@@ -1,9 +1,34 @@
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 from tvq import TransformerVQ, TransformerVQConfig
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    """The real data directory: ``$TVQ_SHARED_DATA``, else ``shared/data`` beside the project, else
+    beside the checkout this one was cloned from (a CI clone in a scratch directory)."""
+    if os.environ.get("TVQ_SHARED_DATA"):
+        return Path(os.environ["TVQ_SHARED_DATA"])
+    here = ROOT.parent / "shared" / "data"
+    if here.is_dir():
+        return here
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared" / "data"
+    return here
+
+
+SHARED_DATA = _shared_data()
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 def tiny_config(**overrides) -> TransformerVQConfig:

@@ -26,9 +26,8 @@ from tvq.data import (
 )
 from tvq.data import enwik8 as enwik8_module
 from tvq.data.textfiles import STDLIB_EXCLUDED_DIRS, stdlib_files
+from conftest import SHAKESPEARE
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 def shakespeare_bytes() -> bytes:

@@ -23,8 +23,8 @@ from tvq.training.batches import SegmentSampler
 from tvq.training.config import apply_overrides, preset
 from tvq.training.distributed import combine, select_rows
 from tvq.training.trainer import train
+from conftest import SHAKESPEARE
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 

@@ -13,8 +13,8 @@ from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
 from tvq.training.config import apply_overrides, preset
 from tvq.training.trainer import lr_at, train
+from conftest import SHAKESPEARE
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
