@@ -124,11 +124,12 @@ def test_state_to_moves_floats_only(ids):
 
 
 @pytest.mark.parametrize("agg_cache", [True, False])
-def test_decoder_steps_equal_forward(agg_cache):
+@pytest.mark.parametrize("batch,n_head", [(1, 1), (2, 2)])  # one row and head: a row-vector product
+def test_decoder_steps_equal_forward(agg_cache, batch, n_head):
     """VQDecoder (ring buffers, in-place cache) == the blockwise forward, before and after pos = M."""
-    model = make_model(agg_cache=agg_cache, mem_len=6).eval()
+    model = make_model(agg_cache=agg_cache, mem_len=6, n_head=n_head).eval()
     torch.manual_seed(4)
-    ids = torch.randint(0, 50, (2, 40))
+    ids = torch.randint(0, 50, (batch, 40))
     full = model(ids).logits
     prefix = model(ids[:, :3])
     decoder = model.decoder(prefix.state)

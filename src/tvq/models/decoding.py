@@ -2,10 +2,15 @@
 
 ``TransformerVQ.forward`` with a one-token chunk already costs O(M + S) per token, but it
 rebuilds the window (a concatenation of M keys) and recomputes per-layer constants on every
-call. :class:`VQDecoder` holds the state in place instead: slot ``p % M`` of each GAU's window
-holds position p, the token leaving the window is folded into the count/mean cache with two
-scatters, and the relative embeddings, scaled biases and codebooks are computed once. It
-computes exactly what the blockwise path computes for a one-token chunk.
+call. :class:`VQDecoder` holds the state of all GAUs in a few stacked buffers instead: slot
+``p % M`` of each window holds position p, and the window's keys and values sit next to the
+codebook and the cache means, so one product scores the window and the cache and one reads them.
+
+A step is a pure function of plain tensors (the weights, fixed in eval mode, and the state),
+which is what ``compile=True`` compiles: it returns the logits and, per GAU, the new key, value
+and code and the cache entry the leaving key changes. The decoder then writes those few rows
+in place, for all GAUs at once. (Writes inside a compiled graph cost a copy of every buffer.)
+It computes exactly what the blockwise path computes for a one-token chunk.
 """
 
 from __future__ import annotations
@@ -16,19 +21,27 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.layers.gau import GAU
 from tvq.ops.cache import cache_log_count
 from tvq.state import LayerState, TransformerVQState
 
 
+@dataclass(frozen=True)
+class _Dims:
+    n_head: int
+    d_k: int
+    d_v: int
+    mem_len: int
+    agg_cache: bool
+    eps: float
+    logit_scale: float
+
+
 @dataclass
-class _GAUBuffers:
-    keys: Tensor    # (B, H, M, D_k) ring: slot p % M holds position p of the last M
-    values: Tensor  # (B, H, M, D_v)
-    codes: Tensor   # (B, H, M)
-    count: Tensor   # (B, H, S)
-    mean: Tensor    # (B, H, S, D_v)
-    # constants for this decoder's lifetime (eval mode: no dropout, codebook fixed)
+class _GAUWeights:
+    """One GAU's weights in the layout a step wants (eval mode: no dropout, codebook fixed)."""
+
+    norm_w: Tensor    # (D,) input norm gain
+    norm_b: Tensor    # (D,) input norm bias
     w_in: Tensor      # (D, H (2 D_k + 2 D_v)) fused [W_q; W_k; W_v; W_g], transposed: row-vector products
     w_out: Tensor     # (H D_v, D) W_o transposed
     heads: Tensor     # (H,) arange, for codeword look-up
@@ -39,111 +52,166 @@ class _GAUBuffers:
     c_sq: Tensor      # (H, S) squared codeword norms
 
 
+@dataclass
+class _Weights:
+    embed: Tensor              # (V, D)
+    gaus: list[_GAUWeights]
+    norm_f: tuple[Tensor, Tensor] | None  # final norm gain and bias (D,)
+    head_w: Tensor             # (V, D) in at least float32
+    head_b: Tensor | None      # (V,)
+
+
 class VQDecoder:
     """One-token steps from a :class:`TransformerVQState` (``attention="vq"`` models, eval mode)."""
 
     def __init__(self, model, state: TransformerVQState, compile: bool = False):
         if model.config.attention != "vq":
             raise ValueError("VQDecoder needs attention='vq'; the dense baseline decodes with model(ids, state=...)")
-        self.model, self.pos = model, state.pos
-        self._pos = torch.tensor(state.pos, device=model.embed.weight.device)  # 0-d: no recompiles
-        # torch.compile fuses the ~60 small ops of each GAU step (worth it for long generations:
+        cfg = model.config
+        self.config, self.pos = cfg, state.pos
+        device = model.embed.weight.device
+        self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
+        self._dims = _Dims(cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps, cfg.logit_scale)
+        # torch.compile fuses the ~40 small ops of each GAU step (worth it for long generations:
         # compiling takes 15-20 s on a CPU); on a CPU the C++ wrapper also takes the Python
-        # launcher out of every step (1.2-1.3x more tokens/s on bench-small)
+        # launcher out of every step
         self._step = _model_step
         if compile:
-            cpu = model.embed.weight.device.type == "cpu"
-            self._step = torch.compile(_model_step, fullgraph=True, options={"cpp_wrapper": True} if cpu else None)
-        M = model.config.mem_len
+            cpp = {"cpp_wrapper": True} if device.type == "cpu" else None
+            self._step = torch.compile(_model_step, fullgraph=True, options=cpp)
+        M, B = cfg.mem_len, state.batch_size
         shift = state.pos % M  # ordered slot e holds position pos - M + e, i.e. ring slot (pos + e) % M
-        self.buffers = []
+        gaus, keys, values, codes, counts = [], [], [], [], []
         with torch.no_grad():
             for gau, layer in zip(model.gaus, state.layers):
-                H = gau.config.n_head
                 rel, u, v = gau.position_terms(gau.w_r.weight.dtype)
-                c = gau.quantizer.codebook().to(gau.w_r.weight.dtype)
-                self.buffers.append(_GAUBuffers(
-                    layer.keys.detach().roll(shift, 2), layer.values.detach().roll(shift, 2),
-                    layer.codes.roll(shift, 2), layer.cache_count.detach().clone(), layer.cache_mean.detach().clone(),
+                c = gau.quantizer.codebook().to(gau.w_r.weight.dtype)  # (H, S, D_k)
+                gaus.append(_GAUWeights(
+                    gau.norm.weight, gau.norm.bias,
                     torch.cat([gau.w_q.weight, gau.w_kvg.weight]).T.contiguous(), gau.w_o.weight.T.contiguous(),
-                    torch.arange(H, device=c.device),
-                    rel.contiguous(), u, v, c, c.square().sum(-1),
+                    torch.arange(cfg.n_head, device=device), rel.contiguous(), u, v, c, c.square().sum(-1),
                 ))
+                acc = layer.cache_mean.dtype  # values are read in it, like the blockwise path does
+                keys.append(torch.cat([layer.keys.detach().roll(shift, 2).to(c.dtype), c.expand(B, -1, -1, -1)], 2))
+                values.append(torch.cat([layer.values.detach().roll(shift, 2).to(acc), layer.cache_mean.detach()], 2))
+                codes.append(layer.codes.roll(shift, 2))
+                counts.append(layer.cache_count.detach())
+            acc = torch.promote_types(model.embed.weight.dtype, torch.float32)
+            head = model.embed if model.lm_head is None else model.lm_head
+            self._weights = _Weights(
+                model.embed.weight, gaus,
+                None if model.norm_f is None else (model.norm_f.weight, model.norm_f.bias),
+                head.weight.to(acc), None if model.lm_head is None else model.lm_head.bias.to(acc),
+            )
+        self._value_dtype = state.layers[0].values.dtype
+        self.keys = torch.stack(keys)        # (G, B, H, M + S, D_k): the window ring, then the codebook
+        self.values = torch.stack(values)    # (G, B, H, M + S, D_v): the window ring, then the cache means
+        self.codes = torch.stack(codes)      # (G, B, H, M)
+        self.count = torch.stack(counts)     # (G, B, H, S)
+        self.log_count = cache_log_count(self.count)  # (G, B, H, S)
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (B,) at position ``self.pos`` -> next-token logits (B, V); advances the state."""
-        logits = self._step(self.model, self.buffers, tokens, self._pos)
+        logits, *update = self._step(self._dims, self._weights, self.keys, self.values, self.codes, self.count,
+                                     self.log_count, tokens, self._pos)
+        self._write(*update)
         self._pos += 1
         self.pos += 1
         return logits
 
+    def _write(self, k_hat, v, z, z_old, count, log_count, mean) -> None:
+        """Put position pos's key (G, B, H, D_k), value (G, B, H, D_v) and code (G, B, H) into ring
+        slot pos % M, and the cache entry of the key that leaves it (code z_old, count, log count
+        (G, B, H, 1), mean (G, B, H, 1, D_v)) into the cache."""
+        M = self.config.mem_len
+        j = self.pos % M
+        if self.config.agg_cache and self.pos >= M:  # before that, no key leaves
+            self.count.scatter_(-1, z_old, count)
+            self.log_count.scatter_(-1, z_old, log_count)
+            self.values[..., M:, :].scatter_(3, z_old[..., None].expand_as(mean), mean)
+        self.keys[..., j, :] = k_hat
+        self.values[..., j, :] = v
+        self.codes[..., j] = z
+
     def state(self) -> TransformerVQState:
         """The decoder's state as an ordinary (ordered) :class:`TransformerVQState`."""
-        shift = -(self.pos % self.model.config.mem_len)
+        M = self.config.mem_len
+        shift = -(self.pos % M)
         return TransformerVQState([
-            LayerState(b.keys.roll(shift, 2), b.values.roll(shift, 2), b.codes.roll(shift, 2),
-                       b.count.clone(), b.mean.clone())
-            for b in self.buffers
+            LayerState(self.keys[g, ..., :M, :].roll(shift, 2),
+                       self.values[g, ..., :M, :].roll(shift, 2).to(self._value_dtype),
+                       self.codes[g].roll(shift, 2), self.count[g].clone(), self.values[g, ..., M:, :].clone())
+            for g in range(len(self._weights.gaus))
         ], self.pos)
 
 
-def _model_step(model, buffers: list[_GAUBuffers], tokens: Tensor, pos: Tensor) -> Tensor:
-    x = model.embed(tokens)[:, None]  # (B, 1, D)
-    for gau, buf in zip(model.gaus, buffers):
-        x = _gau_step(gau, buf, x, pos)
-    return model._logits(x)[:, 0]
+def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
+                log_count: Tensor, tokens: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each GAU's updates, stacked (see
+    :meth:`VQDecoder._write`). Reads the state, writes nothing."""
+    x = w.embed[tokens]  # (B, D)
+    updates = []
+    for g, gw in enumerate(w.gaus):
+        x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+        updates.append(update)
+    if w.norm_f is not None:
+        x = torch.addcmul(w.norm_f[1], _rms(x, dims.eps), w.norm_f[0])
+    logits = F.linear(x.to(w.head_w.dtype), w.head_w, w.head_b) * dims.logit_scale  # (B, V)
+    return logits, *(torch.stack(t) for t in zip(*updates))
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    """x / sqrt(mean(x^2) + eps), computed in at least float32 like :class:`tvq.layers.norm.RMSNorm`."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _gau_step(gau: GAU, buf: _GAUBuffers, x: Tensor, pos: Tensor) -> Tensor:
-    """One token at position ``pos`` (0-d tensor) through one GAU, updating its buffers in place."""
-    cfg = gau.config
+def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
+              log_count: Tensor, x: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    """One token at position ``pos`` (0-d) through one GAU, from its state without changing it.
+
+    keys (B, H, M + S, D_k) and values (B, H, M + S, D_v): the window ring, then the codebook and
+    the cache means; codes (B, H, M); count and log_count (B, H, S). Returns x (B, D), the token's
+    quantized key (B, H, D_k), value (B, H, D_v) and code (B, H), and the cache entry of the key
+    leaving the window: code (B, H, 1), count and log count (B, H, 1), mean (B, H, 1, D_v).
+    """
     B = x.shape[0]
-    H, Dk, Dv, M = cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len
+    H, Dk, Dv, M = dims.n_head, dims.d_k, dims.d_v, dims.mem_len
     scale = Dk**-0.25
-    h = torch.addcmul(gau.norm.bias, _rms(x, cfg.norm_eps), gau.norm.weight)  # (B, 1, D)
-    q, k, v, g = (h[:, 0] @ buf.w_in).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
-    q = _rms(q.view(B, H, Dk), cfg.norm_eps) * scale  # (B, H, D_k)
-    k = _rms(k.view(B, H, Dk), cfg.norm_eps) * scale  # (B, H, D_k)
+    h = torch.addcmul(w.norm_b, _rms(x, dims.eps), w.norm_w)  # (B, D)
+    q, k, v, g = (h @ w.w_in).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
+    q = _rms(q.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
+    k = _rms(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
     v = F.silu(v).view(B, H, Dv)  # (B, H, D_v)
 
-    z = (buf.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, buf.codebook)).argmin(-1)  # (B, H)
-    k_hat = buf.codebook[buf.heads, z]  # (B, H, D_k)
+    z = (w.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, w.codebook)).argmin(-1)  # (B, H)
+    k_hat = w.codebook[w.heads, z]  # (B, H, D_k)
 
-    qu, qv = q + buf.u, q + buf.v
-    rel_scores = torch.einsum("bhk,hdk->bhd", qv, buf.rel)  # (B, H, M + 1) by distance
-    slot = torch.arange(M, device=x.device)
-    dist = (pos - 1 - slot) % M + 1  # (M,) distance of the position in each ring slot, 1..M
-    win = (buf.keys @ qu[..., None]).squeeze(-1) + rel_scores[..., dist]  # (B, H, M)
-    win = win.masked_fill(dist > pos, float("-inf"))  # slots before the sequence start
+    qu, qv = q + w.u, q + w.v
+    rel_scores = torch.einsum("bhk,hdk->bhd", qv, w.rel)  # (B, H, M + 1) by distance
+    dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
+    bias = rel_scores[..., dist].masked_fill(dist > pos, float("-inf"))  # (B, H, M): slots before the start
+    n_read = M  # slots attended to: the window [and the codebook]
+    if dims.agg_cache:
+        bias = torch.cat([bias, log_count], -1)  # (B, H, M + S): codeword scores + log counts
+        n_read = keys.shape[-2]
+    scores = (keys[..., :n_read, :] @ qu[..., None]).squeeze(-1) + bias  # (B, H, n_read)
     own = (qu * k_hat).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, 1)
-    parts = [win, own]
-    if cfg.agg_cache:
-        parts.append(torch.einsum("bhk,hsk->bhs", qu, buf.codebook) + cache_log_count(buf.count))
-    acc = buf.mean.dtype
-    probs = torch.softmax(torch.cat(parts, -1).to(acc), -1)  # (B, H, M + 1 [+ S])
-    out = (probs[..., None, :M] @ buf.values.to(acc)).squeeze(-2) + probs[..., M:M + 1] * v  # (B, H, D_v)
-    if cfg.agg_cache:
-        out = out + (probs[..., None, M + 1:] @ buf.mean).squeeze(-2)
+    probs = torch.softmax(torch.cat([scores, own], -1).to(values.dtype), -1)  # (B, H, n_read + 1)
+    if B * H == 1:  # a row-vector product (BLAS) rather than a batched one
+        read = (probs.view(1, -1)[:, :n_read] @ values.view(-1, Dv)[:n_read]).view(B, H, Dv)
+    else:
+        read = (probs[..., None, :n_read] @ values[..., :n_read, :]).squeeze(-2)  # (B, H, D_v)
+    out = read + probs[..., n_read:] * v  # (B, H, D_v)
+    x = x + (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ w.w_out  # (B, D)
 
-    # slot pos % M holds position pos - M: it leaves the window now (folded only once pos >= M)
+    # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
+    leaving = (pos >= M).to(values.dtype)  # 0-d: 1 once a key really leaves
     j = (pos % M).view(1)
-    if cfg.agg_cache:
-        z_old = buf.codes.index_select(2, j)  # (B, H, 1)
-        leaving = (pos >= M).to(acc)  # 0-d: 1 once a key really leaves
-        buf.count.scatter_add_(-1, z_old, leaving.expand(z_old.shape))
-        idx = z_old[..., None].expand(-1, -1, -1, Dv)  # (B, H, 1, D_v)
-        m_old = buf.mean.gather(2, idx)
-        n_new = buf.count.gather(-1, z_old)[..., None].clamp_min(1.0)  # (B, H, 1, 1)
-        v_old = buf.values.index_select(2, j).to(acc)  # (B, H, 1, D_v)
-        buf.mean.scatter_(2, idx, m_old + leaving * (v_old - m_old) / n_new)
-    buf.keys.index_copy_(2, j, k_hat[:, :, None])
-    buf.values.index_copy_(2, j, v[:, :, None].to(buf.values.dtype))
-    buf.codes.index_copy_(2, j, z[:, :, None])
-
-    res = (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ buf.w_out  # (B, D)
-    return x + res[:, None]
+    z_old = codes.index_select(2, j)  # (B, H, 1)
+    n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
+    mean = values[..., M:, :]  # (B, H, S, D_v)
+    m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
+    m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
+    return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
