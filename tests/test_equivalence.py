@@ -200,21 +200,49 @@ def test_dense_chunked_equals_reference(T, P, chunk, mem_len):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 32, 33, 100, 257])
-def test_exclusive_prefix_sum(n):
-    from tvq.ops.cache import exclusive_prefix_sum
+def _block_cache_sums_reference(codes, values, start, first_valid):
+    """start + an exclusive prefix sum over blocks of one-hot(code)^T values, empty slots zeroed."""
+    P, nb, L = codes.shape
+    keep = (torch.arange(nb * L) >= first_valid).view(nb, L, 1).to(values.dtype)
+    onehot = torch.nn.functional.one_hot(codes, start.shape[1]).to(values.dtype) * keep  # (P, nb, L, S)
+    stats = onehot.transpose(-1, -2) @ values  # (P, nb, S, D_v)
+    return start[:, None] + stats.cumsum(1) - stats
 
-    x = torch.randn(2, n, 3, 4, dtype=torch.float64, requires_grad=True)
-    start = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    want = torch.cat([torch.zeros_like(x[:, :1]), x.cumsum(1)[:, :-1]], 1)
-    torch.testing.assert_close(exclusive_prefix_sum(x, 1), want, atol=1e-12, rtol=0)
-    got = exclusive_prefix_sum(x, 1, initial=start)
-    torch.testing.assert_close(got, want + start[:, None], atol=1e-12, rtol=0)
+
+@pytest.mark.parametrize("nb,first_valid", [(1, 0), (2, 3), (5, 0), (5, 6), (9, 4)])
+def test_block_cache_sums_equal_the_one_hot_prefix_sum(nb, first_valid):
+    from tvq.ops.cache import _sums_cumsum, _sums_running, block_cache_sums
+
+    torch.manual_seed(nb)
+    P, L, S, Dv = 3, 4, 5, 6
+    codes = torch.randint(0, S, (P, nb, L))
+    values = torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True)
+    start = torch.randn(P, S, Dv, dtype=torch.float64, requires_grad=True)
+    want = _block_cache_sums_reference(codes, values, start, first_valid)
+    for impl in (_sums_running, _sums_cumsum):  # what a CPU and what a GPU runs
+        torch.testing.assert_close(impl(codes, values.detach(), start.detach(), first_valid), want.detach(),
+                                   atol=1e-12, rtol=0)
+    got = block_cache_sums(codes, values, start, first_valid)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), (x, start))
-    g_want = torch.autograd.grad(((want + start[:, None]) * w).sum(), (x, start))
+    g_got = torch.autograd.grad((got * w).sum(), (values, start))
+    g_want = torch.autograd.grad((want * w).sum(), (values, start))
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    if torch.cuda.is_available():
+        args = (codes.cuda(), values.detach().cuda().requires_grad_(), start.detach().cuda().requires_grad_())
+        got = block_cache_sums(*args, first_valid)
+        torch.testing.assert_close(got.cpu(), want.detach(), atol=1e-12, rtol=0)
+        g_cuda = torch.autograd.grad((got * w.cuda()).sum(), args[1:])
+        for a, b in zip(g_cuda, g_want):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=0)
+
+
+def test_block_cache_sums_rejects_mismatched_shapes():
+    from tvq.ops.cache import block_cache_sums
+
+    with pytest.raises(ValueError, match="codes .P, nb, L., values"):
+        block_cache_sums(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5, 6), torch.zeros(2, 7, 6))
 
 
 def test_code_statistics_is_a_per_code_sum():

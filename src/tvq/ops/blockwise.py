@@ -2,8 +2,9 @@
 
 All blocks are computed at once. Queries are split into blocks of L; block n attends to a
 window of the M + L keys ending at its last query, and to the cache of every key before that
-window. The per-block caches come from an exclusive prefix sum of per-block code statistics
-(in float32 or wider), so there is no loop over blocks and no (T, T) tensor: time
+window. The per-block caches are prefix sums of per-block code statistics (in float32 or wider,
+:func:`tvq.ops.cache.block_cache_sums`); everything else is batched over blocks, and there is no
+(T, T) tensor: time
 O(T (M + L + S)) and memory O(T (M + L + S) + (T / L) S D_v).
 """
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import cache_log_count, code_statistics, exclusive_prefix_sum
+from tvq.ops.cache import block_cache_sums, cache_log_count
 
 
 def skew(x: Tensor, width: int) -> Tensor:
@@ -121,15 +122,19 @@ def blockwise_attention(
         # (key blocks 0..n-1): count_n = c0 + N_n and value sum c0 m0 + S_n, with N_n, S_n
         # exclusive prefix sums of per-block code statistics. The cache's share of the output,
         # sum_s p_s (c0 m0 + S_n)_s / count_n,s, is then one (L, S) @ (S, D_v) product per block.
-        cache_vals = vals[:, :, : nb * L] if grad_thru_cache else vals[:, :, : nb * L].detach()
-        valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
-        n_blk, s_blk = code_statistics(
-            codes[:, :, : nb * L].unflatten(2, (nb, L)), cache_vals.unflatten(2, (nb, L)),
-            valid, codebook.shape[1], acc,
-        )  # (B, H, nb, S), (B, H, nb, S, D_v); the last block only ever feeds later chunks
+        S = codebook.shape[1]
+        blk_codes = codes[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L)
+        valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L).to(acc)
+        n_blk = torch.zeros(B, H, nb, S, dtype=acc, device=dev).scatter_add_(3, blk_codes, valid.expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
-        count = exclusive_prefix_sum(n_blk, 2, initial=c0)  # (B, H, nb, S)
-        total = exclusive_prefix_sum(s_blk, 2, initial=c0[..., None] * mean0.to(acc))  # (B, H, nb, S, D_v)
+        count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
+        cache_vals = vals[:, :, : nb * L].to(acc)
+        if not grad_thru_cache:
+            cache_vals = cache_vals.detach()
+        total = block_cache_sums(
+            blk_codes.flatten(0, 1), cache_vals.unflatten(2, (nb, L)).flatten(0, 1),
+            (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
+        ).unflatten(0, (B, H))  # (B, H, nb, S, D_v); the last block only ever feeds later chunks
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
 
