@@ -199,7 +199,7 @@ class TransformerVQ(nn.Module):
     def decoder(self, state: TransformerVQState, compile: bool = False):
         """A :class:`~tvq.models.decoding.VQDecoder` continuing ``state`` one token at a time
         (``attention="vq"``; put the model in eval mode). ``compile=True`` fuses the step with
-        torch.compile: 15-20 s to compile on a CPU, then about 3x faster per token."""
+        torch.compile: 15-20 s to compile on a CPU, then about 4x faster per token."""
         from tvq.models.decoding import VQDecoder
 
         self._check_state(state, state.batch_size)
