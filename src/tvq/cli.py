@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         rank = env_rank()
         print(f"tvq: error: {e}" if rank == 0 else f"tvq: error (rank {rank}): {e}", file=sys.stderr)
+        if rank != 0:  # torchrun stops every worker once one fails: let rank 0 report first
+            time.sleep(5)
         return 2
     except KeyboardInterrupt:
         print("tvq: interrupted; the last checkpoint is intact", file=sys.stderr)
