@@ -20,9 +20,11 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
-        h = h.to(x.dtype)
-        if self.weight is not None:
-            h = h * self.weight + self.bias
-        return h
+        return rms_norm(x, self.eps, self.weight, self.bias)
+
+
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """:class:`RMSNorm` as a function (the decoder calls it on plain tensors)."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else h * weight + bias

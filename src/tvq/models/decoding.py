@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from tvq.layers.norm import rms_norm
 from tvq.ops.cache import cache_log_count
 from tvq.state import LayerState, TransformerVQState
 
@@ -156,15 +157,9 @@ def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: T
         x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
         updates.append(update)
     if w.norm_f is not None:
-        x = torch.addcmul(w.norm_f[1], _rms(x, dims.eps), w.norm_f[0])
+        x = rms_norm(x, dims.eps, *w.norm_f)
     logits = F.linear(x.to(w.head_w.dtype), w.head_w, w.head_b) * dims.logit_scale  # (B, V)
     return logits, *(torch.stack(t) for t in zip(*updates))
-
-
-def _rms(x: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2) + eps), computed in at least float32 like :class:`tvq.layers.norm.RMSNorm`."""
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
@@ -179,10 +174,10 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     B = x.shape[0]
     H, Dk, Dv, M = dims.n_head, dims.d_k, dims.d_v, dims.mem_len
     scale = Dk**-0.25
-    h = torch.addcmul(w.norm_b, _rms(x, dims.eps), w.norm_w)  # (B, D)
+    h = rms_norm(x, dims.eps, w.norm_w, w.norm_b)  # (B, D)
     q, k, v, g = (h @ w.w_in).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
-    q = _rms(q.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
-    k = _rms(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
+    q = rms_norm(q.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
+    k = rms_norm(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
     v = F.silu(v).view(B, H, Dv)  # (B, H, D_v)
 
     z = (w.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, w.codebook)).argmin(-1)  # (B, H)

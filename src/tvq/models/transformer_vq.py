@@ -222,7 +222,7 @@ class TransformerVQ(nn.Module):
         The prompt is read with the blockwise path, then each new token costs one step of a
         :class:`~tvq.models.decoding.VQDecoder` (O(mem_len + n_code), in-place state).
         Runs in eval mode (no dropout, no codebook statistics). ``compile=True`` compiles the
-        decode step (worth it for long samples: 15-20 s once, then about 3x faster per token on a CPU).
+        decode step (worth it for long samples: 15-20 s once, then about 4x faster per token on a CPU).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
