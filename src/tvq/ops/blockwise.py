@@ -33,7 +33,9 @@ class _KeepGradMatmul(torch.autograd.Function):
 
     ``keep`` broadcasts against a (mask_a=True: drop a[..., i, j] from b's gradient) or against the
     output (mask_a=False: drop out[..., i, j]'s gradient from b). This stops gradients through
-    chosen (query, key) pairs without a second matmul.
+    chosen (query, key) pairs without a second matmul. Under autocast the product runs in the
+    autocast dtype (that of ``grad``); the gradients are computed in it too and returned in the
+    dtypes of a and b, as autocast's own casts would.
     """
 
     @staticmethod
@@ -45,15 +47,17 @@ class _KeepGradMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, keep = ctx.saved_tensors
-        grad_a = grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None
-        grad_b = None
+        dt = grad.dtype
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (grad @ b.to(dt).transpose(-1, -2)).to(a.dtype)
         if ctx.needs_input_grad[1]:
-            zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+            zero = torch.zeros((), dtype=dt, device=grad.device)
             if ctx.mask_a:
-                grad_b = torch.where(keep, a, zero).transpose(-1, -2) @ grad
+                grad_b = torch.where(keep, a.to(dt), zero).transpose(-1, -2) @ grad
             else:
-                grad_b = a.transpose(-1, -2) @ torch.where(keep, grad, zero)
-            grad_b = grad_b.sum_to_size(b.shape)
+                grad_b = a.to(dt).transpose(-1, -2) @ torch.where(keep, grad, zero)
+            grad_b = grad_b.sum_to_size(b.shape).to(b.dtype)
         return grad_a, grad_b, None, None
 
 
