@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CUDA sweep of the speed issue, in stages that each fit a 10-minute run:
+#   bash benchmarks/gpu_sweep.sh STAGE [OUT_DIR]     (OUT_DIR defaults to benchmarks/results)
+# STAGE:
+#   small      bench-small, bfloat16, batch 1: train + forward of vq, full and sdpa, 2k..131k tokens
+#   compiled   the same for vq with torch.compile
+#   decode     bench-small decode at positions 1024 and 65536 (eager and compiled vq; full; sdpa)
+#   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 8: train of vq, full and sdpa at 8k, 32k, 131k
+# Lengths a baseline cannot run come out as oom / timeout, not dropped.
+set -euo pipefail
+stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8 [OUT_DIR]}
+out=${2:-benchmarks/results}
+mkdir -p "$out"
+common=(--device cuda --dtype bfloat16 --repeats 5 --warmup 2 --time-budget 120)
+lens=2048,8192,32768,65536,131072
+
+case "$stage" in
+  small)
+    tvq bench "${common[@]}" --mode train,forward --impl vq,full,sdpa --seq-lens "$lens" \
+      --json "$out/cuda_bench_small.json" --plot "$out/cuda_bench_small.png" ;;
+  compiled)
+    tvq bench "${common[@]}" --mode train,forward --impl vq --seq-lens "$lens" --compile \
+      --json "$out/cuda_bench_small_compiled.json" ;;
+  decode)
+    tvq bench "${common[@]}" --mode decode --impl vq,full,sdpa --decode-positions 1024,65536 \
+      --decode-steps 256 --json "$out/cuda_bench_small_decode.json"
+    tvq bench "${common[@]}" --mode decode --impl vq --decode-positions 1024,65536 --decode-steps 256 \
+      --compile --json "$out/cuda_bench_small_decode_compiled.json" ;;
+  enwik8)
+    tvq bench "${common[@]}" --preset enwik8 --batch-size 8 --mode train --impl vq,full,sdpa \
+      --seq-lens 8192,32768,131072 --repeats 3 --warmup 1 --time-budget 150 \
+      --json "$out/cuda_enwik8_b8.json" --plot "$out/cuda_enwik8_b8.png" ;;
+  *)
+    echo "gpu_sweep.sh: unknown stage '$stage' (small, compiled, decode, enwik8)" >&2
+    exit 2 ;;
+esac
