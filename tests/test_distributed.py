@@ -150,6 +150,7 @@ def adafactor_under_fsdp(rank: int, port: int, out: Path) -> None:
     diffs["resumed"] = largest(full(resumed), full(reference))
     if cl.is_main:
         out.write_text(json.dumps(diffs))
+    dist.barrier()  # both ranks are done with their collectives before either leaves (gloo aborted otherwise)
     dist.destroy_process_group()
 
 
