@@ -200,49 +200,66 @@ def test_dense_chunked_equals_reference(T, P, chunk, mem_len):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-def _block_cache_sums_reference(codes, values, start, first_valid):
-    """start + an exclusive prefix sum over blocks of one-hot(code)^T values, empty slots zeroed."""
+def _cache_read_reference(base, weights, codes, values, start, first_valid):
+    """base + weights @ (start + an exclusive prefix sum over blocks of one-hot(code)^T values)."""
     P, nb, L = codes.shape
     keep = (torch.arange(nb * L) >= first_valid).view(nb, L, 1).to(values.dtype)
     onehot = torch.nn.functional.one_hot(codes, start.shape[1]).to(values.dtype) * keep  # (P, nb, L, S)
     stats = onehot.transpose(-1, -2) @ values  # (P, nb, S, D_v)
-    return start[:, None] + stats.cumsum(1) - stats
+    return base + weights @ (start[:, None] + stats.cumsum(1) - stats)
 
 
-@pytest.mark.parametrize("nb,first_valid", [(1, 0), (2, 3), (5, 0), (5, 6), (9, 4)])
-def test_block_cache_sums_equal_the_one_hot_prefix_sum(nb, first_valid):
-    from tvq.ops.cache import _sums_cumsum, _sums_running, block_cache_sums
+@pytest.mark.parametrize("nb,first_valid", [(1, 0), (2, 3), (5, 0), (5, 6), (9, 4), (9, 36)])
+def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid):
+    """Both implementations (a CPU's running sum; chunks of 1, 2, 4 and all blocks elsewhere) and both
+    backward passes, against autograd through the one-hot reference, float64."""
+    from tvq.ops import cache
 
     torch.manual_seed(nb)
     P, L, S, Dv = 3, 4, 5, 6
     codes = torch.randint(0, S, (P, nb, L))
-    values = torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True)
-    start = torch.randn(P, S, Dv, dtype=torch.float64, requires_grad=True)
-    want = _block_cache_sums_reference(codes, values, start, first_valid)
-    for impl in (_sums_running, _sums_cumsum):  # what a CPU and what a GPU runs
-        torch.testing.assert_close(impl(codes, values.detach(), start.detach(), first_valid), want.detach(),
-                                   atol=1e-12, rtol=0)
-    got = block_cache_sums(codes, values, start, first_valid)
+    inputs = [torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True),  # base
+              torch.rand(P, nb, L, S, dtype=torch.float64, requires_grad=True),  # weights
+              torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True),  # values
+              torch.randn(P, S, Dv, dtype=torch.float64, requires_grad=True)]  # start
+    base, weights, values, start = inputs
+    want = _cache_read_reference(base, weights, codes, values, start, first_valid)
+    w = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * w).sum(), inputs)
+    plain = (base.detach(), weights.detach(), codes, values.detach(), start.detach(), first_valid)
+    grad_args = (w, weights.detach(), codes, values.detach(), start.detach(), first_valid, True)
+    impls = [(cache._read_running, cache._grad_running, ())] + [
+        (cache._read_chunked, cache._grad_chunked, (size,)) for size in (1, 2, 4, nb)]
+    for read, grad, extra in impls:  # what a CPU and what a GPU runs
+        torch.testing.assert_close(read(*plain, *extra), want.detach(), atol=1e-12, rtol=0)
+        g_weights, g_values, g_start = grad(*grad_args, *extra)
+        for a, b in zip((g_weights, g_values, g_start), g_want[1:]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        g_weights_only, g_values, g_start = grad(*grad_args[:-1], False, *extra)
+        torch.testing.assert_close(g_weights_only, g_want[1], atol=1e-12, rtol=0)
+        assert g_values.numel() == g_start.numel() == 0
+    got = cache.cache_read(*inputs[:2], codes, *inputs[2:], first_valid)  # the custom op, through autograd
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), (values, start))
-    g_want = torch.autograd.grad((want * w).sum(), (values, start))
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(torch.autograd.grad((got * w).sum(), inputs), g_want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    g_weights, = torch.autograd.grad((cache.cache_read(base, weights, codes, values.detach(), start.detach(),
+                                                        first_valid) * w).sum(), weights)
+    torch.testing.assert_close(g_weights, g_want[1], atol=1e-12, rtol=0)
     if torch.cuda.is_available():
-        args = (codes.cuda(), values.detach().cuda().requires_grad_(), start.detach().cuda().requires_grad_())
-        got = block_cache_sums(*args, first_valid)
+        args = [t.detach().cuda().requires_grad_() for t in inputs]
+        got = cache.cache_read(*args[:2], codes.cuda(), *args[2:], first_valid)
         torch.testing.assert_close(got.cpu(), want.detach(), atol=1e-12, rtol=0)
-        g_cuda = torch.autograd.grad((got * w.cuda()).sum(), args[1:])
-        for a, b in zip(g_cuda, g_want):
+        for a, b in zip(torch.autograd.grad((got * w.cuda()).sum(), args), g_want):
             torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=0)
 
 
-def test_block_cache_sums_rejects_mismatched_shapes():
-    from tvq.ops.cache import block_cache_sums
+def test_cache_read_rejects_mismatched_shapes():
+    from tvq.ops.cache import cache_read
 
-    with pytest.raises(ValueError, match="codes .P, nb, L., values"):
-        block_cache_sums(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5, 6), torch.zeros(2, 7, 6))
+    base = torch.zeros(2, 3, 4, 6)
+    with pytest.raises(ValueError, match="cache_read: base and values .P, nb, L, D_v."):
+        cache_read(base, torch.zeros(2, 3, 4, 7), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5, 6),
+                   torch.zeros(2, 7, 6))
 
 
 def test_code_statistics_is_a_per_code_sum():

@@ -2,10 +2,9 @@
 
 All blocks are computed at once. Queries are split into blocks of L; block n attends to a
 window of the M + L keys ending at its last query, and to the cache of every key before that
-window. The per-block caches are prefix sums of per-block code statistics (in float32 or wider,
-:func:`tvq.ops.cache.block_cache_sums`); everything else is batched over blocks, and there is no
-(T, T) tensor: time
-O(T (M + L + S)) and memory O(T (M + L + S) + (T / L) S D_v).
+window. The cache's share of the output is read from running per-code value sums (in float32 or
+wider, :func:`tvq.ops.cache.cache_read`); everything else is batched over blocks, and there is no
+(T, T) tensor: time O(T (M + L + S)) and memory O(T (M + L + S)).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import block_cache_sums, cache_log_count
+from tvq.ops.cache import cache_log_count, cache_read
 
 
 def skew(x: Tensor, width: int) -> Tensor:
@@ -132,13 +131,6 @@ def blockwise_attention(
         n_blk = torch.zeros(B, H, nb, S, dtype=acc, device=dev).scatter_add_(3, blk_codes, valid.expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
         count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
-        cache_vals = vals[:, :, : nb * L].to(acc)
-        if not grad_thru_cache:
-            cache_vals = cache_vals.detach()
-        total = block_cache_sums(
-            blk_codes.flatten(0, 1), cache_vals.unflatten(2, (nb, L)).flatten(0, 1),
-            (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
-        ).unflatten(0, (B, H))  # (B, H, nb, S, D_v); the last block only ever feeds later chunks
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
 
@@ -151,6 +143,11 @@ def blockwise_attention(
         out = p_win @ v_win  # (B, H, nb, L, D_v)
     if agg_cache:
         p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
-        out = out.to(acc)  # a fresh product that backward does not need: accumulate into it
-        out.flatten(0, 2).baddbmm_(p_mean.flatten(0, 2), total.flatten(0, 2))  # (B H nb, L, D_v)
+        cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
+        if not grad_thru_cache:
+            cache_vals = cache_vals.detach()
+        out = cache_read(
+            out.to(acc).flatten(0, 1), p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+            (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
+        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)

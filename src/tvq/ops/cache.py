@@ -38,113 +38,196 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, d
     return counts[:-1].view(*lead, S), sums[:-1].view(*lead, S, values.shape[-1])
 
 
-def block_cache_sums(codes: Tensor, values: Tensor, start: Tensor, first_valid: int = 0) -> Tensor:
-    """Per block, the value sum of each code over every key in earlier blocks (the cache of SPEC 4).
+def cache_read(base: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor,
+               first_valid: int = 0) -> Tensor:
+    """base + the cache's share of each block's output (SPEC 4): out[:, n] = base[:, n] + weights[:, n] @ C_n.
 
-    codes (P, nb, L) and values (P, nb, L, D_v) of nb blocks of L keys; start (P, S, D_v), in
-    values' dtype, is what every sum starts from; keys before position ``first_valid`` (empty
-    slots) are skipped. Returns (P, nb, S, D_v) with out[:, n, s] = start[:, s] + the sum of the
-    values of keys in blocks 0..n-1 with code s. On a CPU it is one running sum, a copy and a
-    scatter of L keys per block, instead of a zeroed (nb, S, D_v) tensor, a scatter and a prefix
-    sum (~3x fewer passes over the largest tensor of the linear path); elsewhere a cumsum.
+    C_n (P, S, D_v) is the cache of block n: C_n[s] = start[s] + the sum of the values of the keys of
+    blocks 0..n-1 with code s. base (P, nb, L, D_v), weights (P, nb, L, S), codes (P, nb, L),
+    values (P, nb, L, D_v), start (P, S, D_v), all but codes in one dtype; keys before position
+    ``first_valid`` (empty slots) are skipped. The nb caches are never all held at once (they would be
+    (P, nb, S, D_v), S / L times the size of the values): on a CPU one running sum, updated by a scatter
+    of L keys per block, feeds one product per block; elsewhere chunks of blocks are summed with a
+    cumsum. Backward recomputes them the same way.
     """
-    P, nb, L = codes.shape if codes.dim() == 3 else (None,) * 3
-    if values.shape[:3] != codes.shape or values.dim() != 4 or start.shape[::2] != (P, values.shape[-1]):
-        raise ValueError(f"block_cache_sums: codes (P, nb, L), values (P, nb, L, D_v) and start (P, S, D_v) "
-                         f"expected, got {tuple(codes.shape)}, {tuple(values.shape)} and {tuple(start.shape)}")
-    return _block_cache_sums(codes, values, start, first_valid)
+    if codes.dim() != 3 or weights.shape[:3] != codes.shape or base.shape[:3] != codes.shape \
+            or values.shape != base.shape or start.shape != (codes.shape[0], weights.shape[-1], values.shape[-1]):
+        raise ValueError(f"cache_read: base and values (P, nb, L, D_v), weights (P, nb, L, S), codes (P, nb, L) "
+                         f"and start (P, S, D_v) expected, got {tuple(base.shape)}, {tuple(values.shape)}, "
+                         f"{tuple(weights.shape)}, {tuple(codes.shape)} and {tuple(start.shape)}")
+    return _cache_read(base, weights, codes, values, start, first_valid)
 
 
-def _key_rows(codes: Tensor, n_code: int, n_blocks: int) -> Tensor:
-    """For keys with codes (P, n, L) in blocks 0..n-1: the row of their code one block later in a
-    (P, n_blocks, S, D_v) tensor flattened to (P n_blocks S, D_v)."""
-    P, n, _ = codes.shape
-    dev = codes.device
-    block = torch.arange(P, device=dev)[:, None, None] * n_blocks + torch.arange(1, n + 1, device=dev)[:, None]
-    return block * n_code + codes
+_CHUNK_BYTES = 256 * 2**20  # off a CPU: the caches of one chunk of blocks, (P, c, S, D_v), stay under this
 
 
-@torch.library.custom_op("tvq::block_cache_sums", mutates_args=())
-def _block_cache_sums(codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
-    running = values.device.type == "cpu"  # torch.cumsum along a leading dim is slow on a CPU
-    return (_sums_running if running else _sums_cumsum)(codes, values, start, first_valid)
+def _valid_from(first_valid: int, n: int, L: int) -> int:
+    """The first valid key of block n."""
+    return min(max(first_valid - n * L, 0), L)
 
 
-def _sums_running(codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
-    """block_cache_sums as a running sum: per block, copy the previous sums and add L keys."""
-    P, nb, L = codes.shape
+def _blocks_per_chunk(start: Tensor) -> int:
+    return max(1, _CHUNK_BYTES // (start.numel() * start.element_size()))
+
+
+def _chunks(nb: int, size: int) -> list[tuple[int, int]]:
+    return [(c0, min(c0 + size, nb)) for c0 in range(0, nb, size)]
+
+
+def _chunk_caches(codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
+    """For a chunk of c blocks: (P, c + 1, S, D_v), the caches of its blocks 0..c (block c: of the
+    next chunk), i.e. start + a cumsum of per-block sums, each key scattered into the block after its own."""
+    P, c, L = codes.shape
     S, Dv = start.shape[1:]
-    rows = _key_rows(codes, S, nb)  # (P, nb, L): key l of block n adds to the sums of block n + 1
-    out = values.new_empty(P, nb, S, Dv)
-    out[:, 0] = start
-    flat = out.view(-1, Dv)  # (P nb S, D_v)
-    for n in range(1, nb):
-        out[:, n] = out[:, n - 1]
-        lo = min(max(first_valid - (n - 1) * L, 0), L)  # first valid key of block n - 1
-        if lo < L:
-            flat.index_add_(0, rows[:, n - 1, lo:].flatten(), values[:, n - 1, lo:].reshape(-1, Dv))
+    dev = codes.device
+    sums = values.new_zeros(P, c + 2, S, Dv)  # block c + 1: the empty slots, dropped
+    keep = torch.arange(c * L, device=dev).view(c, L) >= first_valid  # (c, L)
+    block = torch.where(keep, torch.arange(1, c + 1, device=dev)[:, None], c + 1)  # (c, L)
+    rows = (torch.arange(P, device=dev)[:, None, None] * (c + 2) + block) * S + codes  # (P, c, L)
+    sums.view(-1, Dv).index_add_(0, rows.flatten(), values.reshape(-1, Dv))
+    sums[:, 0] = start
+    return sums[:, : c + 1].cumsum(1)
+
+
+def _key_rows(codes: Tensor, n_code: int) -> Tensor:
+    """Rows of keys with codes (P, nb, L) in a (P, S, D_v) cache flattened to (P S, D_v)."""
+    return codes + torch.arange(codes.shape[0], device=codes.device)[:, None, None] * n_code
+
+
+def _running_caches(codes, values, start, first_valid):
+    """Yield (n, C_n) for n = 0..nb-1: one (P, S, D_v) running sum, a scatter of L keys per block
+    (C_n is overwritten by the next step)."""
+    _, nb, L = codes.shape
+    Dv = values.shape[-1]
+    run = start.clone()
+    rows = _key_rows(codes, start.shape[1])  # (P, nb, L)
+    for n in range(nb):
+        yield n, run
+        lo = _valid_from(first_valid, n, L)
+        if n + 1 < nb and lo < L:
+            run.view(-1, Dv).index_add_(0, rows[:, n, lo:].flatten(), values[:, n, lo:].reshape(-1, Dv))
+
+
+def _chunked_caches(codes, values, start, first_valid, size):
+    """Yield (c0, c1, caches (P, c1 - c0, S, D_v)) for chunks of ``size`` blocks, each from one
+    scatter and a cumsum."""
+    L = codes.shape[2]
+    run = start
+    for c0, c1 in _chunks(codes.shape[1], size):
+        caches = _chunk_caches(codes[:, c0:c1], values[:, c0:c1], run, first_valid - c0 * L)  # (P, c + 1, S, D_v)
+        yield c0, c1, caches[:, :-1]
+        run = caches[:, -1]
+
+
+def _read_running(base, weights, codes, values, start, first_valid):
+    """cache_read on a CPU: per block one product with the running cache."""
+    out = torch.empty_like(base)
+    for n, cache in _running_caches(codes, values, start, first_valid):
+        torch.baddbmm(base[:, n], weights[:, n], cache, out=out[:, n])
     return out
 
 
-def _sums_cumsum(codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
-    """block_cache_sums as one scatter of all keys (each into the block after its own) and a cumsum."""
+def _read_chunked(base, weights, codes, values, start, first_valid, size):
+    """cache_read in chunks of ``size`` blocks: one product per chunk."""
+    out = torch.empty_like(base)
+    for c0, c1, caches in _chunked_caches(codes, values, start, first_valid, size):
+        torch.add(base[:, c0:c1], weights[:, c0:c1] @ caches, out=out[:, c0:c1])
+    return out
+
+
+@torch.library.custom_op("tvq::cache_read", mutates_args=())
+def _cache_read(base: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor,
+                first_valid: int) -> Tensor:
+    if values.device.type == "cpu":  # a cumsum along a leading dim is slow on a CPU
+        return _read_running(base, weights, codes, values, start, first_valid)
+    return _read_chunked(base, weights, codes, values, start, first_valid, _blocks_per_chunk(start))
+
+
+@_cache_read.register_fake
+def _(base, weights, codes, values, start, first_valid):
+    return torch.empty_like(base)
+
+
+# Backward. With G_n = sum over n' >= n of weights[:, n']^T grad[:, n'] (P, S, D_v), the gradient that
+# reaches the cache of block n and every later one: key l of block n receives G_{n+1} at its code, and
+# start receives G_0. The weights' gradient needs the caches again, recomputed in block order.
+
+def _grad_running(grad, weights, codes, values, start, first_valid, keys_too):
+    P, nb, L = codes.shape
+    S, Dv = start.shape[1:]
+    g_weights = torch.empty_like(weights)
+    for n, cache in _running_caches(codes, values, start, first_valid):
+        torch.bmm(grad[:, n], cache.transpose(1, 2), out=g_weights[:, n])
+    if not keys_too:
+        return g_weights, values.new_empty(0), start.new_empty(0)
+    rows = _key_rows(codes, S)  # (P, nb, L)
+    g_values = values.new_zeros(P, nb, L, Dv)
+    g_cache = start.new_zeros(P, S, Dv)  # G_{n + 1}
+    for n in range(nb - 1, -1, -1):
+        lo = _valid_from(first_valid, n, L)
+        if n + 1 < nb and lo < L:
+            g_values[:, n, lo:] = g_cache.view(-1, Dv)[rows[:, n, lo:]]
+        g_cache.baddbmm_(weights[:, n].transpose(1, 2), grad[:, n])
+    return g_weights, g_values, g_cache
+
+
+def _grad_chunked(grad, weights, codes, values, start, first_valid, keys_too, size):
     P, nb, L = codes.shape
     S, Dv = start.shape[1:]
     dev = codes.device
-    out = values.new_zeros(P, nb + 1, S, Dv)  # block nb: the last block's keys, dropped
-    keep = torch.arange(nb * L, device=dev).view(nb, L) >= first_valid  # (nb, L)
-    dropped = (torch.arange(P, device=dev)[:, None, None] * (nb + 1) + nb) * S + codes  # empty slots go there
-    rows = torch.where(keep, _key_rows(codes, S, nb + 1), dropped)  # (P, nb, L)
-    out.view(-1, Dv).index_add_(0, rows.flatten(), values.reshape(-1, Dv))
-    out[:, 0] += start
-    return out.cumsum(1)[:, :nb]
+    g_weights = torch.empty_like(weights)
+    for c0, c1, caches in _chunked_caches(codes, values, start, first_valid, size):
+        torch.matmul(grad[:, c0:c1], caches.transpose(-1, -2), out=g_weights[:, c0:c1])
+    if not keys_too:
+        return g_weights, values.new_empty(0), start.new_empty(0)
+    g_values = values.new_empty(P, nb, L, Dv)
+    g_cache = start.new_zeros(P, S, Dv)  # G_{c1}
+    heads = torch.arange(P, device=dev)[:, None, None]
+    for c0, c1 in reversed(_chunks(nb, size)):
+        c = c1 - c0
+        per_block = weights[:, c0:c1].transpose(-1, -2) @ grad[:, c0:c1]  # (P, c, S, D_v)
+        after = torch.cat([per_block, g_cache[:, None]], 1).flip(1).cumsum(1).flip(1)  # G_{c0 + j}, j = 0..c
+        keep = torch.arange(c0 * L, c1 * L, device=dev).view(c, L, 1) >= first_valid  # (c, L, 1)
+        blocks = torch.arange(1, c + 1, device=dev)[:, None]  # key of block j reads G_{j + 1}
+        g_values[:, c0:c1] = after[heads, blocks, codes[:, c0:c1]] * keep
+        g_cache = after[:, 0]
+    return g_weights, g_values, g_cache
 
 
-@_block_cache_sums.register_fake
-def _(codes, values, start, first_valid):
-    return values.new_empty(*codes.shape[:2], *start.shape[1:])
+@torch.library.custom_op("tvq::cache_read_backward", mutates_args=())
+def _cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor,
+                         first_valid: int, keys_too: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`cache_read` for weights, values and start (the last two empty unless ``keys_too``)."""
+    args = (grad, weights, codes, values, start, first_valid, keys_too)
+    if values.device.type == "cpu":
+        return _grad_running(*args)
+    return _grad_chunked(*args, _blocks_per_chunk(start))
 
 
-@torch.library.custom_op("tvq::block_cache_sums_backward", mutates_args=())
-def _block_cache_sums_backward(grad: Tensor, codes: Tensor, first_valid: int) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`block_cache_sums` for values (P, nb, L, D_v) and start (P, S, D_v)."""
-    P, nb, L = codes.shape
-    S, Dv = grad.shape[2:]
-    grad = grad.contiguous()
-    if grad.device.type != "cpu":
-        suffix = grad.flip(1).cumsum(1).flip(1)  # (P, nb, S, D_v): sum over blocks >= n
-    else:
-        suffix = torch.empty_like(grad)
-        suffix[:, nb - 1] = grad[:, nb - 1]
-        for n in range(nb - 2, -1, -1):
-            torch.add(suffix[:, n + 1], grad[:, n], out=suffix[:, n])
-    g_values = grad.new_zeros(P, nb, L, Dv)
-    if nb > 1:  # key l of block n < nb - 1 feeds blocks n + 1.. at its code
-        rows = _key_rows(codes[:, :-1], S, nb)  # (P, nb - 1, L)
-        g_values[:, :-1] = suffix.view(-1, Dv).index_select(0, rows.flatten()).view(P, nb - 1, L, Dv)
-        g_values.view(P, nb * L, Dv)[:, :first_valid] = 0
-    return g_values, suffix[:, 0].clone()
+@_cache_read_backward.register_fake
+def _(grad, weights, codes, values, start, first_valid, keys_too):
+    if not keys_too:
+        return torch.empty_like(weights), values.new_empty(0), start.new_empty(0)
+    return torch.empty_like(weights), torch.empty_like(values), torch.empty_like(start)
 
 
-@_block_cache_sums_backward.register_fake
-def _(grad, codes, first_valid):
-    P, nb, L = codes.shape
-    return grad.new_empty(P, nb, L, grad.shape[-1]), grad.new_empty(P, *grad.shape[2:])
-
-
-def _block_cache_sums_setup(ctx, inputs, output):
-    codes, _, _, first_valid = inputs
-    ctx.save_for_backward(codes)
+def _cache_read_setup(ctx, inputs, output):
+    _, weights, codes, values, start, first_valid = inputs
+    ctx.save_for_backward(weights, codes, values, start)
     ctx.first_valid = first_valid
 
 
-def _block_cache_sums_grad(ctx, grad):
-    (codes,) = ctx.saved_tensors
-    g_values, g_start = _block_cache_sums_backward(grad, codes, ctx.first_valid)
-    return None, g_values, g_start, None
+def _cache_read_grad(ctx, grad):
+    weights, codes, values, start = ctx.saved_tensors
+    keys_too = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+    g_weights, g_values, g_start = _cache_read_backward(grad.contiguous(), weights, codes, values, start,
+                                                        ctx.first_valid, keys_too)
+    if not keys_too:
+        g_values = g_start = None
+    return grad, g_weights, None, g_values, g_start, None
 
 
-_block_cache_sums.register_autograd(_block_cache_sums_grad, setup_context=_block_cache_sums_setup)
+_cache_read.register_autograd(_cache_read_grad, setup_context=_cache_read_setup)
 
 
 def cache_log_count(count: Tensor) -> Tensor:
