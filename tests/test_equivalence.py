@@ -200,13 +200,13 @@ def test_dense_chunked_equals_reference(T, P, chunk, mem_len):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-def _cache_read_reference(base, weights, codes, values, start, first_valid):
-    """base + weights @ (start + an exclusive prefix sum over blocks of one-hot(code)^T values)."""
+def _cache_read_reference(weights, codes, values, start, first_valid):
+    """weights @ (start + an exclusive prefix sum over blocks of one-hot(code)^T values)."""
     P, nb, L = codes.shape
     keep = (torch.arange(nb * L) >= first_valid).view(nb, L, 1).to(values.dtype)
     onehot = torch.nn.functional.one_hot(codes, start.shape[1]).to(values.dtype) * keep  # (P, nb, L, S)
     stats = onehot.transpose(-1, -2) @ values  # (P, nb, S, D_v)
-    return base + weights @ (start[:, None] + stats.cumsum(1) - stats)
+    return weights @ (start[:, None] + stats.cumsum(1) - stats)
 
 
 @pytest.mark.parametrize("nb,first_valid", [(1, 0), (2, 3), (5, 0), (5, 6), (9, 4), (9, 36)])
@@ -218,36 +218,35 @@ def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid):
     torch.manual_seed(nb)
     P, L, S, Dv = 3, 4, 5, 6
     codes = torch.randint(0, S, (P, nb, L))
-    inputs = [torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True),  # base
-              torch.rand(P, nb, L, S, dtype=torch.float64, requires_grad=True),  # weights
+    inputs = [torch.rand(P, nb, L, S, dtype=torch.float64, requires_grad=True),  # weights
               torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True),  # values
               torch.randn(P, S, Dv, dtype=torch.float64, requires_grad=True)]  # start
-    base, weights, values, start = inputs
-    want = _cache_read_reference(base, weights, codes, values, start, first_valid)
+    weights, values, start = inputs
+    want = _cache_read_reference(weights, codes, values, start, first_valid)
     w = torch.randn_like(want)
     g_want = torch.autograd.grad((want * w).sum(), inputs)
-    plain = (base.detach(), weights.detach(), codes, values.detach(), start.detach(), first_valid)
+    plain = (weights.detach(), codes, values.detach(), start.detach(), first_valid)
     grad_args = (w, weights.detach(), codes, values.detach(), start.detach(), first_valid, True)
     impls = [(cache._read_running, cache._grad_running, ())] + [
         (cache._read_chunked, cache._grad_chunked, (size,)) for size in (1, 2, 4, nb)]
     for read, grad, extra in impls:  # what a CPU and what a GPU runs
         torch.testing.assert_close(read(*plain, *extra), want.detach(), atol=1e-12, rtol=0)
         g_weights, g_values, g_start = grad(*grad_args, *extra)
-        for a, b in zip((g_weights, g_values, g_start), g_want[1:]):
+        for a, b in zip((g_weights, g_values, g_start), g_want):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
         g_weights_only, g_values, g_start = grad(*grad_args[:-1], False, *extra)
-        torch.testing.assert_close(g_weights_only, g_want[1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(g_weights_only, g_want[0], atol=1e-12, rtol=0)
         assert g_values.numel() == g_start.numel() == 0
-    got = cache.cache_read(*inputs[:2], codes, *inputs[2:], first_valid)  # the custom op, through autograd
+    got = cache.cache_read(weights, codes, values, start, first_valid)  # the custom op, through autograd
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     for a, b in zip(torch.autograd.grad((got * w).sum(), inputs), g_want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    g_weights, = torch.autograd.grad((cache.cache_read(base, weights, codes, values.detach(), start.detach(),
+    g_weights, = torch.autograd.grad((cache.cache_read(weights, codes, values.detach(), start.detach(),
                                                         first_valid) * w).sum(), weights)
-    torch.testing.assert_close(g_weights, g_want[1], atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_weights, g_want[0], atol=1e-12, rtol=0)
     if torch.cuda.is_available():
         args = [t.detach().cuda().requires_grad_() for t in inputs]
-        got = cache.cache_read(*args[:2], codes.cuda(), *args[2:], first_valid)
+        got = cache.cache_read(args[0], codes.cuda(), *args[1:], first_valid)
         torch.testing.assert_close(got.cpu(), want.detach(), atol=1e-12, rtol=0)
         for a, b in zip(torch.autograd.grad((got * w.cuda()).sum(), args), g_want):
             torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=0)
@@ -256,9 +255,8 @@ def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid):
 def test_cache_read_rejects_mismatched_shapes():
     from tvq.ops.cache import cache_read
 
-    base = torch.zeros(2, 3, 4, 6)
-    with pytest.raises(ValueError, match="cache_read: base and values .P, nb, L, D_v."):
-        cache_read(base, torch.zeros(2, 3, 4, 7), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5, 6),
+    with pytest.raises(ValueError, match=r"cache_read: weights \(P, nb, L, S\), codes"):
+        cache_read(torch.zeros(2, 3, 4, 7), torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 5, 6),
                    torch.zeros(2, 7, 6))
 
 

@@ -137,17 +137,21 @@ def blockwise_attention(
     # one softmax over the window and the cache (a fused kernel, forward and backward)
     p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
     p_win = p[..., :W].to(v_win.dtype)  # (B, H, nb, L, W)
-    if old is not None and not grad_thru_cache and torch.is_grad_enabled():
-        out = _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
+    if not agg_cache:
+        return (p_win @ v_win).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+
+    p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
+    cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
+    if not grad_thru_cache:
+        cache_vals = cache_vals.detach()
+    out = cache_read(
+        p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+        (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
+    ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
+    if not grad_thru_cache and torch.is_grad_enabled():
+        out = out + _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
+    elif out.dtype == v_win.dtype:  # accumulate into the fresh product: no extra pass (backward does not need it)
+        out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))
     else:
-        out = p_win @ v_win  # (B, H, nb, L, D_v)
-    if agg_cache:
-        p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
-        cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
-        if not grad_thru_cache:
-            cache_vals = cache_vals.detach()
-        out = cache_read(
-            out.to(acc).flatten(0, 1), p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-            (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
-        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
+        out = out + p_win @ v_win
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)

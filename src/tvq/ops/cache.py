@@ -38,24 +38,23 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, d
     return counts[:-1].view(*lead, S), sums[:-1].view(*lead, S, values.shape[-1])
 
 
-def cache_read(base: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor,
-               first_valid: int = 0) -> Tensor:
-    """base + the cache's share of each block's output (SPEC 4): out[:, n] = base[:, n] + weights[:, n] @ C_n.
+def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, first_valid: int = 0) -> Tensor:
+    """The cache's share of each block's output (SPEC 4): out[:, n] = weights[:, n] @ C_n (P, nb, L, D_v).
 
     C_n (P, S, D_v) is the cache of block n: C_n[s] = start[s] + the sum of the values of the keys of
-    blocks 0..n-1 with code s. base (P, nb, L, D_v), weights (P, nb, L, S), codes (P, nb, L),
-    values (P, nb, L, D_v), start (P, S, D_v), all but codes in one dtype; keys before position
+    blocks 0..n-1 with code s. weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v),
+    start (P, S, D_v), all but codes in one dtype; keys before position
     ``first_valid`` (empty slots) are skipped. The nb caches are never all held at once (they would be
     (P, nb, S, D_v), S / L times the size of the values): on a CPU one running sum, updated by a scatter
     of L keys per block, feeds one product per block; elsewhere chunks of blocks are summed with a
     cumsum. Backward recomputes them the same way.
     """
-    if codes.dim() != 3 or weights.shape[:3] != codes.shape or base.shape[:3] != codes.shape \
-            or values.shape != base.shape or start.shape != (codes.shape[0], weights.shape[-1], values.shape[-1]):
-        raise ValueError(f"cache_read: base and values (P, nb, L, D_v), weights (P, nb, L, S), codes (P, nb, L) "
-                         f"and start (P, S, D_v) expected, got {tuple(base.shape)}, {tuple(values.shape)}, "
-                         f"{tuple(weights.shape)}, {tuple(codes.shape)} and {tuple(start.shape)}")
-    return _cache_read(base, weights, codes, values, start, first_valid)
+    if codes.dim() != 3 or weights.shape[:3] != codes.shape or values.dim() != 4 or values.shape[:3] != codes.shape \
+            or start.shape != (codes.shape[0], weights.shape[-1], values.shape[-1]):
+        raise ValueError(f"cache_read: weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v) and "
+                         f"start (P, S, D_v) expected, got {tuple(weights.shape)}, {tuple(codes.shape)}, "
+                         f"{tuple(values.shape)} and {tuple(start.shape)}")
+    return _cache_read(weights, codes, values, start, first_valid)
 
 
 _CHUNK_BYTES = 256 * 2**20  # off a CPU: the caches of one chunk of blocks, (P, c, S, D_v), stay under this
@@ -119,33 +118,32 @@ def _chunked_caches(codes, values, start, first_valid, size):
         run = caches[:, -1]
 
 
-def _read_running(base, weights, codes, values, start, first_valid):
+def _read_running(weights, codes, values, start, first_valid):
     """cache_read on a CPU: per block one product with the running cache."""
-    out = torch.empty_like(base)
+    out = values.new_empty(values.shape)
     for n, cache in _running_caches(codes, values, start, first_valid):
-        torch.baddbmm(base[:, n], weights[:, n], cache, out=out[:, n])
+        torch.bmm(weights[:, n], cache, out=out[:, n])
     return out
 
 
-def _read_chunked(base, weights, codes, values, start, first_valid, size):
+def _read_chunked(weights, codes, values, start, first_valid, size):
     """cache_read in chunks of ``size`` blocks: one product per chunk."""
-    out = torch.empty_like(base)
+    out = values.new_empty(values.shape)
     for c0, c1, caches in _chunked_caches(codes, values, start, first_valid, size):
-        torch.add(base[:, c0:c1], weights[:, c0:c1] @ caches, out=out[:, c0:c1])
+        torch.matmul(weights[:, c0:c1], caches, out=out[:, c0:c1])
     return out
 
 
 @torch.library.custom_op("tvq::cache_read", mutates_args=())
-def _cache_read(base: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor,
-                first_valid: int) -> Tensor:
+def _cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
     if values.device.type == "cpu":  # a cumsum along a leading dim is slow on a CPU
-        return _read_running(base, weights, codes, values, start, first_valid)
-    return _read_chunked(base, weights, codes, values, start, first_valid, _blocks_per_chunk(start))
+        return _read_running(weights, codes, values, start, first_valid)
+    return _read_chunked(weights, codes, values, start, first_valid, _blocks_per_chunk(start))
 
 
 @_cache_read.register_fake
-def _(base, weights, codes, values, start, first_valid):
-    return torch.empty_like(base)
+def _(weights, codes, values, start, first_valid):
+    return values.new_empty(values.shape)
 
 
 # Backward. With G_n = sum over n' >= n of weights[:, n']^T grad[:, n'] (P, S, D_v), the gradient that
@@ -212,19 +210,19 @@ def _(grad, weights, codes, values, start, first_valid, keys_too):
 
 
 def _cache_read_setup(ctx, inputs, output):
-    _, weights, codes, values, start, first_valid = inputs
+    weights, codes, values, start, first_valid = inputs
     ctx.save_for_backward(weights, codes, values, start)
     ctx.first_valid = first_valid
 
 
 def _cache_read_grad(ctx, grad):
     weights, codes, values, start = ctx.saved_tensors
-    keys_too = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+    keys_too = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     g_weights, g_values, g_start = _cache_read_backward(grad.contiguous(), weights, codes, values, start,
                                                         ctx.first_valid, keys_too)
     if not keys_too:
         g_values = g_start = None
-    return grad, g_weights, None, g_values, g_start, None
+    return g_weights, None, g_values, g_start, None
 
 
 _cache_read.register_autograd(_cache_read_grad, setup_context=_cache_read_setup)
