@@ -42,12 +42,12 @@ def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, fi
     """The cache's share of each block's output (SPEC 4): out[:, n] = weights[:, n] @ C_n (P, nb, L, D_v).
 
     C_n (P, S, D_v) is the cache of block n: C_n[s] = start[s] + the sum of the values of the keys of
-    blocks 0..n-1 with code s. weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v),
-    start (P, S, D_v), all but codes in one dtype; keys before position
-    ``first_valid`` (empty slots) are skipped. The nb caches are never all held at once (they would be
-    (P, nb, S, D_v), S / L times the size of the values): on a CPU one running sum, updated by a scatter
-    of L keys per block, feeds one product per block; elsewhere chunks of blocks are summed with a
-    cumsum. Backward recomputes them the same way.
+    blocks 0..n-1 with code s. weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v) and
+    start (P, S, D_v), all but codes in one dtype; keys before position ``first_valid`` (empty slots)
+    are skipped. The nb caches are never all held at once (they would be (P, nb, S, D_v), S / L times
+    the size of the values): on a CPU one running sum, updated by a scatter of L keys per block, feeds
+    one product per block; elsewhere chunks of blocks (at most 256 MiB of caches) come from one scatter
+    and a cumsum. Backward recomputes them the same way.
     """
     if codes.dim() != 3 or weights.shape[:3] != codes.shape or values.dim() != 4 or values.shape[:3] != codes.shape \
             or start.shape != (codes.shape[0], weights.shape[-1], values.shape[-1]):
