@@ -111,8 +111,9 @@ def logits_of(model, ids, state=None):
 
 # --------------------------------------------------------------- reference
 @torch.no_grad()
-def check(impl: str, preset: str) -> None:
-    """Compare the timed path with its reference on a small float64 input."""
+def check(impl: str, preset: str, device: str = "cpu") -> None:
+    """Compare the timed path with its reference on a small float64 input, on the device the case runs
+    on (a GPU runs its own code paths: the chunked cache read, its kernels)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from tvq.ops import dense_attention, quadratic_attention
@@ -120,23 +121,24 @@ def check(impl: str, preset: str) -> None:
     torch.manual_seed(0)
     if impl == "full":  # the chunked dense op against the reference formula
         B, H, T, P, Dk, Dv, M = 1, 2, 97, 31, 8, 6, 17
-        q, keys, values = (torch.randn(B, H, n, d, dtype=torch.float64)
+        q, keys, values = (torch.randn(B, H, n, d, dtype=torch.float64, device=device)
                            for n, d in ((T, Dk), (P + T, Dk), (P + T, Dv)))
-        rel, u, v = torch.randn(H, M + 1, Dk, dtype=torch.float64), *torch.randn(2, H, Dk, dtype=torch.float64)
+        rel = torch.randn(H, M + 1, Dk, dtype=torch.float64, device=device)
+        u, v = torch.randn(2, H, Dk, dtype=torch.float64, device=device)
         got = dense_attention(q, keys, values, rel=rel, u=u, v=v, mem_len=M, chunk=16)
         want = quadratic_attention(q, keys, values, n_invalid=0, rel=rel, u=u, v=v, mem_len=M,
                                    agg_cache=True, grad_thru_cache=True, quantized=False)
     elif impl == "vq":  # blockwise against the quadratic reference, same weights
         cfg = model_config(preset, impl).replace(d_model=64, d_k=16, d_v=32, n_layer=1, n_code=32,
                                                  block_len=16, mem_len=24)
-        model = TransformerVQ(cfg).double().eval()
-        ids = torch.randint(0, cfg.vocab_size, (1, 300))
+        model = TransformerVQ(cfg).double().to(device).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, 300), device=device)
         got = model(ids).logits
         model.config.attn_impl = "quadratic"
         want = model(ids).logits
     else:  # SDPA's fast kernels against its plain math backend
-        model = build("sdpa", preset).double().eval()
-        ids = torch.randint(0, 256, (1, 300))
+        model = build("sdpa", preset).double().to(device).eval()
+        ids = torch.randint(0, 256, (1, 300), device=device)
         got = model(ids)[0]
         with sdpa_kernel(SDPBackend.MATH):
             want = model(ids)[0]
@@ -205,7 +207,7 @@ def measure(case: Case) -> Record:
     record = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, device, case.dtype,
                     torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
                     threads=torch.get_num_threads())
-    check(case.impl, case.preset)
+    check(case.impl, case.preset, device)
     torch.manual_seed(0)
     model = build(case.impl, case.preset).to(device)
     record.params = sum(p.numel() for p in model.parameters())
