@@ -271,3 +271,31 @@ def test_code_statistics_is_a_per_code_sum():
     onehot = torch.nn.functional.one_hot(codes, 5).double() * valid[..., None]
     torch.testing.assert_close(counts, onehot.sum(-2))
     torch.testing.assert_close(sums, onehot.transpose(-1, -2) @ values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk_bytes", [1, None])  # one block per chunk of the cache read; the default
+@pytest.mark.parametrize("agg_cache,grad_thru_cache", [(True, True), (True, False), (False, False)])
+def test_blockwise_on_cuda_equals_quadratic_on_cpu(monkeypatch, chunk_bytes, agg_cache, grad_thru_cache):
+    """What a GPU runs of its own (the chunked cache read, its kernels), logits and gradients, float64;
+    then the decoder on the GPU against the forward."""
+    from tvq.ops import cache
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(cache, "_CHUNK_BYTES", chunk_bytes)
+    model = make_model(block_len=4, mem_len=6, agg_cache=agg_cache, grad_thru_cache=grad_thru_cache).train()
+    ref = clone_with(model, attn_impl="quadratic")
+    gpu = clone_with(model).cuda()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 50, (2, 61))
+    la, ga = logits_and_grads(gpu, ids.cuda())
+    lb, gb = logits_and_grads(ref, ids)
+    torch.testing.assert_close(la.cpu(), lb, atol=ATOL, rtol=0)
+    assert_close_grads({n: g.cpu() for n, g in ga.items()}, gb)
+
+    gpu.eval()
+    with torch.no_grad():
+        full = gpu(ids.cuda()).logits
+        decoder = gpu.decoder(gpu(ids[:, :3].cuda()).state)
+        steps = torch.stack([decoder.step(ids[:, t].cuda()) for t in range(3, 61)], 1)
+    torch.testing.assert_close(steps, full[:, 3:], atol=ATOL, rtol=0)
