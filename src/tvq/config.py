@@ -69,6 +69,7 @@ class TransformerVQConfig(DictConfig):
     final_norm: bool = False
     logit_scale: float = 1.0
     norm_eps: float = 1e-6
+    grad_checkpoint: bool = False  # training: recompute each GAU in backward instead of keeping its activations
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,7 +83,7 @@ class TransformerVQConfig(DictConfig):
                 raise ValueError(f"config.{name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"config.{name} must be >= 1, got {value}")
-        for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm"):
+        for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm", "grad_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention not in ATTENTIONS:

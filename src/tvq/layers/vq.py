@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+_RECOMPUTING = contextvars.ContextVar("tvq_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks activation checkpointing's second run of a forward: its codebook statistics were
+    gathered by the first run and are not gathered again."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
 
 
 @dataclass
@@ -61,7 +77,7 @@ class VectorQuantizer(nn.Module):
         else:
             w = token_mask.to(err.dtype)
             commit = (err * w).sum() / w.sum().clamp_min(1.0)
-        if self.training:
+        if self.training and (torch.compiler.is_compiling() or not _RECOMPUTING.get()):
             self._accumulate(k.detach(), codes, err.detach(), token_mask)
         return Quantized(k_st, codes, commit)
 

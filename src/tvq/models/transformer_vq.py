@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tvq.config import TransformerVQConfig
 from tvq.layers.gau import GAU
 from tvq.layers.norm import RMSNorm
+from tvq.layers.vq import recomputing
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState
 
 IGNORE_INDEX = -100
+
+
+def _recompute_quietly():
+    """Contexts of activation checkpointing's forward and of its recomputation in backward."""
+    return contextlib.nullcontext(), recomputing()
 
 
 @dataclass
@@ -121,8 +129,16 @@ class TransformerVQ(nn.Module):
         x = self.drop_emb(self.embed(input_ids))  # (B, T, D)
         commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         layers = []
+        recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
         for gau, layer_state in zip(self.gaus, state.layers):
-            x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask)
+            if recompute:  # keep only each GAU's inputs; backward runs it again (same dropout masks)
+                # eager backward re-runs the Python forward: tell the quantizer not to count its codes
+                # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
+                quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
+                x, new_layer_state, layer_commit = checkpoint(
+                    gau, x, layer_state, state.pos, token_mask, use_reentrant=False, **quiet)
+            else:
+                x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask)
             layers.append(new_layer_state)
             commit = commit + layer_commit
         logits = self._logits(x)
