@@ -5,7 +5,9 @@
 #   small      bench-small, bfloat16, batch 1: train + forward of vq, full and sdpa, 2k..131k tokens
 #   compiled   the same for vq with torch.compile
 #   decode     bench-small decode at positions 1024 and 65536 (eager and compiled vq; full; sdpa)
-#   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 8: train of vq, full and sdpa at 8k, 32k, 131k
+#   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 8: train of vq, full and sdpa at 8k, 32k, 131k,
+#              every model recomputing each layer in backward (without it the activations of 48 GAUs x 8 x 8k
+#              tokens come to ~200 GB, scaling bench-small's measured ~38 KB per token and GAU)
 # Lengths a baseline cannot run come out as oom / timeout, not dropped.
 set -euo pipefail
 stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8 [OUT_DIR]}
@@ -27,7 +29,7 @@ case "$stage" in
     tvq bench "${common[@]}" --mode decode --impl vq --decode-positions 1024,65536 --decode-steps 256 \
       --compile --json "$out/cuda_bench_small_decode_compiled.json" ;;
   enwik8)
-    tvq bench "${common[@]}" --preset enwik8 --batch-size 8 --mode train --impl vq,full,sdpa \
+    tvq bench "${common[@]}" --preset enwik8 --batch-size 8 --mode train --impl vq,full,sdpa --grad-checkpoint \
       --seq-lens 8192,32768,131072 --repeats 3 --warmup 1 --time-budget 150 \
       --json "$out/cuda_enwik8_b8.json" --plot "$out/cuda_enwik8_b8.png" ;;
   *)

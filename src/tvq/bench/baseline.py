@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class SDPABlock(nn.Module):
@@ -46,13 +47,19 @@ class SDPATransformer(nn.Module):
         self.blocks = nn.ModuleList(SDPABlock(d_model, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.grad_checkpoint = False  # training: recompute each block in backward
 
     def forward(self, input_ids: Tensor, cache: list | None = None) -> tuple[Tensor, list]:
         """input_ids (B, T) -> logits (B, T, V) float32, and the per-layer key/value cache."""
         x = self.embed(input_ids)
         new_cache = []
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if cache is None else cache[i])
+            layer_cache = None if cache is None else cache[i]
+            if recompute:
+                x, kv = checkpoint(block, x, layer_cache, use_reentrant=False)
+            else:
+                x, kv = block(x, layer_cache)
             new_cache.append(kv)
         return self.head(self.ln_f(x)).float(), new_cache
 

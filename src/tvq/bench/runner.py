@@ -58,6 +58,7 @@ class Case:
     decode_steps: int = 64
     compile: bool = False
     threads: int = 0  # intra-op CPU threads; 0: torch's default (one per core)
+    grad_checkpoint: bool = False  # train: recompute each layer in backward
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Record:
     compiled: bool = False
     params: int = 0
     threads: int = 0  # intra-op CPU threads (torch.get_num_threads()) the case ran with
+    grad_checkpoint: bool = False
     seconds: list[float] = field(default_factory=list)
 
 
@@ -92,13 +94,16 @@ def model_config(preset: str, impl: str) -> TransformerVQConfig:
     return TransformerVQConfig(**BENCH_PRESETS[preset], attention="full" if impl == "full" else "vq")
 
 
-def build(impl: str, preset: str) -> torch.nn.Module:
+def build(impl: str, preset: str, grad_checkpoint: bool = False) -> torch.nn.Module:
+    """The model of an impl; ``grad_checkpoint``: recompute each layer (GAU or block) in backward."""
     from tvq.bench.baseline import sdpa_like
 
-    cfg = model_config(preset, impl)
+    cfg = model_config(preset, impl).replace(grad_checkpoint=grad_checkpoint)
     if impl == "sdpa":
         vq_params = TransformerVQ(cfg).num_parameters()
-        return sdpa_like(vq_params, cfg.vocab_size, cfg.d_model, n_head=max(1, cfg.d_model // 64))
+        model = sdpa_like(vq_params, cfg.vocab_size, cfg.d_model, n_head=max(1, cfg.d_model // 64))
+        model.grad_checkpoint = grad_checkpoint
+        return model
     return TransformerVQ(cfg)
 
 
@@ -206,10 +211,10 @@ def measure(case: Case) -> Record:
     device, dtype = case.device, DTYPES[case.dtype]
     record = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, device, case.dtype,
                     torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), grad_checkpoint=case.grad_checkpoint)
     check(case.impl, case.preset, device)
     torch.manual_seed(0)
-    model = build(case.impl, case.preset).to(device)
+    model = build(case.impl, case.preset, case.grad_checkpoint).to(device)
     record.params = sum(p.numel() for p in model.parameters())
     B, T = case.batch_size, case.seq_len
     amp = dtype != torch.float32
@@ -290,7 +295,8 @@ def run_isolated(case: Case, time_budget: float) -> Record:
     """Run a case in a subprocess; report OOM, timeout or a wrong path instead of a speed."""
     cmd = [sys.executable, "-m", "tvq.bench.runner", json.dumps(asdict(case))]
     fail = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, case.device, case.dtype,
-                  torch.__version__, _commit(), preset=case.preset)
+                  torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
+                  grad_checkpoint=case.grad_checkpoint)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_budget, env=os.environ.copy())
     except subprocess.TimeoutExpired:
@@ -377,6 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds per case before it is reported as a timeout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train, forward) or the decode step")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads per case (default: one per core)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="train: recompute each layer in backward (activation checkpointing), every impl")
     p.add_argument("--json", help="write the records here")
     p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here")
     return p.parse_args(argv)
@@ -410,7 +418,7 @@ def main(argv=None) -> int:
         for impl in impls:
             for T in positions if mode == "decode" else lens:
                 case = Case(impl, mode, T, args.batch_size, args.preset, args.device, args.dtype, args.warmup,
-                            args.repeats, args.decode_steps, args.compile, args.threads)
+                            args.repeats, args.decode_steps, args.compile, args.threads, args.grad_checkpoint)
                 r = run_isolated(case, args.time_budget)
                 records.append(r)
                 speed = f"{r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else f"{r.status}: {r.detail}"
