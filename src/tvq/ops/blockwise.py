@@ -27,6 +27,31 @@ def skew(x: Tensor, width: int) -> Tensor:
     return x.flatten(-2)[..., : L * width].unflatten(-1, (L, width))
 
 
+class _Windows(torch.autograd.Function):
+    """x (B, H, M + nb L, D) -> its nb windows of W = M + L rows, one every L rows: (B, H, nb, W, D), a view.
+
+    The same as ``x.unfold(2, W, L).transpose(-1, -2)``, with a backward that sums the overlapping
+    windows' gradients as ceil(W / L) strided adds of whole blocks, reading the gradient in its own
+    layout (``unfold``'s backward reads it transposed: 9.7 ms against 1.5 ms for the value windows of
+    8k tokens, bench-small, on the 2-core CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, L):
+        ctx.shape, ctx.W, ctx.L = x.shape, W, L
+        return x.unfold(2, W, L).transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (B, H, N, D), W, L = ctx.shape, ctx.W, ctx.L
+        nb = grad.shape[2]
+        g = grad.new_zeros(B, H, N + L, D)  # L spare rows: a last partial piece may start past N - nb L
+        for lo in range(0, W, L):  # rows lo..lo+w of every window are rows lo + n L + (0..w) of x
+            w = min(L, W - lo)
+            g[:, :, lo: lo + nb * L].unflatten(2, (nb, L))[..., :w, :] += grad[:, :, :, lo: lo + w]
+        return g[:, :, :N], None, None
+
+
 class _KeepGradMatmul(torch.autograd.Function):
     """a @ b whose gradient to b counts only the kept products (both gradients are exact otherwise).
 
@@ -98,8 +123,8 @@ def blockwise_attention(
         vals, codes = F.pad(values, (0, 0, 0, pad)), F.pad(codes, (0, pad))
     q = q.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
     # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
-    k_win = keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_k)
-    v_win = vals.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, W, D_v)
+    k_win = _Windows.apply(keys, W, L)  # (B, H, nb, W, D_k)
+    v_win = _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
     qv = q + v[:, None, None]
 
