@@ -77,6 +77,7 @@ class VectorQuantizer(nn.Module):
         else:
             w = token_mask.to(err.dtype)
             commit = (err * w).sum() / w.sum().clamp_min(1.0)
+        # a compiled graph recomputes inside itself, never through here (and dynamo cannot read a ContextVar)
         if self.training and (torch.compiler.is_compiling() or not _RECOMPUTING.get()):
             self._accumulate(k.detach(), codes, err.detach(), token_mask)
         return Quantized(k_st, codes, commit)
