@@ -265,12 +265,16 @@ def test_code_statistics_is_a_per_code_sum():
 
     torch.manual_seed(0)
     codes = torch.randint(0, 5, (2, 3, 4, 9))
-    values = torch.randn(2, 3, 4, 9, 6, dtype=torch.float64)
+    values = torch.randn(2, 3, 4, 9, 6, dtype=torch.float64, requires_grad=True)
     valid = torch.rand(4, 9) > 0.3
     counts, sums = code_statistics(codes, values, valid, 5, torch.float64)
     onehot = torch.nn.functional.one_hot(codes, 5).double() * valid[..., None]
+    want = onehot.transpose(-1, -2) @ values
     torch.testing.assert_close(counts, onehot.sum(-2))
-    torch.testing.assert_close(sums, onehot.transpose(-1, -2) @ values)
+    torch.testing.assert_close(sums, want)
+    w = torch.randn_like(want)  # the sums' gradient reaches each valid value from its code's row
+    torch.testing.assert_close(torch.autograd.grad((sums * w).sum(), values)[0],
+                               torch.autograd.grad((want * w).sum(), values)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

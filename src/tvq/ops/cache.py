@@ -33,9 +33,35 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, d
     idx = torch.where(valid, codes + offset, groups * S).flatten()  # (G N,), spare bucket G S
     counts = torch.zeros(groups * S + 1, dtype=dtype, device=codes.device)
     counts.index_add_(0, idx, torch.ones(idx.shape, dtype=dtype, device=codes.device))
-    sums = torch.zeros(groups * S + 1, values.shape[-1], dtype=dtype, device=codes.device)
-    sums.index_add_(0, idx, values.to(dtype).flatten(0, -2))  # in place: no copy of the zeros
+    sums = sum_rows(idx, values.to(dtype).flatten(0, -2), groups * S + 1)
     return counts[:-1].view(*lead, S), sums[:-1].view(*lead, S, values.shape[-1])
+
+
+@torch.library.custom_op("tvq::sum_rows", mutates_args=())
+def sum_rows(index: Tensor, rows: Tensor, n_out: int) -> Tensor:
+    """(n_out, D): out[i] = the sum of rows[j] (N, D) over index[j] == i.
+
+    An op of its own so that a compiled graph calls aten's index_add instead of generating a scatter
+    of atomic adds (on a CPU ~10x slower: 6 ms against 0.5 ms for 8k values of width 512).
+    """
+    return rows.new_zeros(n_out, rows.shape[-1]).index_add_(0, index, rows)
+
+
+@sum_rows.register_fake
+def _(index, rows, n_out):
+    return rows.new_empty(n_out, rows.shape[-1])
+
+
+def _sum_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _sum_rows_grad(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return None, grad[index], None
+
+
+sum_rows.register_autograd(_sum_rows_grad, setup_context=_sum_rows_setup)
 
 
 def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, first_valid: int = 0) -> Tensor:
