@@ -210,9 +210,11 @@ def _cache_read_reference(weights, codes, values, start, first_valid):
 
 
 @pytest.mark.parametrize("nb,first_valid", [(1, 0), (2, 3), (5, 0), (5, 6), (9, 4), (9, 36)])
-def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid):
+@pytest.mark.parametrize("fresh", [False, True])
+def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid, fresh):
     """Both implementations (a CPU's running sum; chunks of 1, 2, 4 and all blocks elsewhere) and both
-    backward passes, against autograd through the one-hot reference, float64."""
+    backward passes, against autograd through the one-hot reference, float64. ``fresh``: a zero start,
+    whose leading blocks read empty caches (the CPU skips their products)."""
     from tvq.ops import cache
 
     torch.manual_seed(nb)
@@ -220,7 +222,7 @@ def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid):
     codes = torch.randint(0, S, (P, nb, L))
     inputs = [torch.rand(P, nb, L, S, dtype=torch.float64, requires_grad=True),  # weights
               torch.randn(P, nb, L, Dv, dtype=torch.float64, requires_grad=True),  # values
-              torch.randn(P, S, Dv, dtype=torch.float64, requires_grad=True)]  # start
+              (torch.zeros if fresh else torch.randn)(P, S, Dv, dtype=torch.float64, requires_grad=True)]  # start
     weights, values, start = inputs
     want = _cache_read_reference(weights, codes, values, start, first_valid)
     w = torch.randn_like(want)

@@ -144,11 +144,21 @@ def _chunked_caches(codes, values, start, first_valid, size):
         run = caches[:, -1]
 
 
+def _n_empty(start: Tensor, first_valid: int, L: int, nb: int) -> int:
+    """How many leading blocks read an all-zero cache: with ``start`` zero (a fresh state), blocks
+    0..first_valid // L, whose caches hold only empty slots. Their products are skipped: at the start of
+    a sequence that is the first two blocks (M = L), half the cache read of a 512-token forward."""
+    return 0 if start.any() else min(nb, first_valid // L + 1)
+
+
 def _read_running(weights, codes, values, start, first_valid):
     """cache_read on a CPU: per block one product with the running cache."""
     out = values.new_empty(values.shape)
+    n_empty = _n_empty(start, first_valid, codes.shape[2], codes.shape[1])
+    out[:, :n_empty] = 0
     for n, cache in _running_caches(codes, values, start, first_valid):
-        torch.bmm(weights[:, n], cache, out=out[:, n])
+        if n >= n_empty:
+            torch.bmm(weights[:, n], cache, out=out[:, n])
     return out
 
 
@@ -180,8 +190,11 @@ def _grad_running(grad, weights, codes, values, start, first_valid, keys_too):
     P, nb, L = codes.shape
     S, Dv = start.shape[1:]
     g_weights = torch.empty_like(weights)
+    n_empty = _n_empty(start, first_valid, L, nb)
+    g_weights[:, :n_empty] = 0
     for n, cache in _running_caches(codes, values, start, first_valid):
-        torch.bmm(grad[:, n], cache.transpose(1, 2), out=g_weights[:, n])
+        if n >= n_empty:
+            torch.bmm(grad[:, n], cache.transpose(1, 2), out=g_weights[:, n])
     if not keys_too:
         return g_weights, values.new_empty(0), start.new_empty(0)
     rows = _key_rows(codes, S)  # (P, nb, L)
