@@ -68,3 +68,49 @@ def test_bfloat16_autocast_training_gradients_track_float32(attn_impl, agg_cache
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
     assert rel < 0.08, f"bf16 autocast gradients are {rel:.3f} (relative) from float32's"
+
+
+def test_linear_fallback_and_arguments():
+    from tvq.ops import linear as lin
+
+    torch.manual_seed(0)
+    x, w, r = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(2, 5, 6)
+    for act, res, want in [(None, None, x @ w.T), ("silu", None, torch.nn.functional.silu(x @ w.T)),
+                           (None, r.double(), x @ w.T + r)]:
+        torch.testing.assert_close(lin.linear(x, w, act, res), want)  # float64 always takes F.linear
+        with torch.no_grad():  # float32: the fused kernel where oneDNN is there
+            got = lin.linear(x.float(), w.float(), act, None if res is None else res.float())
+            torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    x, w = x.float(), w.float()
+    with pytest.raises(ValueError, match="act must be None or 'silu'"):
+        lin.linear(x, w, act="gelu")
+    with pytest.raises(ValueError, match="an activation and a residual"):
+        lin.linear(x, w, act="silu", residual=r)
+    assert not lin.fused_linear_ok(x, w.requires_grad_())  # autograd needs F.linear
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_fused_cpu_inference_matches_the_plain_path(monkeypatch):
+    """The eval forward with oneDNN's fused projections gives the plain path's logits and state."""
+    from tvq.ops import linear as lin
+
+    torch.manual_seed(0)
+    cfg = TransformerVQConfig(vocab_size=256, d_model=64, d_k=16, d_v=128, n_head=2, n_layer=2,
+                              n_code=32, block_len=32, mem_len=32)
+    model = TransformerVQ(cfg).eval()
+    ids = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        assert lin.fused_linear_ok(torch.zeros(1), model.gaus[0].w_q.weight)
+        calls = []
+        real = lin._LINEAR_POINTWISE
+        monkeypatch.setattr(lin, "_LINEAR_POINTWISE", type("Spy", (), {
+            "__call__": lambda self, *a: calls.append(1) or real(*a),
+            "binary": lambda self, *a: calls.append(1) or real.binary(*a)})())
+        fast = model(ids)
+        assert len(calls) == 4 * 2 * cfg.n_layer  # q, k, v|g and o of every GAU
+        monkeypatch.setattr(lin, "_LINEAR_POINTWISE", None)
+        plain = model(ids)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(fast.state.layers, plain.state.layers):
+        for x, y in zip(a._tensors(), b._tensors()):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

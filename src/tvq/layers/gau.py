@@ -12,6 +12,7 @@ from tvq.layers.position import sinusoids
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import code_statistics, merge_cache
+from tvq.ops.linear import fused_linear_ok, linear
 from tvq.state import LayerState
 
 
@@ -87,12 +88,19 @@ class GAU(nn.Module):
         H, Dk, Dv, M = cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len
         scale = Dk**-0.25
 
-        h = self.norm(x)
-        q = self.qk_norm(self.w_q(h).view(B, T, H, Dk)).transpose(1, 2) * scale  # (B, H, T, D_k)
-        k, v, g = self.w_kvg(h).split([H * Dk, H * Dv, H * Dv], -1)
+        h = self.norm(x)  # (B, T, D)
+        fused = fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
+        if fused:  # CPU inference: oneDNN GEMMs, SiLU applied inside the v/g one
+            q = linear(h, self.w_q.weight)
+            k = linear(h, self.w_kvg.weight[: H * Dk])
+            v, g = linear(h, self.w_kvg.weight[H * Dk:], act="silu").split([H * Dv, H * Dv], -1)
+        else:
+            q = self.w_q(h)
+            k, v, g = self.w_kvg(h).split([H * Dk, H * Dv, H * Dv], -1)
+            v, g = F.silu(v), F.silu(g)
+        q = self.qk_norm(q.view(B, T, H, Dk)).transpose(1, 2) * scale  # (B, H, T, D_k)
         k = self.qk_norm(k.view(B, T, H, Dk)).transpose(1, 2) * scale  # (B, H, T, D_k)
-        v = F.silu(v).view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, D_v)
-        g = F.silu(g)  # (B, T, H D_v)
+        v = v.view(B, T, H, Dv).transpose(1, 2)  # (B, H, T, D_v); g (B, T, H D_v)
         rel, u, vb = self.position_terms(h.dtype)  # (H, M + 1, D_k), (H, D_k), (H, D_k)
 
         if self.quantizer is None:
@@ -120,6 +128,8 @@ class GAU(nn.Module):
             new_state = self._advance(state, keys, values, codes, n_invalid, T)
 
         out = attn.transpose(1, 2).reshape(B, T, H * Dv) * g  # (B, T, H D_v)
+        if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
+            return linear(out, self.w_o.weight, residual=x), new_state, commit
         res = self.drop_res(self.w_o(out))  # (B, T, D)
         if self.training and cfg.layerdrop > 0:
             keep = torch.rand(B, 1, 1, device=x.device) >= cfg.layerdrop
