@@ -86,6 +86,8 @@ def test_linear_fallback_and_arguments():
         lin.linear(x, w, act="gelu")
     with pytest.raises(ValueError, match="an activation and a residual"):
         lin.linear(x, w, act="silu", residual=r)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lin.fused_linear_ok(x, w)  # autocast runs F.linear in bfloat16
     assert not lin.fused_linear_ok(x, w.requires_grad_())  # autograd needs F.linear
 
 

@@ -4,8 +4,8 @@
 kernel inductor's freezing pass uses) runs bench-small's float32 projections at 195-212 GFLOP/s on
 the 2-core CPU where ``F.linear`` (MKL) reaches 174-192, and applies SiLU or the residual add while
 the output is still in cache: an 8k-token forward is ~7% faster. The op has no autograd formula,
-so it runs only where nothing needs a gradient, on float32 CPU tensors; every other case takes
-``F.linear``, which computes the same function.
+so it runs only where nothing needs a gradient, on float32 CPU tensors outside autocast; every other
+case takes ``F.linear``, which computes the same function.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def fused_linear_ok(x: Tensor, *weights: Tensor) -> bool:
         _LINEAR_POINTWISE is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # autocast's linears run in its lower precision
         and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
     )
 
