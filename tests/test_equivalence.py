@@ -48,6 +48,24 @@ def test_blockwise_equals_quadratic(T, block_len, mem_len, agg_cache, grad_thru_
     assert_close_grads(ga, gb)
 
 
+@pytest.mark.parametrize("T", [1, 7, 200])
+@pytest.mark.parametrize("block_len,mem_len", [(1, 4), (5, 8), (8, 8), (16, 5)])
+@pytest.mark.parametrize("agg_cache", [True, False])
+def test_no_grad_forward_equals_quadratic(T, block_len, mem_len, agg_cache):
+    """Inference (no autograd) takes paths of its own (the window product accumulated in place, the
+    cache's empty blocks skipped), from a fresh state and from a carried one."""
+    model = make_model(block_len=block_len, mem_len=mem_len, agg_cache=agg_cache).eval()
+    ref = clone_with(model, attn_impl="quadratic")
+    torch.manual_seed(T)
+    ids = torch.randint(0, 50, (2, T))
+    with torch.no_grad():
+        state, ref_state = None, None
+        for chunk in (ids, ids[:, : T // 2 + 1]):  # from a fresh state, then from a carried one
+            got, want = model(chunk, state=state), ref(chunk, state=ref_state)
+            torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
+            state, ref_state = got.state, want.state
+
+
 def test_switches_matter(ids):
     """agg_cache and grad_thru_cache really change outputs/gradients (so the test above can fail)."""
     model = make_model().train()

@@ -65,9 +65,12 @@ class VectorQuantizer(nn.Module):
         """Quantize keys k (B, H, T, D_k); token_mask (B, T) bool excludes padding from stats."""
         c = self.codebook().to(k.dtype)  # (H, S, D_k)
         with torch.no_grad():
-            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s)
-            dist = c.square().sum(-1)[None, :, None, :] - 2 * torch.einsum("bhtk,hsk->bhts", k, c)
-            codes = dist.argmin(-1)  # (B, H, T)
+            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), one fused product per (b, h)
+            B, H, T, K = k.shape
+            cb = c.expand(B, H, -1, K).reshape(B * H, -1, K)  # (B H, S, D_k)
+            dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2), k.reshape(B * H, T, K),
+                                 cb.transpose(1, 2), alpha=-2)  # (B H, T, S)
+            codes = dist.argmin(-1).view(B, H, T)
         heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
         c_z = c[heads, codes]  # (B, H, T, D_k)
         k_st = c_z + (k - k.detach())  # straight-through estimator
