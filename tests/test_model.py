@@ -206,3 +206,18 @@ def test_grad_checkpoint_compiles_and_counts_codes_once():
     (stats_a, grads_a), (stats_b, grads_b) = results
     torch.testing.assert_close(stats_b, stats_a, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grads_b, grads_a, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_inference_forward_matches_eager():
+    """The float32 inference forward (oneDNN's projections and the cache ops behind ops of our own)
+    compiles as one graph and gives the eager logits and state."""
+    model = make_model(dtype=torch.float32, n_layer=2).eval()
+    ids = torch.randint(0, 50, (2, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(ids)
+        assert explanation.graph_break_count == 0, [str(b.reason)[:120] for b in explanation.break_reasons]
+        eager, compiled = model(ids), torch.compile(model)(ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(eager.state.layers, compiled.state.layers):
+        for x, y in zip(a._tensors(), b._tensors()):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
