@@ -110,6 +110,9 @@ def test_fused_cpu_inference_matches_the_plain_path(monkeypatch):
             "binary": lambda self, *a: calls.append(1) or real.binary(*a)})())
         fast = model(ids)
         assert len(calls) == 4 * 2 * cfg.n_layer  # q, k, v|g and o of every GAU
+        model.gaus[0].w_o.register_forward_hook(lambda mod, inp, out: calls.append(0))
+        model(ids)  # a hooked projection sends its GAU down the plain path, which runs the hook
+        assert calls.count(0) == 1 and calls.count(1) == 2 * 4 * 2 * cfg.n_layer - 4
         monkeypatch.setattr(lin, "_LINEAR_POINTWISE", None)
         plain = model(ids)
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=1e-4)

@@ -89,7 +89,7 @@ class GAU(nn.Module):
         scale = Dk**-0.25
 
         h = self.norm(x)  # (B, T, D)
-        fused = fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
+        fused = self._plain_projections() and fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
         if fused:  # CPU inference: oneDNN GEMMs, SiLU applied inside the v/g one
             q = linear(h, self.w_q.weight)
             k = linear(h, self.w_kvg.weight[: H * Dk])
@@ -135,6 +135,13 @@ class GAU(nn.Module):
             keep = torch.rand(B, 1, 1, device=x.device) >= cfg.layerdrop
             res = res * keep.to(res.dtype) / (1 - cfg.layerdrop)
         return x + res, new_state, commit
+
+    def _plain_projections(self) -> bool:
+        """Whether the projections are plain ``nn.Linear`` without hooks, so that the fused path, which
+        reads their weights directly, computes what their forwards would (not so for, e.g., a LoRA or
+        quantized replacement, or a hook)."""
+        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (self.w_q, self.w_kvg, self.w_o))
 
     def _advance(self, state: LayerState, keys, values, codes, n_invalid: int, T: int) -> LayerState:
         """Keep the last M keys as the window; fold the T that leave it into the cache."""
