@@ -125,12 +125,14 @@ def _running_caches(codes, values, start, first_valid):
     _, nb, L = codes.shape
     Dv = values.shape[-1]
     run = start.clone()
-    rows = _key_rows(codes, start.shape[1])  # (P, nb, L)
+    flat = run.view(-1, Dv)  # (P S, D_v)
+    rows = _key_rows(codes, start.shape[1]).transpose(0, 1)  # (nb, P, L)
+    vals = values.transpose(0, 1)  # (nb, P, L, D_v)
     for n in range(nb):
         yield n, run
         lo = _valid_from(first_valid, n, L)
         if n + 1 < nb and lo < L:
-            run.view(-1, Dv).index_add_(0, rows[:, n, lo:].flatten(), values[:, n, lo:].reshape(-1, Dv))
+            flat.index_add_(0, rows[n, :, lo:].flatten(), vals[n, :, lo:].reshape(-1, Dv))
 
 
 def _chunked_caches(codes, values, start, first_valid, size):
@@ -156,9 +158,10 @@ def _read_running(weights, codes, values, start, first_valid):
     out = values.new_empty(values.shape)
     n_empty = _n_empty(start, first_valid, codes.shape[2], codes.shape[1])
     out[:, :n_empty] = 0
+    w_blocks, out_blocks = weights.unbind(1), out.unbind(1)  # views made at once: the loop only multiplies
     for n, cache in _running_caches(codes, values, start, first_valid):
         if n >= n_empty:
-            torch.bmm(weights[:, n], cache, out=out[:, n])
+            torch.bmm(w_blocks[n], cache, out=out_blocks[n])
     return out
 
 
