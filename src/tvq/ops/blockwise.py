@@ -16,15 +16,28 @@ from torch.nn import functional as F
 from tvq.ops.cache import cache_log_count, cache_read
 
 
-def skew(x: Tensor, width: int) -> Tensor:
+def skew(x: Tensor, width: int, fill: Tensor | None = None) -> Tensor:
     """(..., L, J) -> (..., L, width) with out[..., a, w] = x[..., a, w - a] for 0 <= w - a < J.
 
-    Entries with w - a outside [0, J) hold other values and must be masked by the caller.
-    (The Transformer-XL relative shift, done with one pad and one reshape.)
+    The other entries come from a pad of (L, width + 1 - J) appended to each row of x: out[..., a, w]
+    is fill[a, w - a - J] for w - a >= J and fill[a - 1, width + 1 + w - a - J] for w < a (zeros
+    without ``fill``; see :func:`relative_fill`). (The Transformer-XL relative shift, done with one pad
+    and one reshape.)
     """
     L, J = x.shape[-2:]
-    x = F.pad(x, (0, width + 1 - J))  # (..., L, width + 1)
+    if fill is None:
+        x = F.pad(x, (0, width + 1 - J))  # (..., L, width + 1)
+    else:
+        x = torch.cat([x, fill.to(x.dtype).expand(*x.shape[:-1], -1)], -1)
     return x.flatten(-2)[..., : L * width].unflatten(-1, (L, width))
+
+
+def relative_fill(L: int, M: int, before: float, device) -> Tensor:
+    """The pad of :func:`skew` (L, L) for windows of M + L keys ending at each block of L queries: -inf
+    where a key is after its query (w > a + M), ``before`` where it is more than M before it (w < a)."""
+    r = torch.arange(L, device=device)[:, None]
+    c = torch.arange(L, device=device)[None, :]
+    return torch.where(c < L - 1 - r, float("-inf"), before)  # (L, L)
 
 
 class _Windows(torch.autograd.Function):
@@ -128,22 +141,23 @@ def blockwise_attention(
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
     qv = q + v[:, None, None]
 
-    # masks over (block n, query a, window slot w); distance d = M + a - w
+    # window slot w of query a: distance d = M + a - w; near (0 <= d <= M): content + positional score,
+    # old (d > M, agg_cache): content only, future (d < 0) or an empty slot (before n_invalid): -inf
     dev = q.device
-    a = torch.arange(L, device=dev)[:, None]
-    w = torch.arange(W, device=dev)[None, :]
-    key_ok = (torch.arange(nb, device=dev)[:, None] * L + w) >= n_invalid  # (nb, W)
-    near = ((w >= a) & (w <= a + M)) & key_ok[:, None, :]  # (nb, L, W): d in [0, M]
-    old = (w < a) & key_ok[:, None, :] if agg_cache else None  # d > M, still in the window
-
-    if old is not None and torch.is_grad_enabled():
+    if agg_cache and torch.is_grad_enabled():
+        a = torch.arange(L, device=dev)[:, None]
+        old = torch.arange(W, device=dev)[None, :] < a  # (L, W)
         # old keys are codewords: same score, but no straight-through gradient to the key
         content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), ~old, False)  # (B, H, nb, L, W)
     else:
         content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
-    positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W)  # (B, H, nb, L, W)
-    scores = torch.where(near, content + positional, float("-inf") if old is None else
-                         torch.where(old, content, float("-inf"))).to(acc)
+    fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
+    positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
+    scores = (content + positional).to(acc)  # (B, H, nb, L, W)
+    n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
+    if n_bad:
+        empty = torch.arange(n_bad, device=dev)[:, None] * L + torch.arange(W, device=dev) < n_invalid  # (n_bad, W)
+        scores[:, :, :n_bad].masked_fill_(empty[:, None, :], float("-inf"))
 
     if agg_cache:
         # Cache of block n = the state's cache (count c0, mean m0) + every key before its window
@@ -174,6 +188,7 @@ def blockwise_attention(
         (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     if not grad_thru_cache and torch.is_grad_enabled():
+        old = torch.arange(W, device=dev)[None, :] < torch.arange(L, device=dev)[:, None]  # (L, W): d > M
         out = out + _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
     elif out.dtype == v_win.dtype:  # accumulate into the fresh product: no extra pass (backward does not need it)
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))
