@@ -73,7 +73,7 @@ class VectorQuantizer(nn.Module):
             codes = dist.argmin(-1).view(B, H, T)
         heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
         c_z = c[heads, codes]  # (B, H, T, D_k)
-        k_st = c_z + (k - k.detach())  # straight-through estimator
+        k_st = c_z + (k - k.detach()) if k.requires_grad else c_z  # straight-through estimator
         err = (k - c_z).square().sum(-1).sum(1)  # (B, T), summed over heads
         if token_mask is None:
             commit = err.mean()
