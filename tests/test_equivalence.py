@@ -131,6 +131,37 @@ def test_chunked_with_state_equals_full(ids, attention, impl):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_cpu_inference_in_segments_equals_one_pass(monkeypatch, ids, train):
+    """A no-grad CPU forward runs in segments carrying the state: same logits, loss, commitment loss
+    (a token-weighted mean over segments, padding excluded), state and codebook statistics."""
+    from tvq import TransformerVQ
+
+    model = make_model().train(train)  # block_len 4
+    mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    labels = ids.roll(-1, 1)
+    one = model(ids, labels=labels, token_mask=mask)  # autograd on: one pass
+    one_stats = [q.pending_stats().clone() for q in model._quantizers()]
+    for q in model._quantizers():
+        q._stats = None
+    monkeypatch.setattr(TransformerVQ, "CPU_SEGMENT_TOKENS", 100)  # B = 2, T = 200: 4 segments, in whole blocks
+    runs = []
+    real_run = TransformerVQ._run
+    monkeypatch.setattr(TransformerVQ, "_run", lambda self, *a: runs.append(a[0].shape[1]) or real_run(self, *a))
+    with torch.no_grad():
+        seg = model(ids, labels=labels, token_mask=mask)
+    assert runs == [52, 52, 52, 44]
+    for got, want in [(seg.logits, one.logits), (seg.loss, one.loss), (seg.commit_loss, one.commit_loss)]:
+        torch.testing.assert_close(got, want.detach(), atol=ATOL, rtol=0)
+    assert seg.state.pos == one.state.pos == ids.shape[1]
+    for a, b in zip(seg.state.layers, one.state.layers):
+        for x, y in zip(a._tensors(), b._tensors()):
+            torch.testing.assert_close(x, y.detach(), atol=ATOL, rtol=0)
+    if train:  # the codebook statistics of the segments add up to those of the one pass
+        for q, want in zip(model._quantizers(), one_stats):
+            torch.testing.assert_close(q.pending_stats(), want, atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("attention", ["vq", "full"])
 def test_one_token_at_a_time_equals_full(ids, attention):
     model = make_model(attention=attention).eval()
