@@ -57,7 +57,7 @@ class TransformerVQ(nn.Module):
     once per optimizer step.
     """
 
-    CPU_SEGMENT_TOKENS = 1536  # at most batch x tokens per segment of a CPU inference forward (see _segment_len)
+    CPU_SEGMENT_TOKENS = 8192  # at most batch x tokens per segment of a CPU inference forward (see _segment_len)
 
     def __init__(self, config: TransformerVQConfig):
         super().__init__()
@@ -169,10 +169,11 @@ class TransformerVQ(nn.Module):
     def _segment_len(self, input_ids: Tensor) -> int:
         """Tokens per segment of a forward: all of them, except in CPU inference (no autograd) of a VQ
         model, where segments of equal length in whole blocks, with batch x length at most about
-        ``CPU_SEGMENT_TOKENS``, run one after the other.
-        Carrying the state between segments is exact, and the intermediates of a segment stay in the
-        CPU's caches: the attention's elementwise passes over (blocks, L, window + S) tensors are
-        memory-bound, and an 8k-token forward runs ~15% faster (~45% at 32k) on the 2-core CPU."""
+        ``CPU_SEGMENT_TOKENS``, run one after the other. Carrying the state between segments is exact,
+        and a long prompt is then read in memory bounded by the segment's, not the prompt's, length
+        (bench-small, 32k tokens: 0.4 instead of 1.1 GiB). Speed on the 2-core CPU: the same with the
+        ``tvq`` command's allocator settings (:mod:`tvq.runtime`), ~20% faster at 32k tokens without them
+        (glibc then page-faults every large tensor back in)."""
         B, T = input_ids.shape
         if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or self.config.attention != "vq"
                 or torch.compiler.is_compiling()):
