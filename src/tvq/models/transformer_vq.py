@@ -173,7 +173,8 @@ class TransformerVQ(nn.Module):
         and a long prompt is then read in memory bounded by the segment's, not the prompt's, length
         (bench-small, 32k tokens: 0.4 instead of 1.1 GiB). Speed on the 2-core CPU: the same with the
         ``tvq`` command's allocator settings (:mod:`tvq.runtime`), ~20% faster at 32k tokens without them
-        (glibc then page-faults every large tensor back in)."""
+        (glibc then page-faults every large tensor back in). Not inside ``torch.compile``, whose graph would
+        unroll the loop (6 segments of 8k: a 70 s compile)."""
         B, T = input_ids.shape
         if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or self.config.attention != "vq"
                 or torch.compiler.is_compiling()):
