@@ -187,8 +187,7 @@ def blockwise_attention(
         p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
         (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
-    if not grad_thru_cache and torch.is_grad_enabled():
-        old = torch.arange(W, device=dev)[None, :] < torch.arange(L, device=dev)[:, None]  # (L, W): d > M
+    if not grad_thru_cache and torch.is_grad_enabled():  # `old` (L, W) is set above: agg_cache, autograd on
         out = out + _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
     elif out.dtype == v_win.dtype:  # accumulate into the fresh product: no extra pass (backward does not need it)
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))
