@@ -86,6 +86,15 @@ def test_generate_shapes_seed_and_mode():
     assert torch.equal(model.generate(prompt, 0), prompt)
 
 
+def test_generate_passes_compile_to_the_decoder(monkeypatch):
+    model = make_model(dtype=torch.float32).eval()
+    seen, decoder = [], model.decoder
+    monkeypatch.setattr(model, "decoder", lambda state, compile=False: seen.append(compile) or decoder(state))
+    prompt = torch.randint(0, 50, (1, 4))
+    assert torch.equal(model.generate(prompt, 5, seed=1, compile=True), model.generate(prompt, 5, seed=1))
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)])
 def test_greedy_generation_matches_full_forward(kwargs):
     model = make_model().eval()

@@ -307,8 +307,10 @@ class TransformerVQ(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        compile: bool = False,
     ) -> Tensor:
-        """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids."""
-        tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed))
+        """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids (``compile``: see
+        :meth:`stream`)."""
+        tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, compile=compile))
         new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
         return torch.cat([input_ids.long(), new], 1)
