@@ -50,3 +50,26 @@ def test_bad_arguments():
         runner.main(["--preset", "huge"])
     with pytest.raises(ValueError, match="--threads"):
         runner.main(["--threads", "-1"])
+    with pytest.raises(ValueError, match="--processes"):
+        runner.main(["--processes", "0"])
+
+
+def _record(tokens_per_s, peak, seconds, status="ok"):
+    return runner.Record("vq", "forward", 64, 1, tokens_per_s, peak, "cpu", "float32", "2", "abc", status=status,
+                         seconds=seconds, process_tokens_per_s=[tokens_per_s] if status == "ok" else [])
+
+
+def test_processes_combine_to_their_median():
+    r = runner.combine([_record(300.0, 5, [0.2]), _record(100.0, 9, [0.6]), _record(200.0, 7, [0.3])])
+    assert r.tokens_per_s == 200.0 and r.peak_mem_bytes == 9 and r.status == "ok"
+    assert r.process_tokens_per_s == [300.0, 100.0, 200.0] and r.seconds == [0.2, 0.6, 0.3]
+    failed = runner.combine([_record(300.0, 5, [0.2]), _record(None, None, [], status="oom")])
+    assert failed.status == "oom" and failed.tokens_per_s is None and failed.detail.startswith("process 2 of 2")
+
+
+def test_each_process_is_a_fresh_run(tmp_path):
+    out = tmp_path / "bench.json"
+    assert runner.main(["--mode", "forward", "--impl", "vq", "--seq-lens", "32", "--repeats", "1", "--warmup", "0",
+                        "--threads", "1", "--processes", "2", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["status"] == "ok" and len(record["process_tokens_per_s"]) == 2 and len(record["seconds"]) == 2

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +81,7 @@ class Record:
     threads: int = 0  # intra-op CPU threads (torch.get_num_threads()) the case ran with
     grad_checkpoint: bool = False
     seconds: list[float] = field(default_factory=list)
+    process_tokens_per_s: list[float] = field(default_factory=list)  # --processes: each process's median
 
 
 class WrongResult(RuntimeError):
@@ -279,6 +280,7 @@ def measure(case: Case) -> Record:
         record.seconds.append(time.perf_counter() - t0)
     record.peak_mem_bytes = max(_peak(device) - base, 0)
     record.tokens_per_s = n_tokens / statistics.median(record.seconds)
+    record.process_tokens_per_s = [record.tokens_per_s]
     return record
 
 
@@ -313,6 +315,20 @@ def run_isolated(case: Case, time_budget: float) -> Record:
         fail.status = "error"
     fail.detail = err[:300]
     return fail
+
+
+def combine(records: list[Record]) -> Record:
+    """One case run in several processes -> one record: the median of the processes' tokens/s, the
+    largest peak memory, every timing. A failure in any process is the case's result."""
+    for i, r in enumerate(records):
+        if r.status != "ok":
+            if len(records) > 1:
+                r.detail = f"process {i + 1} of {len(records)}: {r.detail}"
+            return r
+    speeds = [r.tokens_per_s for r in records]
+    return replace(records[0], tokens_per_s=statistics.median(speeds),
+                   peak_mem_bytes=max(r.peak_mem_bytes for r in records),
+                   seconds=[t for r in records for t in r.seconds], process_tokens_per_s=speeds)
 
 
 # ------------------------------------------------------------------ report
@@ -383,6 +399,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds per case before it is reported as a timeout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train, forward) or the decode step")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads per case (default: one per core)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run each case in this many fresh processes and report the median (on a shared machine "
+                        "the speed of a whole process can differ by 10-20%% from the next one's)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="train: recompute each layer in backward (activation checkpointing), every impl")
     p.add_argument("--json", help="write the records here")
@@ -413,15 +432,19 @@ def main(argv=None) -> int:
     lens, positions = _ints(args.seq_lens, "--seq-lens"), _ints(args.decode_positions, "--decode-positions")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
     records = []
     for mode in modes:
         for impl in impls:
             for T in positions if mode == "decode" else lens:
                 case = Case(impl, mode, T, args.batch_size, args.preset, args.device, args.dtype, args.warmup,
                             args.repeats, args.decode_steps, args.compile, args.threads, args.grad_checkpoint)
-                r = run_isolated(case, args.time_budget)
+                r = combine([run_isolated(case, args.time_budget) for _ in range(args.processes)])
                 records.append(r)
                 speed = f"{r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else f"{r.status}: {r.detail}"
+                if r.status == "ok" and args.processes > 1:
+                    speed += " (processes: " + ", ".join(f"{v:,.0f}" for v in r.process_tokens_per_s) + ")"
                 print(f"{mode:8s} {impl:5s} T={T:<7d} {speed}", file=sys.stderr, flush=True)
     print(table(records))
     if args.json:
