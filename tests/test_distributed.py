@@ -16,12 +16,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard  # (imports torch.distributed.nn before any group exists)
 from torch.distributed.tensor import DTensor
 
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
 from tvq.training.config import apply_overrides, preset
-from tvq.training.distributed import combine, select_rows
+from tvq.training.adafactor import Adafactor
+from tvq.training.distributed import Cluster, combine, leave_process_group, select_rows
 from tvq.training.trainer import train
 from conftest import SHAKESPEARE
 
@@ -90,14 +93,17 @@ def adafactor_under_fsdp(rank: int, port: int, out: Path) -> None:
     inputs); the full state that ``Cluster.full_state_dicts`` gathers is torch's, and loaded with
     ``Cluster.load_optimizer`` into a new sharded model it goes on taking torch's steps. Rank 0
     writes the largest differences (float64) to ``out``."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from tvq.training.adafactor import Adafactor
-    from tvq.training.distributed import Cluster
-
     set_rank_env(rank, 2, port)
     dist.init_process_group("gloo")
+    diffs = adafactor_diffs(rank)
+    if rank == 0:
+        out.write_text(json.dumps(diffs))
+    dist.barrier()  # both ranks are done with their collectives before either leaves (gloo aborted otherwise)
+    leave_process_group()  # with the models and optimizers gone, the group is freed here
+
+
+def adafactor_diffs(rank: int) -> dict:
+    """The largest differences of :func:`adafactor_under_fsdp` (on rank 0; the others' are partial)."""
     cl = Cluster(rank, 2, rank, torch.device("cpu"), "fsdp")
     mesh = init_device_mesh("cpu", (2,))
 
@@ -148,10 +154,7 @@ def adafactor_under_fsdp(rank: int, port: int, out: Path) -> None:
     cl.load_optimizer(resumed, opt, shared[0])
     take_steps([(resumed, opt, True), (reference, ref, False)], range(5, 10))
     diffs["resumed"] = largest(full(resumed), full(reference))
-    if cl.is_main:
-        out.write_text(json.dumps(diffs))
-    dist.barrier()  # both ranks are done with their collectives before either leaves (gloo aborted otherwise)
-    dist.destroy_process_group()
+    return diffs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -273,6 +276,43 @@ def test_resume_one_process_checkpoint_on_two_fsdp_ranks(runs, name):
     resumed, straight = weights(runs / name, 6), weights(runs / reference(name, "straight"), 6)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux shows thread names in /proc)."""
+    names = ((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    return [name for name in names if "gloo" in name]
+
+
+def train_then_list_gloo_threads(cfgs: list, run_dirs: list, out: Path) -> None:
+    """A job of one rank (its own process): train each config; after each, list the gloo threads
+    still alive. Then, as a control, the threads of a live group. Writes both to ``out``."""
+    after = []
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        set_rank_env(0, 1, free_port())
+        train(cfg, run_dir, **QUIET)
+        after.append(gloo_threads())
+    set_rank_env(0, 1, free_port())
+    dist.init_process_group("gloo")
+    control = gloo_threads()
+    leave_process_group()
+    out.write_text(json.dumps({"after": after, "control": control}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc (Linux)")
+def test_a_finished_run_frees_its_process_group(data_dir, tmp_path):
+    """No group outlives the run that made it (through DDP's or FSDP's reference cycles, DTensor's
+    caches or torch.distributed.nn): one freed at interpreter exit now and then aborts the process."""
+    cfgs = [config(data_dir, "parallel=fsdp", ADAFACTOR), config(data_dir, "parallel=ddp")]
+    out = tmp_path / "threads.json"
+    rank = mp.get_context("spawn").Process(target=train_then_list_gloo_threads,
+                                           args=(cfgs, [tmp_path / "fsdp", tmp_path / "ddp"], out))
+    rank.start()
+    rank.join(timeout=120)
+    assert rank.exitcode == 0
+    threads = json.loads(out.read_text())
+    assert threads["control"], "a live gloo group shows no named threads: this test cannot see a leak"
+    assert threads["after"] == [[], []]
 
 
 def test_adafactor_on_uneven_fsdp_shards_steps_like_torch_on_full_tensors(tmp_path):

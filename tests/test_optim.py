@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from tvq.training.adafactor import Adafactor
+from tvq.training.distributed import leave_process_group
 
 SHAPES = [(7,), (5, 6), (3, 4, 5), (1, 9), ()]  # 1-D, 2-D, 3-D (a batch of matrices), one row, a scalar
 
@@ -134,7 +135,7 @@ def one_rank_mesh():
     try:
         yield init_device_mesh("cpu", (1,))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()  # freed now, not when pytest exits
 
 
 def test_parameter_placements_other_than_fsdp_shard_0_are_refused(one_rank_mesh):

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import importlib
 import os
+import sys
 import warnings
 from datetime import timedelta
 
@@ -206,6 +209,10 @@ def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, dev
         torch.cuda.set_device(dev)
     own_group = launched and not dist.is_initialized()
     if own_group:
+        # torch.distributed.nn's functions take group=WORLD as a default argument: imported once
+        # the group exists (FSDP and DDP import it lazily), they would hold the group until exit
+        importlib.import_module("torch.distributed.nn")
+
         # a failed or timed-out NCCL collective kills the process (torchrun then stops the job)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
@@ -221,4 +228,39 @@ def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, dev
         raise
     finally:
         if own_group:
-            dist.destroy_process_group()
+            leave_process_group()
+
+
+# torch's caches that keep device meshes, and through them the process group, alive: DTensor's
+# sharding propagation (Python and C++), mesh topologies and redistribution plans (torch 2.13;
+# an entry that a torch version lacks is skipped)
+_MESH_CACHE_CLEARS = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group so that it is freed now, not at interpreter exit.
+
+    The group's C++ object, and for gloo its worker threads, lives while anything holds it: models
+    and optimizers in reference cycles (DDP, FSDP2), the device meshes in DTensor's caches, and
+    ``torch.distributed.nn`` if imported after the group was made (which :func:`cluster` avoids).
+    Freed during interpreter finalization, it now and then aborts a process that has finished its
+    work ("terminate called without an active exception"). So the caches are emptied and the
+    cycles collected before the group is destroyed.
+    """
+    if "torch.distributed.tensor" in sys.modules:  # DTensors were made
+        for module, path in _MESH_CACHE_CLEARS:
+            try:
+                clear = importlib.import_module(module)
+            except ImportError:
+                continue
+            for name in path.split("."):
+                clear = getattr(clear, name, None)
+            if clear is not None:
+                clear()
+    gc.collect()
+    dist.destroy_process_group()
