@@ -309,6 +309,9 @@ def test_a_finished_run_frees_its_process_group(data_dir, tmp_path):
                                            args=(cfgs, [tmp_path / "fsdp", tmp_path / "ddp"], out))
     rank.start()
     rank.join(timeout=120)
+    if rank.is_alive():
+        rank.kill()
+        rank.join()
     assert rank.exitcode == 0
     threads = json.loads(out.read_text())
     assert threads["control"], "a live gloo group shows no named threads: this test cannot see a leak"
