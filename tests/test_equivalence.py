@@ -311,6 +311,20 @@ def test_cache_read_rejects_mismatched_shapes():
                    torch.zeros(2, 7, 6))
 
 
+@pytest.mark.parametrize("entry,skipped", [(None, 3), (-0.0, 3), (1e-300, 0), (-1e-300, 0), (float("nan"), 0)])
+def test_cache_read_skips_only_a_start_that_is_zero(entry, skipped):
+    """Blocks 0..first_valid // L read the start alone; their products are skipped only when it is exactly
+    zero (-0.0 included): a tiny value, of either sign, or a NaN must reach the output."""
+    from tvq.ops.cache import _n_empty
+
+    start = torch.zeros(2, 5, 6, dtype=torch.float64)
+    if entry is not None:
+        start[1, 4, 5] = entry
+    assert _n_empty(start, first_valid=9, L=4, nb=7) == skipped
+    assert _n_empty(start, first_valid=9, L=4, nb=2) == min(skipped, 2)
+    assert _n_empty(start[:0], first_valid=0, L=4, nb=7) == 1  # no entries: nothing to read
+
+
 def test_code_statistics_is_a_per_code_sum():
     from tvq.ops.cache import code_statistics
 
