@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 ATTENTIONS = ("vq", "full")
 ATTN_IMPLS = ("blockwise", "quadratic")
+STRAIGHT_THROUGH = ("window", "block")
 
 
 class DictConfig:
@@ -43,6 +44,13 @@ class TransformerVQConfig(DictConfig):
     ``"blockwise"`` (default, linear time) or ``"quadratic"`` (the reference).
     ``block_len`` only affects speed and memory of the blockwise path, never the output, and
     no parameter shape depends on it.
+
+    ``straight_through`` picks which quantized keys pass the straight-through gradient (the forward
+    is the same either way, see docs/attention.md): ``"window"`` (default) those within ``mem_len``
+    of the query, so gradients do not depend on ``block_len``; ``"block"`` the official code's rule,
+    every key of the window of the query's block (position >= floor(t / L) L - M), and with
+    ``grad_thru_cache=False`` only the block's own keys and values get a gradient. The paper's
+    runs used ``"block"``.
     """
 
     vocab_size: int = 256
@@ -56,6 +64,7 @@ class TransformerVQConfig(DictConfig):
     mem_len: int = 128
     agg_cache: bool = True
     grad_thru_cache: bool = True
+    straight_through: str = "window"
     attention: str = "vq"
     attn_impl: str = "blockwise"
     commit_weight: float = 1e-4
@@ -88,6 +97,9 @@ class TransformerVQConfig(DictConfig):
                 raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"config.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.straight_through not in STRAIGHT_THROUGH:
+            raise ValueError(f"config.straight_through must be one of {STRAIGHT_THROUGH}, "
+                             f"got {self.straight_through!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"config.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         for name in ("dropout_emb", "dropout_sin", "dropout_res", "layerdrop"):

@@ -118,9 +118,10 @@ class GAU(nn.Module):
             n_invalid = max(0, M - pos)
             cache = (self.quantizer.codebook(), state.cache_count, state.cache_mean)
             common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
-                          agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache)
+                          agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
+                          straight_through=cfg.straight_through)
             if cfg.attn_impl == "quadratic":
-                attn = quadratic_attention(q, keys, values, **common,
+                attn = quadratic_attention(q, keys, values, **common, block_len=cfg.block_len,
                                            cache=cache if cfg.agg_cache else None)
             else:
                 attn = blockwise_attention(q, keys, values, codes, **common,

@@ -113,6 +113,7 @@ def blockwise_attention(
     agg_cache: bool,
     grad_thru_cache: bool,
     cache: tuple[Tensor, Tensor, Tensor],
+    straight_through: str = "window",
 ) -> Tensor:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
@@ -120,6 +121,8 @@ def blockwise_attention(
     M = ``mem_len`` window slots of the state (the first ``n_invalid`` of them empty);
     ``cache`` = (codebook (H, S, D_k), count (B, H, S), mean (B, H, S, D_v)) holds everything
     older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
+    Gradients follow ``straight_through`` (see :func:`tvq.ops.quadratic_attention`); under
+    ``"block"`` they depend on ``block_len``.
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -144,13 +147,21 @@ def blockwise_attention(
     # window slot w of query a: distance d = M + a - w; near (0 <= d <= M): content + positional score,
     # old (d > M, agg_cache): content only, future (d < 0) or an empty slot (before n_invalid): -inf
     dev = q.device
-    if agg_cache and torch.is_grad_enabled():
+    # window slots whose key (key_keep) and value (value_keep) get a gradient; None: all of them
+    key_keep = value_keep = None
+    if torch.is_grad_enabled() and straight_through == "block":
+        if not grad_thru_cache:  # the carried window is stop-gradient: only the block's own keys and values
+            key_keep = value_keep = (torch.arange(W, device=dev) >= M)[None, :]  # (1, W)
+    elif torch.is_grad_enabled() and agg_cache:
         a = torch.arange(L, device=dev)[:, None]
         old = torch.arange(W, device=dev)[None, :] < a  # (L, W)
         # old keys are codewords: same score, but no straight-through gradient to the key
-        content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), ~old, False)  # (B, H, nb, L, W)
-    else:
+        key_keep = ~old
+        value_keep = None if grad_thru_cache else ~old
+    if key_keep is None:
         content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
+    else:
+        content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), key_keep, False)  # (B, H, nb, L, W)
     fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
     positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
     scores = (content + positional).to(acc)  # (B, H, nb, L, W)
@@ -177,7 +188,8 @@ def blockwise_attention(
     p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
     p_win = p[..., :W].to(v_win.dtype)  # (B, H, nb, L, W)
     if not agg_cache:
-        return (p_win @ v_win).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+        out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
+        return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
 
     p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
     cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
@@ -187,8 +199,8 @@ def blockwise_attention(
         p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
         (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
-    if not grad_thru_cache and torch.is_grad_enabled():  # `old` (L, W) is set above: agg_cache, autograd on
-        out = out + _KeepGradMatmul.apply(p_win, v_win, ~old, True)  # old values get no gradient
+    if value_keep is not None:
+        out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient
     elif out.dtype == v_win.dtype:  # accumulate into the fresh product: no extra pass (backward does not need it)
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))
     else:

@@ -22,6 +22,8 @@ def quadratic_attention(
     grad_thru_cache: bool,
     quantized: bool = True,
     cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    straight_through: str = "window",
+    block_len: int | None = None,
 ) -> Tensor:
     """Causal attention of T queries over P past keys plus themselves.
 
@@ -36,9 +38,13 @@ def quadratic_attention(
     count (B, H, S), mean (B, H, S, D_v)) adds one entry per code standing for keys older than
     the P past keys: score (q + u).c_s + log count_s, value mean_s.
 
-    Gradients, as in the linear-time path: with ``quantized`` keys, keys at d > mem_len are
-    codewords and get no straight-through gradient; without ``grad_thru_cache`` their values
-    get none either. Returns (B, H, T, D_v).
+    Gradients, as in the linear-time path (the forward is the same for every rule). With
+    ``quantized`` keys and ``straight_through="window"``, keys at d > mem_len are codewords and
+    get no straight-through gradient; without ``grad_thru_cache`` their values get none either.
+    With ``"block"`` (the official code's rule) the T queries are cut into blocks of ``block_len``
+    from the first one; a query of a block starting at key index s passes the straight-through
+    gradient to keys j >= s - mem_len, and without ``grad_thru_cache`` reaches only the keys
+    and values of its own block (j >= s). Returns (B, H, T, D_v).
     """
     T, n_keys = q.shape[2], keys.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -51,13 +57,21 @@ def quadratic_attention(
     valid = (j >= n_invalid) & (dist >= 0)
     near = valid & (dist <= mem_len)
     old = valid & (dist > mem_len) & agg_cache
+    if straight_through == "block":  # the (T, 1) key index s of the first query of each query's block
+        s = torch.arange(T, device=q.device)[:, None] // block_len * block_len + (n_keys - T)
+        key_grad = j >= (s - mem_len if grad_thru_cache else s)  # (T, P + T)
+        value_grad = None if grad_thru_cache else j >= s
+    else:
+        key_grad = dist <= mem_len
+        value_grad = None if grad_thru_cache else ~old
 
     content = qu @ keys.transpose(-1, -2)  # (B, H, T, P + T)
-    content_old = qu @ keys.detach().transpose(-1, -2) if quantized else content
+    if quantized:  # keys without a straight-through gradient are codewords: constants
+        content = torch.where(key_grad, content, qu @ keys.detach().transpose(-1, -2))
     rel_scores = qv @ rel.transpose(-1, -2)  # (B, H, T, M + 1)
     idx = dist.clamp(0, mem_len).expand(*q.shape[:2], -1, -1)
     positional = torch.gather(rel_scores, -1, idx)  # (B, H, T, P + T)
-    scores = torch.where(near, content + positional, torch.where(old, content_old, float("-inf")))
+    scores = torch.where(near, content + positional, torch.where(old, content, float("-inf")))
     scores = scores.to(acc)
 
     if cache is not None:
@@ -69,10 +83,10 @@ def quadratic_attention(
     probs = torch.softmax(scores, -1)  # (B, H, T, P + T [+ S])
     p_keys = probs[..., :n_keys]
     vals = values.to(acc)
-    if grad_thru_cache:
+    if value_grad is None:
         out = p_keys @ vals
     else:
-        out = torch.where(old, 0.0, p_keys) @ vals + torch.where(old, p_keys, 0.0) @ vals.detach()
+        out = torch.where(value_grad, p_keys, 0.0) @ vals + torch.where(value_grad, 0.0, p_keys) @ vals.detach()
     if cache is not None:
         out = out + probs[..., n_keys:] @ mean.to(acc)
     return out.to(q.dtype)
