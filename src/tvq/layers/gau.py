@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
 from tvq.layers.norm import RMSNorm
-from tvq.layers.position import sinusoids
+from tvq.layers.position import SinusoidTable
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import code_statistics, merge_cache
@@ -41,9 +41,7 @@ class GAU(nn.Module):
         )
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
-        self.register_buffer(
-            "sin", sinusoids(config.mem_len + 1, D, config.rel_pos_base, dtype=torch.float32), persistent=False
-        )  # (M + 1, D)
+        self.sin = SinusoidTable(config.mem_len + 1, D, config.rel_pos_base)  # (M + 1, D), in the model's dtype
 
     def reset_parameters(self) -> None:
         """Paper initialisation: fan-in scaled normal kernels; zero u, v and norm bias."""
@@ -60,7 +58,7 @@ class GAU(nn.Module):
         cfg = self.config
         H, Dk, M = cfg.n_head, cfg.d_k, cfg.mem_len
         scale = Dk**-0.25
-        rel = self.w_r(self.drop_sin(self.sin.to(dtype)))  # (M + 1, H D_k)
+        rel = self.w_r(self.drop_sin(self.sin().to(dtype)))  # (M + 1, H D_k)
         rel = rel.view(M + 1, H, Dk).transpose(0, 1) * scale  # (H, M + 1, D_k)
         return rel, self.xl_u * scale, self.xl_v * scale
 

@@ -48,8 +48,9 @@ class VectorQuantizer(nn.Module):
     def __init__(self, n_head: int, n_code: int, d_k: int, decay: float):
         super().__init__()
         self.n_head, self.n_code, self.d_k, self.decay = n_head, n_code, d_k, decay
-        # keys are RMS-normalised then scaled by D_k^-1/4, so each coordinate is ~ D_k^-1/4
-        self.register_buffer("c_sum", torch.randn(n_head, n_code, d_k) * d_k**-0.25)  # (H, S, D_k)
+        # the official code's init: its dense-kernel initializer (fan-in normal) on shape (H, S, D_k),
+        # std (H S)^-1/2; with c_count = 1 these are the initial codewords
+        self.register_buffer("c_sum", torch.randn(n_head, n_code, d_k) * (n_head * n_code) ** -0.5)  # (H, S, D_k)
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self._stats: Tensor | None = None
 
