@@ -73,3 +73,28 @@ def test_each_process_is_a_fresh_run(tmp_path):
                         "--threads", "1", "--processes", "2", "--json", str(out)]) == 0
     (record,) = json.loads(out.read_text())
     assert record["status"] == "ok" and len(record["process_tokens_per_s"]) == 2 and len(record["seconds"]) == 2
+
+
+def test_model_overrides_reach_every_case(tmp_path):
+    """--set NAME=VALUE changes the benchmarked model (here the mqa variant), checked and timed."""
+    out = tmp_path / "bench.json"
+    assert runner.main(["--mode", "train,decode", "--impl", "vq,full", "--seq-lens", "64", "--decode-positions", "64",
+                        "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--threads", "1",
+                        "--set", "head_type=mqa", "--set", "model.d_ff=300", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert all(r["model"] == {"head_type": "mqa", "d_ff": 300} for r in records)
+    shga = runner.build("vq", "bench-small").num_parameters()
+    mqa = runner.build("vq", "bench-small", overrides={"head_type": "mqa", "d_ff": 300}).num_parameters()
+    assert records[0]["params"] == mqa != shga
+
+
+def test_bad_model_overrides():
+    with pytest.raises(ValueError, match="--set 'heads=2'"):
+        runner.main(["--set", "heads=2"])
+    with pytest.raises(ValueError, match="other than attention"):
+        runner.main(["--set", "attention=full"])
+    with pytest.raises(ValueError, match="type int"):
+        runner.main(["--set", "d_ff=big"])
+    with pytest.raises(ValueError, match="d_model divisible by d_k"):
+        runner.main(["--set", "head_type=mha", "--set", "d_k=48"])

@@ -208,6 +208,7 @@ def weights(run_dir, step=3):
 
 
 ADAFACTOR = "optimizer=adafactor"
+MQA = "model.head_type=mqa"  # attention + MLP layers: FSDP shards each sublayer
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +220,14 @@ def runs(data_dir, tmp_path_factory):
         train(config(data_dir, *extra), root / f"one{suffix}", **QUIET)  # 1 process, batch 4, 3 steps
         train(config(data_dir, "max_steps=6", *extra), root / f"straight{suffix}", **QUIET)  # uninterrupted, 6 steps
         copy_run(root / f"one{suffix}", root / f"one_then_fsdp{suffix}")
+    train(config(data_dir, MQA), root / "one_mqa", **QUIET)
     jobs = [
         (free_port(), config(data_dir), root / "ddp", False),  # 2 ranks x 2 rows
         (free_port(), config(data_dir, "parallel=fsdp"), root / "fsdp", False),
         (free_port(), config(data_dir, "grad_accum=2"), root / "ddp_accum", False),  # 2 ranks x 2 x 1 row
         (free_port(), config(data_dir, "max_steps=6", "parallel=fsdp", "grad_accum=2"), root / "one_then_fsdp", True),
         (free_port(), config(data_dir, "parallel=fsdp", ADAFACTOR), root / "fsdp_adafactor", False),
+        (free_port(), config(data_dir, "parallel=fsdp", MQA), root / "fsdp_mqa", False),
         (free_port(), config(data_dir, "max_steps=6", "parallel=fsdp", "grad_accum=2", ADAFACTOR),
          root / "one_then_fsdp_adafactor", True),
     ]
@@ -233,11 +236,11 @@ def runs(data_dir, tmp_path_factory):
 
 
 def reference(name: str, run: str) -> str:
-    """The 1-process run ``run`` (``one``, ``straight``) with the optimizer of run ``name``."""
-    return run + ("_adafactor" if name.endswith("_adafactor") else "")
+    """The 1-process run ``run`` (``one``, ``straight``) with the optimizer and model of run ``name``."""
+    return run + next((s for s in ("_adafactor", "_mqa") if name.endswith(s)), "")
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum", "fsdp_adafactor"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum", "fsdp_adafactor", "fsdp_mqa"])
 def test_two_ranks_match_one_process(runs, name):
     one, two = weights(runs / reference(name, "one")), weights(runs / name)
     assert one.keys() == two.keys() and any("c_sum" in k for k in one)  # codebooks included

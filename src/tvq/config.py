@@ -8,6 +8,7 @@ from dataclasses import dataclass
 ATTENTIONS = ("vq", "full")
 ATTN_IMPLS = ("blockwise", "quadratic")
 STRAIGHT_THROUGH = ("window", "block")
+HEAD_TYPES = ("shga", "mha", "mqa")
 
 
 class DictConfig:
@@ -37,6 +38,14 @@ class TransformerVQConfig(DictConfig):
     units (GAUs) and no MLP, so the model has ``2 * n_layer`` GAUs (``n_layer=24`` is the
     paper's 48-GAU enwik8 model).
 
+    ``head_type`` picks the layer, as in the official optimized code: ``"shga"`` (default) is
+    the paper's model above; ``"mha"`` and ``"mqa"`` make each layer one attention sublayer
+    and one MLP sublayer. Their attention has ``d_model // d_k`` query heads of width ``d_k``,
+    values of width ``d_k``, no gate, and ``d_model // d_k`` key/value heads (``"mha"``) or a
+    single one shared by all query heads (``"mqa"``: one codebook and one cache per layer);
+    ``n_head`` and ``d_v`` are then unused. The MLP is ``relu(x W_1)^2 W_2`` of width ``d_ff``
+    (0: the official ``4 * d_model`` for mha, ``5 * d_model`` for mqa).
+
     ``attention`` picks the model: ``"vq"`` is Transformer-VQ (quantized keys plus the
     compressive cache); ``"full"`` is the dense baseline, the same layers with causal softmax
     attention over unquantized keys and an unbounded key/value state.
@@ -65,6 +74,8 @@ class TransformerVQConfig(DictConfig):
     agg_cache: bool = True
     grad_thru_cache: bool = True
     straight_through: str = "window"
+    head_type: str = "shga"
+    d_ff: int = 0
     attention: str = "vq"
     attn_impl: str = "blockwise"
     commit_weight: float = 1e-4
@@ -92,6 +103,15 @@ class TransformerVQConfig(DictConfig):
                 raise ValueError(f"config.{name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"config.{name} must be >= 1, got {value}")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"config.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 0:
+            raise ValueError(f"config.d_ff must be an int >= 0 (0: the head type's default), got {self.d_ff!r}")
+        if self.head_type == "shga" and self.d_ff:
+            raise ValueError(f"config.d_ff={self.d_ff} needs head_type 'mha' or 'mqa' (shga layers have no MLP)")
+        if self.head_type != "shga" and self.d_model % self.d_k:
+            raise ValueError(f"config.head_type={self.head_type!r} needs d_model divisible by d_k (query heads "
+                             f"of width d_k), got d_model={self.d_model}, d_k={self.d_k}")
         for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm", "grad_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
@@ -118,8 +138,29 @@ class TransformerVQConfig(DictConfig):
 
     @property
     def n_gau(self) -> int:
-        """Number of gated attention units (two per paper layer)."""
-        return 2 * self.n_layer
+        """Number of attention sublayers, each with its own state: two GAUs per layer (shga), or one
+        attention sublayer per layer (mha, mqa)."""
+        return 2 * self.n_layer if self.head_type == "shga" else self.n_layer
+
+    @property
+    def n_q_head(self) -> int:
+        """Query heads of an attention sublayer."""
+        return self.n_head if self.head_type == "shga" else self.d_model // self.d_k
+
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads of an attention sublayer: one codebook and one cache each."""
+        return {"shga": self.n_head, "mha": self.n_q_head, "mqa": 1}[self.head_type]
+
+    @property
+    def head_d_v(self) -> int:
+        """Value width per head."""
+        return self.d_v if self.head_type == "shga" else self.d_k
+
+    @property
+    def ff_width(self) -> int:
+        """Hidden width of the MLP sublayers (mha, mqa)."""
+        return self.d_ff or {"shga": 0, "mha": 4, "mqa": 5}[self.head_type] * self.d_model
 
     def replace(self, **changes) -> "TransformerVQConfig":
         """A validated copy with some fields changed."""

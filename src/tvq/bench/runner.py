@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Case:
     compile: bool = False
     threads: int = 0  # intra-op CPU threads; 0: torch's default (one per core)
     grad_checkpoint: bool = False  # train: recompute each layer in backward
+    model: dict = field(default_factory=dict)  # model config overrides (--set), e.g. {"head_type": "mqa"}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Record:
     grad_checkpoint: bool = False
     seconds: list[float] = field(default_factory=list)
     process_tokens_per_s: list[float] = field(default_factory=list)  # --processes: each process's median
+    model: dict = field(default_factory=dict)  # the model config overrides of the case
 
 
 class WrongResult(RuntimeError):
@@ -89,17 +92,44 @@ class WrongResult(RuntimeError):
 
 
 # ------------------------------------------------------------------ models
-def model_config(preset: str, impl: str) -> TransformerVQConfig:
+def model_config(preset: str, impl: str, overrides: dict | None = None) -> TransformerVQConfig:
+    """The preset's config for an impl, with model ``overrides`` (config field -> value) applied."""
     if preset not in BENCH_PRESETS:
         raise ValueError(f"unknown bench preset {preset!r}; choose one of {', '.join(BENCH_PRESETS)}")
-    return TransformerVQConfig(**BENCH_PRESETS[preset], attention="full" if impl == "full" else "vq")
+    fields = {**BENCH_PRESETS[preset], **(overrides or {})}
+    return TransformerVQConfig(**fields, attention="full" if impl == "full" else "vq")
 
 
-def build(impl: str, preset: str, grad_checkpoint: bool = False) -> torch.nn.Module:
-    """The model of an impl; ``grad_checkpoint``: recompute each layer (GAU or block) in backward."""
+def parse_model_overrides(items: list[str]) -> dict:
+    """``--set NAME=VALUE`` strings -> {field: value} of TransformerVQConfig fields, typed as the field is
+    (``attention`` is the impl's: not settable)."""
+    hints = typing.get_type_hints(TransformerVQConfig)
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().removeprefix("model.")
+        if not sep or name not in hints or name == "attention":
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME a model config field other than "
+                             f"attention (the impl sets it), e.g. head_type=mqa")
+        typ = hints[name]
+        if typ is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {item!r}: expected true or false")
+            out[name] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[name] = typ(value)
+            except ValueError:
+                raise ValueError(f"--set {item!r}: expected a value of type {typ.__name__}") from None
+    return out
+
+
+def build(impl: str, preset: str, grad_checkpoint: bool = False, overrides: dict | None = None) -> torch.nn.Module:
+    """The model of an impl; ``grad_checkpoint``: recompute each layer (GAU or block) in backward;
+    ``overrides``: model config fields (the sdpa baseline takes its size from the overridden model)."""
     from tvq.bench.baseline import sdpa_like
 
-    cfg = model_config(preset, impl).replace(grad_checkpoint=grad_checkpoint)
+    cfg = model_config(preset, impl, overrides).replace(grad_checkpoint=grad_checkpoint)
     if impl == "sdpa":
         vq_params = TransformerVQ(cfg).num_parameters()
         model = sdpa_like(vq_params, cfg.vocab_size, cfg.d_model, n_head=max(1, cfg.d_model // 64))
@@ -117,7 +147,7 @@ def logits_of(model, ids, state=None):
 
 # --------------------------------------------------------------- reference
 @torch.no_grad()
-def check(impl: str, preset: str, device: str = "cpu") -> None:
+def check(impl: str, preset: str, device: str = "cpu", overrides: dict | None = None) -> None:
     """Compare the timed path with its reference on a small float64 input, on the device the case runs
     on (a GPU runs its own code paths: the chunked cache read, its kernels)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -135,15 +165,15 @@ def check(impl: str, preset: str, device: str = "cpu") -> None:
         want = quadratic_attention(q, keys, values, n_invalid=0, rel=rel, u=u, v=v, mem_len=M,
                                    agg_cache=True, grad_thru_cache=True, quantized=False)
     elif impl == "vq":  # blockwise against the quadratic reference, same weights
-        cfg = model_config(preset, impl).replace(d_model=64, d_k=16, d_v=32, n_layer=1, n_code=32,
-                                                 block_len=16, mem_len=24)
+        cfg = model_config(preset, impl, overrides).replace(d_model=64, d_k=16, d_v=32, n_layer=1, n_code=32,
+                                                            block_len=16, mem_len=24, d_ff=0)
         model = TransformerVQ(cfg).double().to(device).eval()
         ids = torch.randint(0, cfg.vocab_size, (1, 300), device=device)
         got = model(ids).logits
         model.config.attn_impl = "quadratic"
         want = model(ids).logits
     else:  # SDPA's fast kernels against its plain math backend
-        model = build("sdpa", preset).double().to(device).eval()
+        model = build("sdpa", preset, overrides=overrides).double().to(device).eval()
         ids = torch.randint(0, 256, (1, 300), device=device)
         got = model(ids)[0]
         with sdpa_kernel(SDPBackend.MATH):
@@ -191,12 +221,12 @@ def synthetic_state(model: torch.nn.Module, batch_size: int, pos: int, dtype: to
         return [(torch.randn(batch_size, H, pos, Dh, device=dev, dtype=dtype),
                  torch.randn(batch_size, H, pos, Dh, device=dev, dtype=dtype)) for _ in model.blocks]
     cfg = model.config
-    B, H = batch_size, cfg.n_head
+    B, H = batch_size, cfg.n_kv_head
     layers = []
     for gau in model.gaus:
         if cfg.attention == "full":
             layers.append(LayerState(torch.randn(B, H, pos, cfg.d_k, device=dev, dtype=dtype),
-                                     torch.randn(B, H, pos, cfg.d_v, device=dev, dtype=dtype)))
+                                     torch.randn(B, H, pos, cfg.head_d_v, device=dev, dtype=dtype)))
             continue
         s = gau.initial_state(B, dtype, dev)
         codes = torch.randint(0, cfg.n_code, s.codes.shape, device=dev)
@@ -212,10 +242,10 @@ def measure(case: Case) -> Record:
     device, dtype = case.device, DTYPES[case.dtype]
     record = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, device, case.dtype,
                     torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
-                    threads=torch.get_num_threads(), grad_checkpoint=case.grad_checkpoint)
-    check(case.impl, case.preset, device)
+                    threads=torch.get_num_threads(), grad_checkpoint=case.grad_checkpoint, model=case.model)
+    check(case.impl, case.preset, device, case.model)
     torch.manual_seed(0)
-    model = build(case.impl, case.preset, case.grad_checkpoint).to(device)
+    model = build(case.impl, case.preset, case.grad_checkpoint, case.model).to(device)
     record.params = sum(p.numel() for p in model.parameters())
     B, T = case.batch_size, case.seq_len
     amp = dtype != torch.float32
@@ -298,7 +328,7 @@ def run_isolated(case: Case, time_budget: float) -> Record:
     cmd = [sys.executable, "-m", "tvq.bench.runner", json.dumps(asdict(case))]
     fail = Record(case.impl, case.mode, case.seq_len, case.batch_size, None, None, case.device, case.dtype,
                   torch.__version__, _commit(), preset=case.preset, compiled=case.compile,
-                  grad_checkpoint=case.grad_checkpoint)
+                  grad_checkpoint=case.grad_checkpoint, model=case.model)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_budget, env=os.environ.copy())
     except subprocess.TimeoutExpired:
@@ -404,6 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the speed of a whole process can differ by 10-20%% from the next one's)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="train: recompute each layer in backward (activation checkpointing), every impl")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
+                   help="a model config field for every case, e.g. --set head_type=mqa (repeatable)")
     p.add_argument("--json", help="write the records here")
     p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here")
     return p.parse_args(argv)
@@ -434,18 +466,25 @@ def main(argv=None) -> int:
         raise ValueError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    overrides = parse_model_overrides(args.overrides)
+    for impl in impls:  # a bad combination fails here, not in every case's subprocess
+        if impl != "sdpa":
+            model_config(args.preset, impl, overrides)
     records = []
     for mode in modes:
         for impl in impls:
             for T in positions if mode == "decode" else lens:
                 case = Case(impl, mode, T, args.batch_size, args.preset, args.device, args.dtype, args.warmup,
-                            args.repeats, args.decode_steps, args.compile, args.threads, args.grad_checkpoint)
+                            args.repeats, args.decode_steps, args.compile, args.threads, args.grad_checkpoint,
+                            overrides)
                 r = combine([run_isolated(case, args.time_budget) for _ in range(args.processes)])
                 records.append(r)
                 speed = f"{r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else f"{r.status}: {r.detail}"
                 if r.status == "ok" and args.processes > 1:
                     speed += " (processes: " + ", ".join(f"{v:,.0f}" for v in r.process_tokens_per_s) + ")"
                 print(f"{mode:8s} {impl:5s} T={T:<7d} {speed}", file=sys.stderr, flush=True)
+    if overrides:
+        print("model overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "\n")
     print(table(records))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in records], indent=1))

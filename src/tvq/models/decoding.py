@@ -39,18 +39,28 @@ class _Dims:
 
 @dataclass
 class _GAUWeights:
-    """One GAU's weights in the layout a step wants (eval mode: no dropout, codebook fixed)."""
+    """One GAU's (or mha/mqa attention sublayer's) weights in the layout a step wants (eval mode: no
+    dropout, codebook fixed). For an attention sublayer H is its key/value heads."""
 
-    norm_w: Tensor    # (D,) input norm gain
-    norm_b: Tensor    # (D,) input norm bias
+    norm_w: Tensor | None  # (D,) input norm gain (None: no gain or bias, mha/mqa)
+    norm_b: Tensor | None  # (D,) input norm bias
     w_in: Tensor      # (D, H (2 D_k + 2 D_v)) fused [W_q; W_k; W_v; W_g], transposed: row-vector products
+    #                   (mha/mqa: (D, H_q D_k + 2 H D_k), [W_q; W_k; W_v])
     w_out: Tensor     # (H D_v, D) W_o transposed
     heads: Tensor     # (H,) arange, for codeword look-up
     rel: Tensor       # (H, M + 1, D_k) relative embeddings of distances 0..M
-    u: Tensor         # (H, D_k)
+    u: Tensor         # (H, D_k) (mha/mqa: (H_q, D_k), per query head)
     v: Tensor         # (H, D_k)
     codebook: Tensor  # (H, S, D_k)
     c_sq: Tensor      # (H, S) squared codeword norms
+
+
+@dataclass
+class _MLPWeights:
+    """One MLP sublayer's weights (mha/mqa), transposed for row-vector products."""
+
+    w_1: Tensor  # (D, d_ff)
+    w_2: Tensor  # (d_ff, D)
 
 
 @dataclass
@@ -60,6 +70,7 @@ class _Weights:
     norm_f: tuple[Tensor, Tensor] | None  # final norm gain and bias (D,)
     head_w: Tensor             # (V, D) in at least float32
     head_b: Tensor | None      # (V,)
+    mlps: list[_MLPWeights] | None = None  # mha/mqa: the MLP after each attention sublayer
 
 
 class VQDecoder:
@@ -72,7 +83,8 @@ class VQDecoder:
         self.config, self.pos = cfg, state.pos
         device = model.embed.weight.device
         self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
-        self._dims = _Dims(cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps, cfg.logit_scale)
+        self._dims = _Dims(cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps,
+                           cfg.logit_scale)
         # torch.compile fuses the ~40 small ops of each GAU step (worth it for long generations:
         # compiling takes 15-20 s on a CPU); on a CPU the C++ wrapper also takes the Python
         # launcher out of every step
@@ -87,10 +99,11 @@ class VQDecoder:
             for gau, layer in zip(model.gaus, state.layers):
                 rel, u, v = gau.position_terms(gau.w_r.weight.dtype)
                 c = gau.quantizer.codebook().to(gau.w_r.weight.dtype)  # (H, S, D_k)
+                w_kv = gau.w_kvg.weight if cfg.head_type == "shga" else gau.w_kv.weight
                 gaus.append(_GAUWeights(
                     gau.norm.weight, gau.norm.bias,
-                    torch.cat([gau.w_q.weight, gau.w_kvg.weight]).T.contiguous(), gau.w_o.weight.T.contiguous(),
-                    torch.arange(cfg.n_head, device=device), rel.contiguous(), u, v, c, c.square().sum(-1),
+                    torch.cat([gau.w_q.weight, w_kv]).T.contiguous(), gau.w_o.weight.T.contiguous(),
+                    torch.arange(cfg.n_kv_head, device=device), rel.contiguous(), u, v, c, c.square().sum(-1),
                 ))
                 acc = layer.cache_mean.dtype  # values are read in it, like the blockwise path does
                 keys.append(torch.cat([layer.keys.detach().roll(shift, 2).to(c.dtype), c.expand(B, -1, -1, -1)], 2))
@@ -103,6 +116,8 @@ class VQDecoder:
                 model.embed.weight, gaus,
                 None if model.norm_f is None else (model.norm_f.weight, model.norm_f.bias),
                 head.weight.to(acc), None if model.lm_head is None else model.lm_head.bias.to(acc),
+                None if model.mlps is None else [_MLPWeights(m.w_1.weight.T.contiguous(), m.w_2.weight.T.contiguous())
+                                                 for m in model.mlps],
             )
         self._value_dtype = state.layers[0].values.dtype
         self.keys = torch.stack(keys)        # (G, B, H, M + S, D_k): the window ring, then the codebook
@@ -154,7 +169,11 @@ def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: T
     x = w.embed[tokens]  # (B, D)
     updates = []
     for g, gw in enumerate(w.gaus):
-        x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+        if w.mlps is None:
+            x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+        else:  # mha / mqa: an attention sublayer, then an MLP
+            x, *update = _attention_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+            x = _mlp_step(dims, w.mlps[g], x)
         updates.append(update)
     if w.norm_f is not None:
         x = rms_norm(x, dims.eps, *w.norm_f)
@@ -210,3 +229,52 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
     m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
     return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
+
+
+def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
+                    log_count: Tensor, x: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    """:func:`_gau_step` for an mha/mqa attention sublayer: H = ``dims.n_head`` key/value heads, each read by
+    G = H_q / H query heads (G = 1: mha; H = 1: mqa), values of width D_k, no gate. Same state layout and
+    returns (the state has the key/value heads only)."""
+    B = x.shape[0]
+    H, Dk, Dv, M = dims.n_head, dims.d_k, dims.d_v, dims.mem_len
+    Hq = w.u.shape[0]
+    G = Hq // H  # query heads per key/value head
+    scale = Dk**-0.25
+    h = rms_norm(x, dims.eps)  # (B, D)
+    q, k, v = (h @ w.w_in).split([Hq * Dk, H * Dk, H * Dv], -1)
+    q = rms_norm(q.view(B, H, G, Dk), dims.eps) * scale  # (B, H, G, D_k): query head h G + g
+    k = rms_norm(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
+    v = v.view(B, H, Dv)  # (B, H, D_v)
+
+    z = (w.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, w.codebook)).argmin(-1)  # (B, H)
+    k_hat = w.codebook[w.heads, z]  # (B, H, D_k)
+
+    qu, qv = q + w.u.view(H, G, Dk), q + w.v.view(H, G, Dk)  # (B, H, G, D_k)
+    rel_scores = torch.einsum("bhgk,hdk->bhgd", qv, w.rel)  # (B, H, G, M + 1) by distance
+    dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
+    bias = rel_scores[..., dist].masked_fill(dist > pos, float("-inf"))  # (B, H, G, M)
+    n_read = M  # slots attended to: the window [and the codebook]
+    if dims.agg_cache:
+        bias = torch.cat([bias, log_count[:, :, None].expand(B, H, G, -1)], -1)  # (B, H, G, M + S)
+        n_read = keys.shape[-2]
+    scores = qu @ keys[..., :n_read, :].transpose(-1, -2) + bias  # (B, H, G, n_read)
+    own = (qu * k_hat[:, :, None]).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, G, 1)
+    probs = torch.softmax(torch.cat([scores, own], -1).to(values.dtype), -1)  # (B, H, G, n_read + 1)
+    out = probs[..., :n_read] @ values[..., :n_read, :] + probs[..., n_read:] * v[:, :, None]  # (B, H, G, D_v)
+    x = x + out.to(x.dtype).reshape(B, Hq * Dv) @ w.w_out  # (B, D)
+
+    # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
+    leaving = (pos >= M).to(values.dtype)  # 0-d: 1 once a key really leaves
+    j = (pos % M).view(1)
+    z_old = codes.index_select(2, j)  # (B, H, 1)
+    n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
+    mean = values[..., M:, :]  # (B, H, S, D_v)
+    m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
+    m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
+    return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
+
+
+def _mlp_step(dims: _Dims, w: _MLPWeights, x: Tensor) -> Tensor:
+    """One token (B, D) through an MLP sublayer: x + relu(norm(x) W_1)^2 W_2."""
+    return x + F.relu(rms_norm(x, dims.eps) @ w.w_1).square() @ w.w_2

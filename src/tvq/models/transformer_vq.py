@@ -1,4 +1,4 @@
-"""Transformer-VQ: a decoder-only stack of GAUs with vector-quantized keys."""
+"""Transformer-VQ: a decoder-only stack of GAUs (or of attention + MLP layers: head_type mha, mqa) with vector-quantized keys."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tvq.config import TransformerVQConfig
+from tvq.layers.attention import Attention
 from tvq.layers.gau import GAU
+from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
 from tvq.layers.vq import recomputing
 from tvq.sampling import sample_next
@@ -65,15 +67,18 @@ class TransformerVQ(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop_emb = nn.Dropout(config.dropout_emb)
-        self.gaus = nn.ModuleList(GAU(config) for _ in range(config.n_gau))
+        # the attention sublayers, each with a state: GAUs (shga), or attention units each followed by an MLP
+        unit = GAU if config.head_type == "shga" else Attention
+        self.gaus = nn.ModuleList(unit(config) for _ in range(config.n_gau))
+        self.mlps = None if config.head_type == "shga" else nn.ModuleList(MLP(config) for _ in range(config.n_gau))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.final_norm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=1.0)
-        for gau in self.gaus:
-            gau.reset_parameters()
+        for layer in [*self.gaus, *(self.mlps or ())]:
+            layer.reset_parameters()
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.d_model**-0.5)
             nn.init.zeros_(self.lm_head.bias)
@@ -92,16 +97,16 @@ class TransformerVQ(nn.Module):
         if not isinstance(state, TransformerVQState):
             raise ValueError(f"state must be a TransformerVQState, got {type(state).__name__}")
         if len(state.layers) != cfg.n_gau:
-            raise ValueError(f"state has {len(state.layers)} layers but the model has {cfg.n_gau} GAUs "
+            raise ValueError(f"state has {len(state.layers)} layers but the model has {cfg.n_gau} attention layers "
                              "(a state from another config?)")
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
-        B, H = batch_size, cfg.n_head
+        B, H, Dv = batch_size, cfg.n_kv_head, cfg.head_d_v
         window = state.pos if cfg.attention == "full" else cfg.mem_len
-        expect = {"keys": (B, H, window, cfg.d_k), "values": (B, H, window, cfg.d_v)}
+        expect = {"keys": (B, H, window, cfg.d_k), "values": (B, H, window, Dv)}
         if cfg.attention == "vq":
             expect.update(codes=(B, H, window), cache_count=(B, H, cfg.n_code),
-                          cache_mean=(B, H, cfg.n_code, cfg.d_v))
+                          cache_mean=(B, H, cfg.n_code, Dv))
         for i, layer in enumerate(state.layers):
             for name, shape in expect.items():
                 t = getattr(layer, name)
@@ -153,7 +158,7 @@ class TransformerVQ(nn.Module):
         commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         layers = []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for gau, layer_state in zip(self.gaus, state.layers):
+        for i, (gau, layer_state) in enumerate(zip(self.gaus, state.layers)):
             if recompute:  # keep only each GAU's inputs; backward runs it again (same dropout masks)
                 # eager backward re-runs the Python forward: tell the quantizer not to count its codes
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
@@ -162,6 +167,8 @@ class TransformerVQ(nn.Module):
                     gau, x, layer_state, state.pos, token_mask, use_reentrant=False, **quiet)
             else:
                 x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask)
+            if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
+                x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
             commit = commit + layer_commit
         return self._logits(x), TransformerVQState(layers, state.pos + input_ids.shape[1]), commit

@@ -100,8 +100,8 @@ class Cluster:
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             mesh = init_device_mesh(self.device.type, (self.world_size,))
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-            for gau in model.gaus:
-                fully_shard(gau, mesh=mesh, mp_policy=policy)
+            for layer in [*model.gaus, *(model.mlps or ())]:  # each attention sublayer and MLP (mha, mqa)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
 

@@ -1,0 +1,33 @@
+"""The MLP sublayer of the mha/mqa models (the official optimized code's variants)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tvq.config import TransformerVQConfig
+from tvq.layers.norm import RMSNorm
+from tvq.layers.residual import layer_drop
+
+
+class MLP(nn.Module):
+    """x + LayerDrop(relu(norm(x) W_1)^2 W_2): pre-norm (RMS, no gain or bias, as the official code),
+    ReLU squared, no biases, hidden width ``config.ff_width``."""
+
+    def __init__(self, config: TransformerVQConfig):
+        super().__init__()
+        self.config = config
+        D, F_ = config.d_model, config.ff_width
+        self.norm = RMSNorm(D, config.norm_eps, affine=False)
+        self.w_1 = nn.Linear(D, F_, bias=False)
+        self.w_2 = nn.Linear(F_, D, bias=False)
+
+    def reset_parameters(self) -> None:
+        """Fan-in scaled normal kernels, like every dense kernel of the model."""
+        for lin in (self.w_1, self.w_2):
+            nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, T, D) -> x + the MLP's residual (B, T, D)."""
+        res = self.w_2(F.relu(self.w_1(self.norm(x))).square())  # (B, T, D)
+        return x + layer_drop(res, self.config.layerdrop, self.training)
