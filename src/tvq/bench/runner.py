@@ -380,7 +380,7 @@ def table(records: list[Record]) -> str:
         row += [f"{r.peak_mem_bytes / 2**20:,.0f}" if r and r.status == "ok" else "" for r in rs]
         vq = by.get(("vq", mode, T))
         for i in impls:
-            if i == "vq":
+            if i == "vq" or "vq" not in impls:  # ratio columns only beside a vq column
                 continue
             other = by.get((i, mode, T))
             ok = vq and other and vq.status == other.status == "ok"
