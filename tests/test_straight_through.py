@@ -109,3 +109,10 @@ def test_bad_rule_is_rejected():
 
     with pytest.raises(ValueError, match="straight_through"):
         TransformerVQConfig(straight_through="blocks")
+
+
+def test_reference_block_rule_needs_block_len():
+    q = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs block_len"):
+        quadratic_attention(q, q, q, n_invalid=0, rel=torch.zeros(1, 2, 2, dtype=torch.float64), u=q[0, :, 0],
+                            v=q[0, :, 0], mem_len=1, agg_cache=True, grad_thru_cache=True, straight_through="block")

@@ -1,4 +1,4 @@
-"""Transformer-VQ: a decoder-only stack of GAUs (or of attention + MLP layers: head_type mha, mqa) with vector-quantized keys."""
+"""Transformer-VQ: a decoder-only stack of GAUs (head_type mha/mqa: attention + MLP layers) with vector-quantized keys."""
 
 from __future__ import annotations
 

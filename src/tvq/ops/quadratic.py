@@ -46,6 +46,8 @@ def quadratic_attention(
     gradient to keys j >= s - mem_len, and without ``grad_thru_cache`` reaches only the keys
     and values of its own block (j >= s). Returns (B, H, T, D_v).
     """
+    if straight_through == "block" and block_len is None:
+        raise ValueError("quadratic_attention: straight_through='block' needs block_len")
     T, n_keys = q.shape[2], keys.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
     qu = q + u[:, None]  # (B, H, T, D_k)
