@@ -69,7 +69,7 @@ class VQDecoder:
         if model.config.attention != "vq":
             raise ValueError("VQDecoder needs attention='vq'; the dense baseline decodes with model(ids, state=...)")
         cfg = model.config
-        self.config, self.pos = cfg, state.pos
+        self.config, self.pos, self.start = cfg, state.pos, state.start  # start (B,): left padding, or None
         device = model.embed.weight.device
         self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
         self._dims = _Dims(cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps, cfg.logit_scale)
@@ -115,7 +115,7 @@ class VQDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (B,) at position ``self.pos`` -> next-token logits (B, V); advances the state."""
         logits, *update = self._step(self._dims, self._weights, self.keys, self.values, self.codes, self.count,
-                                     self.log_count, tokens, self._pos)
+                                     self.log_count, tokens, self._pos, self.start)
         self._write(*update)
         self._pos += 1
         self.pos += 1
@@ -144,17 +144,18 @@ class VQDecoder:
                        self.values[g, ..., :M, :].roll(shift, 2).to(self._value_dtype),
                        self.codes[g].roll(shift, 2), self.count[g].clone(), self.values[g, ..., M:, :].clone())
             for g in range(len(self._weights.gaus))
-        ], self.pos)
+        ], self.pos, self.start)
 
 
 def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-                log_count: Tensor, tokens: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+                log_count: Tensor, tokens: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each GAU's updates, stacked (see
-    :meth:`VQDecoder._write`). Reads the state, writes nothing."""
+    :meth:`VQDecoder._write`); ``start`` (B,): each row's first real position, or None. Reads the state,
+    writes nothing."""
     x = w.embed[tokens]  # (B, D)
     updates = []
     for g, gw in enumerate(w.gaus):
-        x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+        x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos, start)
         updates.append(update)
     if w.norm_f is not None:
         x = rms_norm(x, dims.eps, *w.norm_f)
@@ -163,8 +164,9 @@ def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: T
 
 
 def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-              log_count: Tensor, x: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+              log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """One token at position ``pos`` (0-d) through one GAU, from its state without changing it.
+    With ``start`` (B,), row b's positions before start[b] are left padding: hidden, never cached.
 
     keys (B, H, M + S, D_k) and values (B, H, M + S, D_v): the window ring, then the codebook and
     the cache means; codes (B, H, M); count and log_count (B, H, S). Returns x (B, D), the token's
@@ -186,7 +188,11 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     qu, qv = q + w.u, q + w.v
     rel_scores = torch.einsum("bhk,hdk->bhd", qv, w.rel)  # (B, H, M + 1) by distance
     dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
-    bias = rel_scores[..., dist].masked_fill(dist > pos, float("-inf"))  # (B, H, M): slots before the start
+    if start is None:
+        seen = pos  # 0-d: tokens before this one
+    else:
+        seen = (pos - start).view(B, 1, 1)  # (B, 1, 1): real tokens before this one (< 0 while padding)
+    bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, M): slots before the start
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
         bias = torch.cat([bias, log_count], -1)  # (B, H, M + S): codeword scores + log counts
@@ -202,11 +208,11 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     x = x + (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ w.w_out  # (B, D)
 
     # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
-    leaving = (pos >= M).to(values.dtype)  # 0-d: 1 once a key really leaves
+    leaving = (seen >= M).to(values.dtype)  # 0-d or (B, 1, 1): 1 once a real key leaves
     j = (pos % M).view(1)
     z_old = codes.index_select(2, j)  # (B, H, 1)
     n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
     mean = values[..., M:, :]  # (B, H, S, D_v)
     m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
-    m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
+    m_new = m_old + leaving[..., None] * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
     return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
