@@ -209,10 +209,11 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
 
     # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
     leaving = (seen >= M).to(values.dtype)  # 0-d or (B, 1, 1): 1 once a real key leaves
+    lv = leaving if start is None else leaving[..., None]  # broadcasts against (B, H, 1, D_v)
     j = (pos % M).view(1)
     z_old = codes.index_select(2, j)  # (B, H, 1)
     n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
     mean = values[..., M:, :]  # (B, H, S, D_v)
     m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
-    m_new = m_old + leaving[..., None] * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
+    m_new = m_old + lv * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
     return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
