@@ -68,6 +68,26 @@ metric_list:
     higher_is_better: false
 """
 
+GEN_YAML = """task: tvq_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 24
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me", "KING", "Now is the winter of our"]
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -86,6 +106,8 @@ def setup(tmp_path_factory):
     (tasks / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (tasks / "tvq_mc.yaml").write_text(MC_YAML.format(data=tasks / "mc.jsonl"))
     (tasks / "tvq_ppl.yaml").write_text(PPL_YAML.format(data=tasks / "docs.jsonl"))
+    (tasks / "gen.jsonl").write_text("".join(json.dumps({"prompt": p, "target": "x"}) + "\n" for p in PROMPTS))
+    (tasks / "tvq_gen.yaml").write_text(GEN_YAML.format(data=tasks / "gen.jsonl"))
     core, _ = ckpt.load_model(ckpt.find_checkpoint(run, "latest"))
     return out, tasks, docs, core.double().eval()
 
@@ -129,6 +151,20 @@ def test_perplexity_scores_whole_documents_like_tvq_eval(setup):
     assert metrics["byte_perplexity,none"] == pytest.approx(2 ** ours["bpb"], rel=1e-9)
     words = sum(len(re.split(r"\s+", d)) for d in docs)  # lm-eval's word count
     assert metrics["word_perplexity,none"] == pytest.approx(math.exp(ours["loss"] * ours["tokens"] / words), rel=1e-9)
+
+
+def test_generate_until_left_pads_batches_exactly(setup):
+    """lm-eval batches prompts of different lengths, left-padded: each equals tvq's greedy decoding alone."""
+    out, tasks, _, core = setup
+    result = simple_evaluate(out, tasks, ["tvq_gen"])
+    samples = sorted(result["samples"]["tvq_gen"], key=lambda s: s["doc_id"])
+    tok = ByteTokenizer()
+    for sample, prompt in zip(samples, PROMPTS):
+        ids = tok.encode(prompt)
+        new = core.generate(torch.tensor([ids]), 24, temperature=0)[0, len(ids):].tolist()
+        new = new[: new.index(0)] if 0 in new else new  # token 0 is EOS: generation stops there
+        text = tok.decode(new).split("\n\n")[0]
+        assert sample["resps"][0][0] == text
 
 
 def test_lm_eval_command_line(setup, tmp_path):
