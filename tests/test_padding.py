@@ -126,3 +126,24 @@ def test_left_pad_checks():
         state.start = torch.tensor([1.0, 0.0])
         with pytest.raises(ValueError, match="state.start"):
             model(ids, state=state)
+
+
+def test_left_padding_in_the_chunked_cache_read(monkeypatch):
+    """The cache read off a CPU (chunks of blocks from one scatter and a cumsum), forced here on the CPU:
+    the same rows-alone equality, forward and gradients."""
+    import tvq.ops.cache as cache
+
+    monkeypatch.setattr(cache, "_read_running", lambda *a: cache._read_chunked(*a, 3))
+    monkeypatch.setattr(cache, "_grad_running", lambda *a: cache._grad_chunked(*a, 3))
+    model = make_model().train()
+    ids, rows, pads = padded_batch(5)
+    out = model(ids, left_pad=pads)
+    out.logits[1, PADS[1]:].sum().backward()
+    grad = model.gaus[0].w_kvg.weight.grad.clone()
+    model.zero_grad()
+    for b, (p, row) in enumerate(zip(PADS, rows)):
+        alone = model(row[None])
+        torch.testing.assert_close(out.logits[b, p:], alone.logits[0], atol=1e-10, rtol=0)
+        if b == 1:
+            alone.logits[0].sum().backward()
+            torch.testing.assert_close(model.gaus[0].w_kvg.weight.grad, grad, atol=1e-10, rtol=0)
