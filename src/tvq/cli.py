@@ -1,4 +1,4 @@
-"""The ``tvq`` command: train, eval, sample, data, plot."""
+"""The ``tvq`` command: train, eval, sample, data, plot, export."""
 
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="speed and memory of vq vs quadratic attention (see tvq bench --help)",
                    add_help=False)  # its own parser: tvq.bench.runner
+
+    x = sub.add_parser("export", help="write a run as a Hugging Face model folder (needs tvq[hf])")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir", help="the folder to write (must not exist)")
+    x.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
 
     pl = sub.add_parser("plot", help="draw loss and bpb curves of a run to PNG")
     pl.add_argument("run_dir")
@@ -262,13 +267,25 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    try:
+        from tvq.hf.export import export
+    except ImportError as e:
+        raise UsageError(f"tvq export needs the Hugging Face extra: pip install 'tvq[hf]' ({e})") from None
+    out = export(args.run_dir, args.out_dir, args.checkpoint)
+    print(f"Hugging Face model written to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from tvq.bench.runner import main as bench_main
 
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,13 +44,18 @@ class TransformerVQState:
 
     Batch-first; pass it back as ``model(next_ids, state=state)`` to continue the same
     sequences exactly. Call :meth:`detach` between optimizer steps to cut the graph.
+
+    ``pos`` counts positions, padding included. ``start`` (B,) long, or ``None`` for all zeros, is the
+    first real position of each row: the positions before it are left padding, whose keys are never
+    attended and never enter the cache, so row b is its unpadded self at positions ``pos - start[b]``.
     """
 
     layers: list[LayerState]
     pos: int
+    start: Tensor | None = None
 
     def detach(self) -> "TransformerVQState":
-        return TransformerVQState([layer.detach() for layer in self.layers], self.pos)
+        return TransformerVQState([layer.detach() for layer in self.layers], self.pos, self.start)
 
     @property
     def batch_size(self) -> int:
@@ -72,4 +77,4 @@ class TransformerVQState:
             LayerState(move(lay.keys, "kv"), move(lay.values, "kv"), move(lay.codes, "codes"),
                        move(lay.cache_count, "cache"), move(lay.cache_mean, "cache"))
             for lay in self.layers
-        ], self.pos)
+        ], self.pos, None if self.start is None else self.start.to(device=device))

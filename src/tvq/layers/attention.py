@@ -94,9 +94,11 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None
+        self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
+        start: Tensor | None = None,
     ) -> tuple[Tensor, LayerState, Tensor]:
-        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss)."""
+        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss); ``start`` as in
+        :meth:`tvq.layers.gau.GAU.forward`."""
         cfg = self.config
         B, T, _ = x.shape
         Hq, Hkv, Dk, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.mem_len
@@ -115,7 +117,7 @@ class Attention(nn.Module):
             keys = torch.cat([state.keys, k], 2)  # (B, H_kv, pos + T, D_k)
             values = torch.cat([state.values, v], 2)
             attn = dense_attention(q, per_query_head(keys, Hq), per_query_head(values, Hq), rel=rel, u=u, v=vb,
-                                   mem_len=M, chunk=cfg.block_len)
+                                   mem_len=M, chunk=cfg.block_len, start=start)
             new_state = LayerState(keys, values)
         else:
             quant = self.quantizer(k, token_mask)
@@ -123,7 +125,7 @@ class Attention(nn.Module):
             keys = torch.cat([state.keys, quant.keys], 2)  # (B, H_kv, M + T, D_k)
             values = torch.cat([state.values, v], 2)  # (B, H_kv, M + T, D_k)
             codes = torch.cat([state.codes, quant.codes], 2)  # (B, H_kv, M + T)
-            n_invalid = max(0, M - pos)
+            n_invalid = GAU.empty_slots(M, pos, start)  # int or (B,)
             cache = tuple(per_query_head(t, Hq, 0 if i == 0 else 1) for i, t in enumerate(
                 (self.quantizer.codebook(), state.cache_count, state.cache_mean)))  # (H_q, S, D_k), (B, H_q, S[, D_k])
             common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M, agg_cache=cfg.agg_cache,

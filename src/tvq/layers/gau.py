@@ -78,9 +78,12 @@ class GAU(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None
+        self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
+        start: Tensor | None = None,
     ) -> tuple[Tensor, LayerState, Tensor]:
-        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss)."""
+        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss).
+
+        ``start`` (B,) long: each row's first real position (left padding before it), or None (0)."""
         cfg = self.config
         B, T, _ = x.shape
         H, Dk, Dv, M = cfg.n_head, cfg.d_k, cfg.d_v, cfg.mem_len
@@ -105,7 +108,8 @@ class GAU(nn.Module):
             commit = x.new_zeros(())
             keys = torch.cat([state.keys, k], 2)  # (B, H, pos + T, D_k)
             values = torch.cat([state.values, v], 2)
-            attn = dense_attention(q, keys, values, rel=rel, u=u, v=vb, mem_len=M, chunk=cfg.block_len)
+            attn = dense_attention(q, keys, values, rel=rel, u=u, v=vb, mem_len=M, chunk=cfg.block_len,
+                                   start=start)
             new_state = LayerState(keys, values)
         else:
             quant = self.quantizer(k, token_mask)
@@ -113,7 +117,7 @@ class GAU(nn.Module):
             keys = torch.cat([state.keys, quant.keys], 2)  # (B, H, M + T, D_k)
             values = torch.cat([state.values, v], 2)  # (B, H, M + T, D_v)
             codes = torch.cat([state.codes, quant.codes], 2)  # (B, H, M + T)
-            n_invalid = max(0, M - pos)
+            n_invalid = self.empty_slots(M, pos, start)  # int or (B,)
             cache = (self.quantizer.codebook(), state.cache_count, state.cache_mean)
             common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
@@ -135,6 +139,12 @@ class GAU(nn.Module):
             res = res * keep.to(res.dtype) / (1 - cfg.layerdrop)
         return x + res, new_state, commit
 
+    @staticmethod
+    def empty_slots(mem_len: int, pos: int, start: Tensor | None) -> int | Tensor:
+        """Empty window slots of a state at ``pos``: those before position 0 and, per row (B,), before
+        its ``start`` (left padding)."""
+        return max(0, mem_len - pos) if start is None else (start + (mem_len - pos)).clamp_min(0)
+
     def _plain_projections(self) -> bool:
         """Whether the projections are plain ``nn.Linear`` without hooks, so that the fused path, which
         reads their weights directly, computes what their forwards would (not so for, e.g., a LoRA or
@@ -142,12 +152,16 @@ class GAU(nn.Module):
         return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
                    for m in (self.w_q, self.w_kvg, self.w_o))
 
-    def _advance(self, state: LayerState, keys, values, codes, n_invalid: int, T: int) -> LayerState:
-        """Keep the last M keys as the window; fold the T that leave it into the cache."""
+    def _advance(self, state: LayerState, keys, values, codes, n_invalid: int | Tensor, T: int) -> LayerState:
+        """Keep the last M keys as the window; fold the T that leave it into the cache (not the empty
+        slots: the first ``n_invalid``, an int or one per row (B,))."""
         count, mean = state.cache_count, state.cache_mean
         if self.config.agg_cache:
             leaving = values[:, :, :T] if self.config.grad_thru_cache else values[:, :, :T].detach()
-            valid = torch.arange(T, device=keys.device) >= n_invalid
+            if isinstance(n_invalid, Tensor):
+                valid = torch.arange(T, device=keys.device) >= n_invalid[:, None, None]  # (B, 1, T)
+            else:
+                valid = torch.arange(T, device=keys.device) >= n_invalid
             n, s = code_statistics(codes[:, :, :T], leaving, valid, self.config.n_code, mean.dtype)
             count, mean = merge_cache(count, mean, n, s)
         return LayerState(keys[:, :, T:], values[:, :, T:], codes[:, :, T:], count, mean)

@@ -80,7 +80,7 @@ class VQDecoder:
         if model.config.attention != "vq":
             raise ValueError("VQDecoder needs attention='vq'; the dense baseline decodes with model(ids, state=...)")
         cfg = model.config
-        self.config, self.pos = cfg, state.pos
+        self.config, self.pos, self.start = cfg, state.pos, state.start  # start (B,): left padding, or None
         device = model.embed.weight.device
         self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
         self._dims = _Dims(cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps,
@@ -130,7 +130,7 @@ class VQDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (B,) at position ``self.pos`` -> next-token logits (B, V); advances the state."""
         logits, *update = self._step(self._dims, self._weights, self.keys, self.values, self.codes, self.count,
-                                     self.log_count, tokens, self._pos)
+                                     self.log_count, tokens, self._pos, self.start)
         self._write(*update)
         self._pos += 1
         self.pos += 1
@@ -159,20 +159,22 @@ class VQDecoder:
                        self.values[g, ..., :M, :].roll(shift, 2).to(self._value_dtype),
                        self.codes[g].roll(shift, 2), self.count[g].clone(), self.values[g, ..., M:, :].clone())
             for g in range(len(self._weights.gaus))
-        ], self.pos)
+        ], self.pos, self.start)
 
 
 def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-                log_count: Tensor, tokens: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+                log_count: Tensor, tokens: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each GAU's updates, stacked (see
-    :meth:`VQDecoder._write`). Reads the state, writes nothing."""
+    :meth:`VQDecoder._write`); ``start`` (B,): each row's first real position, or None. Reads the state,
+    writes nothing."""
     x = w.embed[tokens]  # (B, D)
     updates = []
     for g, gw in enumerate(w.gaus):
         if w.mlps is None:
-            x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+            x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos, start)
         else:  # mha / mqa: an attention sublayer, then an MLP
-            x, *update = _attention_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos)
+            x, *update = _attention_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos,
+                                         start)
             x = _mlp_step(dims, w.mlps[g], x)
         updates.append(update)
     if w.norm_f is not None:
@@ -181,9 +183,31 @@ def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: T
     return logits, *(torch.stack(t) for t in zip(*updates))
 
 
+def _seen(pos: Tensor, start: Tensor | None, ndim: int) -> Tensor:
+    """Real tokens before the one at ``pos`` (0-d): ``pos`` itself, or per row ``pos - start`` shaped
+    (B, 1, ...) with ``ndim`` dimensions (negative while a row is still in its left padding)."""
+    return pos if start is None else (pos - start).view(-1, *(1,) * (ndim - 1))
+
+
+def _leaving_entry(M: int, values: Tensor, codes: Tensor, count: Tensor, pos: Tensor, seen: Tensor):
+    """The cache entry changed by the key in ring slot pos % M (position pos - M), which leaves the window
+    after this step, if it is a real one (seen >= M: 0-d or (B, 1, 1)): its code (B, H, 1), the code's new
+    count and log count (B, H, 1) and mean (B, H, 1, D_v). values (B, H, M + S, D_v): ring, then means."""
+    B, H, _, Dv = values.shape
+    leaving = (seen >= M).to(values.dtype)  # 0-d or (B, 1, 1): 1 once a real key leaves
+    lv = leaving if leaving.dim() == 0 else leaving[..., None]  # broadcasts against (B, H, 1, D_v)
+    j = (pos % M).view(1)
+    z_old = codes.index_select(2, j)  # (B, H, 1)
+    n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
+    m_old = values[..., M:, :].gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
+    m_new = m_old + lv * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
+    return z_old, n_new, cache_log_count(n_new), m_new
+
+
 def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-              log_count: Tensor, x: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+              log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """One token at position ``pos`` (0-d) through one GAU, from its state without changing it.
+    With ``start`` (B,), row b's positions before start[b] are left padding: hidden, never cached.
 
     keys (B, H, M + S, D_k) and values (B, H, M + S, D_v): the window ring, then the codebook and
     the cache means; codes (B, H, M); count and log_count (B, H, S). Returns x (B, D), the token's
@@ -205,7 +229,8 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     qu, qv = q + w.u, q + w.v
     rel_scores = torch.einsum("bhk,hdk->bhd", qv, w.rel)  # (B, H, M + 1) by distance
     dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
-    bias = rel_scores[..., dist].masked_fill(dist > pos, float("-inf"))  # (B, H, M): slots before the start
+    seen = _seen(pos, start, 3)  # 0-d or (B, 1, 1)
+    bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, M): slots before the start
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
         bias = torch.cat([bias, log_count], -1)  # (B, H, M + S): codeword scores + log counts
@@ -220,19 +245,11 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     out = read + probs[..., n_read:] * v  # (B, H, D_v)
     x = x + (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ w.w_out  # (B, D)
 
-    # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
-    leaving = (pos >= M).to(values.dtype)  # 0-d: 1 once a key really leaves
-    j = (pos % M).view(1)
-    z_old = codes.index_select(2, j)  # (B, H, 1)
-    n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
-    mean = values[..., M:, :]  # (B, H, S, D_v)
-    m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
-    m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
-    return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
+    return x, k_hat, v, z, *_leaving_entry(M, values, codes, count, pos, seen)
 
 
 def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-                    log_count: Tensor, x: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+                    log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """:func:`_gau_step` for an mha/mqa attention sublayer: H = ``dims.n_head`` key/value heads, each read by
     G = H_q / H query heads (G = 1: mha; H = 1: mqa), values of width D_k, no gate. Same state layout and
     returns (the state has the key/value heads only)."""
@@ -253,7 +270,8 @@ def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, c
     qu, qv = q + w.u.view(H, G, Dk), q + w.v.view(H, G, Dk)  # (B, H, G, D_k)
     rel_scores = torch.einsum("bhgk,hdk->bhgd", qv, w.rel)  # (B, H, G, M + 1) by distance
     dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
-    bias = rel_scores[..., dist].masked_fill(dist > pos, float("-inf"))  # (B, H, G, M)
+    seen = _seen(pos, start, 4)  # 0-d or (B, 1, 1, 1)
+    bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, G, M)
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
         bias = torch.cat([bias, log_count[:, :, None].expand(B, H, G, -1)], -1)  # (B, H, G, M + S)
@@ -264,15 +282,7 @@ def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, c
     out = probs[..., :n_read] @ values[..., :n_read, :] + probs[..., n_read:] * v[:, :, None]  # (B, H, G, D_v)
     x = x + out.to(x.dtype).reshape(B, Hq * Dv) @ w.w_out  # (B, D)
 
-    # the key in slot pos % M (position pos - M) leaves the window after this step: its cache entry
-    leaving = (pos >= M).to(values.dtype)  # 0-d: 1 once a key really leaves
-    j = (pos % M).view(1)
-    z_old = codes.index_select(2, j)  # (B, H, 1)
-    n_new = count.gather(-1, z_old) + leaving  # (B, H, 1)
-    mean = values[..., M:, :]  # (B, H, S, D_v)
-    m_old = mean.gather(2, z_old[..., None].expand(B, H, 1, Dv))  # (B, H, 1, D_v)
-    m_new = m_old + leaving * (values.index_select(2, j) - m_old) / n_new.clamp_min(1.0)[..., None]
-    return x, k_hat, v, z, z_old, n_new, cache_log_count(n_new), m_new
+    return x, k_hat, v, z, *_leaving_entry(M, values, codes, count, pos, _seen(pos, start, 3))
 
 
 def _mlp_step(dims: _Dims, w: _MLPWeights, x: Tensor) -> Tensor:

@@ -53,7 +53,13 @@ class TransformerVQ(nn.Module):
     - labels (B, T): the target of each position (already shifted: usually the next token),
       ``-100`` to ignore a position;
     - token_mask (B, T) bool: False for padding, whose keys then stay out of the codebook
-      statistics and the commitment loss.
+      statistics and the commitment loss. Use it for right padding: the real positions' logits are
+      exact by causality, and the state then holds the padding as if it were input (continuing it
+      continues the padded rows);
+    - left_pad (B,) ints >= 0, with a new state only: row b's first ``left_pad[b]`` positions are
+      padding. They are never attended, never enter the cache, the codebook statistics or the
+      commitment loss, and their labels are ignored, so each row computes exactly what it computes
+      alone. The state keeps each row's start (:attr:`TransformerVQState.start`) for later calls.
 
     In training mode forwards accumulate codebook statistics; call :meth:`update_codebooks`
     once per optimizer step.
@@ -92,6 +98,21 @@ class TransformerVQ(nn.Module):
         p = self.embed.weight
         return TransformerVQState([g.initial_state(batch_size, p.dtype, p.device) for g in self.gaus], 0)
 
+    def _check_left_pad(self, left_pad, batch_size: int) -> Tensor | None:
+        """left_pad as the state's per-row starts: (B,) long, or None when no row is padded."""
+        if left_pad is None:
+            return None
+        if (not isinstance(left_pad, Tensor) or left_pad.shape != (batch_size,) or left_pad.dtype == torch.bool
+                or left_pad.is_floating_point() or left_pad.is_complex()):
+            raise ValueError(f"left_pad must be an integer tensor of shape ({batch_size},), one count per row")
+        if torch.compiler.is_compiling():
+            return left_pad.long().to(self.embed.weight.device)
+        if left_pad.numel() and int(left_pad.min()) < 0:
+            raise ValueError(f"left_pad must be >= 0, got {left_pad.tolist()}")
+        if not left_pad.any():  # nothing padded: the unpadded path, no per-row work
+            return None
+        return left_pad.long().to(self.embed.weight.device)
+
     def _check_state(self, state: TransformerVQState, batch_size: int) -> None:
         cfg = self.config
         if not isinstance(state, TransformerVQState):
@@ -101,6 +122,9 @@ class TransformerVQ(nn.Module):
                              "(a state from another config?)")
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
+        if state.start is not None and (not isinstance(state.start, Tensor) or state.start.dtype != torch.long
+                                        or tuple(state.start.shape) != (batch_size,)):
+            raise ValueError(f"state.start must be a long tensor of shape ({batch_size},) or None")
         B, H, Dv = batch_size, cfg.n_kv_head, cfg.head_d_v
         window = state.pos if cfg.attention == "full" else cfg.mem_len
         expect = {"keys": (B, H, window, cfg.d_k), "values": (B, H, window, Dv)}
@@ -122,16 +146,25 @@ class TransformerVQ(nn.Module):
         state: TransformerVQState | None = None,
         labels: Tensor | None = None,
         token_mask: Tensor | None = None,
+        left_pad: Tensor | None = None,
     ) -> TransformerVQOutput:
         input_ids = self._check_ids(input_ids, "input_ids")
         B, T = input_ids.shape
+        if left_pad is not None and state is not None:
+            raise ValueError("left_pad starts new sequences: pass it without a state (the state keeps its rows' starts)")
         if state is None:
             state = self.initial_state(B)
+            state.start = self._check_left_pad(left_pad, B)
         else:
             self._check_state(state, B)
         if token_mask is not None:
             if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool or token_mask.shape != (B, T):
                 raise ValueError(f"token_mask must be a bool tensor of shape {(B, T)}")
+        if state.start is not None:  # left padding: no codebook statistics, commitment loss or labels there
+            real = torch.arange(state.pos, state.pos + T, device=input_ids.device) >= state.start[:, None]  # (B, T)
+            token_mask = real if token_mask is None else token_mask & real
+            if labels is not None and isinstance(labels, Tensor) and labels.shape == (B, T):
+                labels = labels.masked_fill(~real, IGNORE_INDEX)
 
         seg = self._segment_len(input_ids)
         if seg < T:  # CPU inference: segment by segment through all layers, carrying the state
@@ -164,14 +197,14 @@ class TransformerVQ(nn.Module):
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
                 quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
                 x, new_layer_state, layer_commit = checkpoint(
-                    gau, x, layer_state, state.pos, token_mask, use_reentrant=False, **quiet)
+                    gau, x, layer_state, state.pos, token_mask, state.start, use_reentrant=False, **quiet)
             else:
-                x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask)
+                x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask, state.start)
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
             commit = commit + layer_commit
-        return self._logits(x), TransformerVQState(layers, state.pos + input_ids.shape[1]), commit
+        return self._logits(x), TransformerVQState(layers, state.pos + input_ids.shape[1], state.start), commit
 
     def _segment_len(self, input_ids: Tensor) -> int:
         """Tokens per segment of a forward: all of them, except in CPU inference (no autograd) of a VQ
@@ -273,6 +306,7 @@ class TransformerVQ(nn.Module):
         seed: int | None = None,
         state: TransformerVQState | None = None,
         compile: bool = False,
+        left_pad: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield sampled tokens (B,) one at a time; the state has constant size per step.
 
@@ -280,6 +314,7 @@ class TransformerVQ(nn.Module):
         :class:`~tvq.models.decoding.VQDecoder` (O(mem_len + n_code), in-place state).
         Runs in eval mode (no dropout, no codebook statistics). ``compile=True`` compiles the
         decode step (worth it for long samples: 15-20 s once, then about 4x faster per token on a CPU).
+        ``left_pad`` (B,): left-padded prompts of different lengths (see :meth:`forward`).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -289,7 +324,7 @@ class TransformerVQ(nn.Module):
             generator = None
             if seed is not None:
                 generator = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
-            out = self(input_ids, state=state)
+            out = self(input_ids, state=state, left_pad=left_pad)
             logits, state = out.logits[:, -1], out.state
             decoder = self.decoder(state, compile=compile) if self.config.attention == "vq" else None
             for i in range(max_new_tokens):
@@ -315,9 +350,11 @@ class TransformerVQ(nn.Module):
         top_p: float | None = None,
         seed: int | None = None,
         compile: bool = False,
+        left_pad: Tensor | None = None,
     ) -> Tensor:
-        """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids (``compile``: see
-        :meth:`stream`)."""
-        tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, compile=compile))
+        """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids (``compile``,
+        ``left_pad``: see :meth:`stream`)."""
+        tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, compile=compile,
+                                  left_pad=left_pad))
         new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
         return torch.cat([input_ids.long(), new], 1)

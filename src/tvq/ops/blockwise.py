@@ -104,7 +104,7 @@ def blockwise_attention(
     values: Tensor,
     codes: Tensor,
     *,
-    n_invalid: int,
+    n_invalid: int | Tensor,
     rel: Tensor,
     u: Tensor,
     v: Tensor,
@@ -118,7 +118,9 @@ def blockwise_attention(
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
     keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T) start with the
-    M = ``mem_len`` window slots of the state (the first ``n_invalid`` of them empty);
+    M = ``mem_len`` window slots of the state (the first ``n_invalid`` of them empty; a (B,) tensor gives
+    each row its own count, which may reach into the chunk: left padding. A row's empty slots are then
+    hidden from its real queries only, so that a padding query still sees its own key);
     ``cache`` = (codebook (H, S, D_k), count (B, H, S), mean (B, H, S, D_v)) holds everything
     older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
     Gradients follow ``straight_through`` (see :func:`tvq.ops.quadratic_attention`); under
@@ -165,10 +167,18 @@ def blockwise_attention(
     fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
     positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
     scores = (content + positional).to(acc)  # (B, H, nb, L, W)
-    n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
-    if n_bad:
-        empty = torch.arange(n_bad, device=dev)[:, None] * L + torch.arange(W, device=dev) < n_invalid  # (n_bad, W)
-        scores[:, :, :n_bad].masked_fill_(empty[:, None, :], float("-inf"))
+    per_row = isinstance(n_invalid, Tensor)
+    if per_row:  # slot s (key-list index) is empty for row b's queries at index >= n_invalid[b]
+        ninv = n_invalid.view(B, 1, 1, 1)
+        slot = torch.arange(nb, device=dev)[:, None] * L + torch.arange(W, device=dev)  # (nb, W)
+        query = M + torch.arange(nb * L, device=dev).view(nb, L)  # (nb, L)
+        empty = (slot[None, :, None, :] < ninv) & (query[None, :, :, None] >= ninv)  # (B, nb, L, W)
+        scores.masked_fill_(empty[:, None], float("-inf"))
+    else:
+        n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
+        if n_bad:
+            empty = torch.arange(n_bad, device=dev)[:, None] * L + torch.arange(W, device=dev) < n_invalid  # (n_bad, W)
+            scores[:, :, :n_bad].masked_fill_(empty[:, None, :], float("-inf"))
 
     if agg_cache:
         # Cache of block n = the state's cache (count c0, mean m0) + every key before its window
@@ -177,8 +187,12 @@ def blockwise_attention(
         # sum_s p_s (c0 m0 + S_n)_s / count_n,s, is then one (L, S) @ (S, D_v) product per block.
         S = codebook.shape[1]
         blk_codes = codes[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L)
-        valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L).to(acc)
-        n_blk = torch.zeros(B, H, nb, S, dtype=acc, device=dev).scatter_add_(3, blk_codes, valid.expand(B, H, nb, L))
+        if per_row:
+            valid = (torch.arange(nb * L, device=dev) >= n_invalid[:, None]).view(B, 1, nb, L)
+        else:
+            valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
+        n_blk = torch.zeros(B, H, nb, S, dtype=acc, device=dev).scatter_add_(
+            3, blk_codes, valid.to(acc).expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
         count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
@@ -195,9 +209,11 @@ def blockwise_attention(
     cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
+    if per_row:  # the read skips the slots empty in every row; zeros stand for the others
+        cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
     out = cache_read(
         p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-        (c0[..., None] * mean0.to(acc)).flatten(0, 1), n_invalid,
+        (c0[..., None] * mean0.to(acc)).flatten(0, 1), int(n_invalid.min()) if per_row else n_invalid,
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     if value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient

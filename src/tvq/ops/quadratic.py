@@ -13,7 +13,7 @@ def quadratic_attention(
     keys: Tensor,
     values: Tensor,
     *,
-    n_invalid: int,
+    n_invalid: int | Tensor,
     rel: Tensor,
     u: Tensor,
     v: Tensor,
@@ -28,7 +28,8 @@ def quadratic_attention(
     """Causal attention of T queries over P past keys plus themselves.
 
     q (B, H, T, D_k) are the queries of the last T entries of keys (B, H, P + T, D_k) and
-    values (B, H, P + T, D_v); the first ``n_invalid`` key slots hold no token. For query i
+    values (B, H, P + T, D_v); the first ``n_invalid`` key slots hold no token (a (B,) tensor: per row,
+    hidden only from that row's queries past them, as a left-padding query still sees itself). For query i
     and key j at distance d = i - j >= 0:
 
         score = (q + u).k_j + (q + v).rel[d]    if d <= mem_len
@@ -56,7 +57,11 @@ def quadratic_attention(
     i = torch.arange(T, device=q.device)[:, None] + (n_keys - T)  # query index in the key list
     j = torch.arange(n_keys, device=q.device)[None, :]
     dist = i - j  # (T, P + T)
-    valid = (j >= n_invalid) & (dist >= 0)
+    if isinstance(n_invalid, Tensor):
+        ninv = n_invalid.view(-1, 1, 1, 1)
+        valid = ((j >= ninv) | (i < ninv)) & (dist >= 0)  # (B, 1, T, P + T)
+    else:
+        valid = (j >= n_invalid) & (dist >= 0)
     near = valid & (dist <= mem_len)
     old = valid & (dist > mem_len) & agg_cache
     if straight_through == "block":  # the (T, 1) key index s of the first query of each query's block
