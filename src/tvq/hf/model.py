@@ -59,7 +59,7 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = TransformerVQHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["GAU"]
+    _no_split_modules = ["GAU", "Attention", "MLP"]
     supports_gradient_checkpointing = False
 
     def __init__(self, config: TransformerVQHFConfig):
