@@ -27,7 +27,7 @@ class DictConfig:
         """Build from a dict; nested config fields from nested dicts. ``prefix`` names the
         place of ``d`` in a larger config (``"model."``) in error messages."""
         if not isinstance(d, dict):
-            raise ValueError(f"{prefix.rstrip('.') or cls.__name__} must be a dict of config keys, "
+            raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object (dict) of config keys, "
                              f"got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

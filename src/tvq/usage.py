@@ -96,8 +96,8 @@ def checkpoint_name(text: str) -> str:
 
 
 def check_writable_file(path: str | Path, what: str) -> Path:
-    """Refuse, before any work, an output file that cannot be written: a folder, a missing or
-    read-only parent folder. Creates nothing."""
+    """Refuse, before any work, an output file that cannot be written: a folder, a read-only file,
+    a parent folder that is missing or read-only. Creates nothing."""
     path = Path(path)
     if str(path) == "":
         raise UsageError(f"{what}: empty path")
@@ -107,7 +107,12 @@ def check_writable_file(path: str | Path, what: str) -> Path:
         if not os.access(path, os.W_OK):
             raise UsageError(f"{what} {path} is not writable")
         return path
-    check_creatable(path.parent, what)
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: the folder {parent} does not exist" if not parent.exists()
+                         else f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: the folder {parent} is not writable")
     return path
 
 

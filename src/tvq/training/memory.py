@@ -50,7 +50,7 @@ def check_fits(config: TransformerVQConfig, *, device: torch.device, what: str =
     """
     params, buffers = model_elements(config)
     weights = FLOAT * (params + buffers)
-    need, parts = weights, [f"weights {_gib(weights)} for {params:,} parameters"]
+    need, parts = weights, [f"weights {_gib(weights)} for {params:,} parameters and {buffers:,} codebook entries"]
     if training is not None:
         state = FLOAT * params * (3 if training["optimizer"] == "adamw" else 1)  # gradients (+ Adam moments)
         c = config
