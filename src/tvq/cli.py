@@ -116,7 +116,7 @@ def _device(name: str | None) -> str:
 
 def _train_config(args):
     """The config the train command asks for, and the run directory."""
-    from tvq.training.rundir import read_config
+    from tvq.training.rundir import read_config, resume_config
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
@@ -146,7 +146,10 @@ def _train_config(args):
         overrides.append(f"data={args.data}")
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
-    return apply_overrides(cfg, overrides), run_dir
+    cfg = apply_overrides(cfg, overrides)
+    if args.resume:
+        resume_config(cfg, run_dir)  # refuses a changed key now, before torch is loaded
+    return cfg, run_dir
 
 
 def cmd_train(args) -> int:

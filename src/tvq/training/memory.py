@@ -1,9 +1,10 @@
 """Up-front memory estimates: refuse a config that cannot fit before allocating anything.
 
 A model of ``model.d_model=1e9`` or a ``batch_size=1e9`` would otherwise allocate until the
-machine swaps or the kernel kills the job. The parameter count is exact (the model is built on
-torch's ``meta`` device, which allocates nothing); the activation estimate is a lower bound
-(what one step must hold at the least), so a refused config could never have run.
+machine swaps or the kernel kills the job. Both the parameter count (the GAUs' projections,
+embeddings and codebooks) and the activation estimate are lower bounds (what one step must hold
+at the least), so a refused config could never have run; they are computed from the config
+alone, in microseconds, without building the model.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ FLOAT = 4  # bytes: parameters, gradients, optimizer moments and activations are
 
 
 def model_elements(config: TransformerVQConfig) -> tuple[int, int]:
-    """(parameters, buffer elements) of ``TransformerVQ(config)``, counted without allocating."""
-    from tvq.models.transformer_vq import TransformerVQ
-
-    with torch.device("meta"):
-        model = TransformerVQ(config)
-    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+    """(parameters, codebook entries) of ``TransformerVQ(config)``, at the least: the embeddings,
+    the output head and each GAU's projections and codebook (norms and small vectors left out)."""
+    c = config
+    H = c.n_head
+    per_gau = c.d_model * H * (2 * c.d_k + c.d_k + 2 * c.d_v) + H * c.d_v * c.d_model  # q, r, kvg, o
+    params = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_gau * per_gau
+    codebooks = c.n_gau * H * c.n_code * (c.d_k + 1) if c.attention == "vq" else 0  # sums and counts
+    return params, codebooks
 
 
 def device_memory(device: torch.device) -> int:

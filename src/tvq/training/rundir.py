@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from tvq.training.config import TrainConfig, load_config_file
+from tvq.training.config import RESUMABLE_KEYS, TrainConfig, config_differences, load_config_file
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -96,6 +96,28 @@ def run_tokenizer(run_dir: str | Path, vocab_size: int | None = None):
         raise ValueError(f"{path} has {tokenizer.vocab_size} pieces but the run's model has a {vocab_size}-token "
                          "vocabulary; it is not the run's tokenizer")
     return tokenizer
+
+
+def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The config saved in RUN_DIR, with the keys a resumed run may change (``RESUMABLE_KEYS``:
+    ``max_steps`` to extend it, ``grad_accum``, ``parallel``, ...) taken from ``cfg``. Any other
+    key of ``cfg`` that differs from the run's is refused by name: it would be silently ignored."""
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume: {run_dir} does not exist; start a new run without --resume")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
+    prior = read_config(run_dir)
+    wanted = cfg.to_dict()
+    wanted["data"] = absolute_source(cfg.data) if cfg.data != prior.data else cfg.data
+    if cfg.tokenizer and cfg.tokenizer != prior.tokenizer:
+        wanted["tokenizer"] = os.path.abspath(cfg.tokenizer)
+    changed = [k for k in config_differences(prior, TrainConfig.from_dict(wanted)) if k not in RESUMABLE_KEYS]
+    if changed:
+        key = changed[0]
+        get = (lambda c: getattr(c.model, key[6:])) if key.startswith("model.") else (lambda c: getattr(c, key))
+        raise ValueError(f"--resume: {key} is {get(prior)!r} in the run but {get(cfg)!r} was given; a resumed "
+                         f"run keeps its config except {', '.join(RESUMABLE_KEYS)}; start a new run to change it")
+    return TrainConfig.from_dict(dict(prior.to_dict(), **{key: getattr(cfg, key) for key in RESUMABLE_KEYS}))
 
 
 class RunLock:

@@ -19,12 +19,12 @@ from tvq.data import ByteTokenizer, SentencePieceTokenizer, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
-from tvq.training.config import RESUMABLE_KEYS, TrainConfig, config_differences
+from tvq.training.config import TrainConfig
 from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
 from tvq.training.memory import check_fits
 from tvq.training.rundir import (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source,  # noqa: F401
-                                 read_config, run_tokenizer, truncate_metrics, write_config)
+                                 read_config, resume_config, run_tokenizer, truncate_metrics, write_config)
 
 
 class TrainingDiverged(ValueError):
@@ -96,28 +96,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The config saved in RUN_DIR, with the keys a resumed run may change (``RESUMABLE_KEYS``:
-    ``max_steps`` to extend it, ``grad_accum``, ``parallel``, ...) taken from ``cfg``. Any other
-    key of ``cfg`` that differs from the run's is refused by name: it would be silently ignored."""
-    if not run_dir.is_dir():
-        raise ValueError(f"--resume: {run_dir} does not exist; start a new run without --resume")
-    if not (run_dir / CONFIG_FILE).exists():
-        raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
-    prior = read_config(run_dir)
-    wanted = cfg.to_dict()
-    wanted["data"] = absolute_source(cfg.data) if cfg.data != prior.data else cfg.data
-    if cfg.tokenizer and cfg.tokenizer != prior.tokenizer:
-        wanted["tokenizer"] = os.path.abspath(cfg.tokenizer)
-    changed = [k for k in config_differences(prior, TrainConfig.from_dict(wanted)) if k not in RESUMABLE_KEYS]
-    if changed:
-        key = changed[0]
-        get = (lambda c: getattr(c.model, key[6:])) if key.startswith("model.") else (lambda c: getattr(c, key))
-        raise ValueError(f"--resume: {key} is {get(prior)!r} in the run but {get(cfg)!r} was given; a resumed "
-                         f"run keeps its config except {', '.join(RESUMABLE_KEYS)}; start a new run to change it")
-    return TrainConfig.from_dict(dict(prior.to_dict(), **{key: getattr(cfg, key) for key in RESUMABLE_KEYS}))
 
 
 def new_run_config(cfg: TrainConfig) -> TrainConfig:
