@@ -142,7 +142,7 @@ def _train_config(args):
     else:
         cfg = load_config_file(args.config) if args.config else preset(args.preset or DEFAULT_PRESET)
     overrides = list(args.overrides)
-    if args.data:
+    if args.data is not None:
         overrides.append(f"data={args.data}")
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
@@ -174,6 +174,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.data is not None and not args.data.strip():
+        raise UsageError("--data is empty; name a source, or leave it out to use the run's")
     from tvq.training import checkpoint as ckpt
 
     path = ckpt.find_checkpoint(args.run_dir, args.checkpoint)
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(argv[1:])
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader of stdout went away (tvq sample ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, ImportError, OSError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and type(e).__name__ != "OutOfMemoryError":
             raise  # a bug or a failed collective: the traceback is the report

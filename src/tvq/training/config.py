@@ -76,6 +76,8 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.data.strip():
+            raise ValueError("data is empty; name a source: stdlib, FILE, DIR, enwik8, pg19:DIR or imagenet64:DIR")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.parallel not in PARALLEL:
