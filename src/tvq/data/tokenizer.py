@@ -103,7 +103,7 @@ def _import_sentencepiece():
         import sentencepiece
     except ImportError as err:
         raise ImportError(
-            "SentencePiece tokenizers need the optional package sentencepiece: pip install 'tvq[sentencepiece]'"
+            "SentencePiece tokenizers need the optional package sentencepiece; run `pip install tvq[sentencepiece]`"
         ) from err
     return sentencepiece
 

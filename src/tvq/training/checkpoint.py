@@ -81,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, model: TransformerVQ, train_state:
     if is_best:
         best = ckpt_root / f"{BEST_PREFIX}{final.name}"
         _write_atomic_dir(best, lambda d: [shutil.copy2(f, d / f.name) for f in final.iterdir()])
-        for old in _best_copies(ckpt_root)[:-1] + [ckpt_root / BEST]:  # only now: the new one is in place
+        for old in _best_copies(ckpt_root) + [ckpt_root / BEST]:  # only now: the new one is in place
             if old != best and old.is_dir():
                 shutil.rmtree(old)
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())

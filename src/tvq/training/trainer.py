@@ -23,8 +23,9 @@ from tvq.training.config import TrainConfig
 from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
 from tvq.training.memory import check_fits
-from tvq.training.rundir import (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source,  # noqa: F401
-                                 read_config, resume_config, run_tokenizer, truncate_metrics, write_config)
+from tvq.training.rundir import (  # noqa: F401  (CONFIG_FILE, METRICS_FILE, run_tokenizer: imported from here)
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source, read_config, resume_config,
+    run_tokenizer, truncate_metrics, write_config)
 
 
 class TrainingDiverged(ValueError):
@@ -114,24 +115,23 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 def create_run_dir(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     """Create RUN_DIR for a new run and save its config; never touch an existing run. Returns
-    what was created (the folders made, the config file)."""
+    what is the new run's to remove should its start fail: the config, the outputs a run writes
+    that are not there yet, and the folders made."""
     check_new_run_dir(run_dir)
     made = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+    outputs = [run_dir / name for name in (METRICS_FILE, TOKENIZER_FILE, ckpt.CKPT_DIR, "tensorboard", LOCK_FILE)]
+    outputs = [p for p in outputs if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
-    return [run_dir / CONFIG_FILE, *made]
+    return [run_dir / CONFIG_FILE, *outputs, *made]
 
 
-def _remove_new_run(run_dir: Path, created: list[Path]) -> None:
-    """Undo a new run whose start failed: its files, then the folders it made if left empty."""
-    for name in (METRICS_FILE, TOKENIZER_FILE, ckpt.CKPT_DIR, "tensorboard", RunLock(run_dir).path.name):
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+def _remove_new_run(created: list[Path]) -> None:
+    """Undo a new run whose start failed: the files it wrote, then the folders it made if left empty."""
     for path in created:
-        if path.is_file():
+        if path.is_dir() and path.name in (ckpt.CKPT_DIR, "tensorboard"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress:
     except BaseException:
         if created:  # a new run whose start failed leaves nothing behind
             lock.release()
-            _remove_new_run(run_dir, created)
+            _remove_new_run(created)
         raise
     return _loop(cfg, run_dir, cl, progress, log, *setup)
 
