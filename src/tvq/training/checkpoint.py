@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,8 @@ def _load_legacy_train_state(path: Path) -> dict:
     allowed = [TransformerVQState, LayerState, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                core.multiarray._reconstruct]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on a damaged or disallowed file
         reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
