@@ -4,7 +4,6 @@ would change the config, relative paths, and every file of a run corrupted in se
 
 import errno
 import json
-import math
 import os
 import pickle
 import shutil

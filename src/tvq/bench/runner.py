@@ -15,7 +15,6 @@ and refuses to report a speed for a path that is wrong.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re

@@ -23,9 +23,9 @@ from tvq.training.config import TrainConfig
 from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
 from tvq.training.memory import check_fits
-from tvq.training.rundir import (  # noqa: F401  (CONFIG_FILE, METRICS_FILE, run_tokenizer: imported from here)
-    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source, read_config, resume_config,
-    run_tokenizer, truncate_metrics, write_config)
+from tvq.training.rundir import (
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source, resume_config, run_tokenizer,
+    truncate_metrics, write_config)
 
 
 class TrainingDiverged(ValueError):
