@@ -314,6 +314,12 @@ def _json_variants(path: Path, good: bytes) -> list[bytes]:
         for key in JSON_KEYS[path.name]:
             out.append(json.dumps({k: v for k, v in d.items() if k != key}).encode())  # a key missing
             out.append(json.dumps(dict(d, **{key: "x"})).encode())  # a value of the wrong type
+    if path.name == "train_state.json":  # damage inside the state: each part the resume reads
+        for key, bad in (("rng", [{"dict": []}]), ("optimizer", {"dict": [["state", {"dict": []}]]}),
+                         ("states", [])):
+            state = json.loads(good)
+            state["state"]["dict"] = [[k, bad if k == key else v] for k, v in state["state"]["dict"]]
+            out.append(json.dumps(state).encode())
     return out
 
 

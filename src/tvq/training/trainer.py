@@ -230,17 +230,22 @@ def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock
     states: list = [None] * cfg.grad_accum  # states[m]: the rows of micro-batch m
     if last is not None:
         ts = ckpt.load_train_state(last)
-        cl.load_optimizer(model, optimizer, ts["optimizer"])
         start_step, best_loss = ts["step"], ts["best_loss"]
         rngs = ts["rng"]  # one per rank of the run that saved it
-        if len(rngs) == cl.world_size:
-            _set_rng_state(rngs[cl.rank])
-        elif cl.is_main:
-            _set_rng_state(rngs[0])
-        else:  # resumed on another number of ranks: rank 0 continues, the others reseed
-            _seed_rank(cfg, cl.rank, start_step)
-        states = [select_rows(ts["states"], rows.start + m * micro, rows.start + (m + 1) * micro).to(device)
-                  for m in range(cfg.grad_accum)]
+        try:
+            cl.load_optimizer(model, optimizer, ts["optimizer"])
+            if len(rngs) == cl.world_size:
+                _set_rng_state(rngs[cl.rank])
+            elif cl.is_main:
+                _set_rng_state(rngs[0])
+            else:  # resumed on another number of ranks: rank 0 continues, the others reseed
+                _seed_rank(cfg, cl.rank, start_step)
+            states = [select_rows(ts["states"], rows.start + m * micro, rows.start + (m + 1) * micro).to(device)
+                      for m in range(cfg.grad_accum)]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"the train state of {last} does not fit this run ({type(e).__name__}: "
+                                       f"{e}); it is damaged: delete {last.name} to resume from an earlier "
+                                       "checkpoint") from None
         log(f"resuming {run_dir} from step {start_step}")
     else:
         if resume:
