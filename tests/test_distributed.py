@@ -265,7 +265,8 @@ def test_distributed_grad_accum_matches_one_batch(runs):
 @pytest.mark.parametrize("saved_by", ["ddp", "fsdp", "fsdp_adafactor"])
 def test_resume_two_rank_checkpoint_in_one_process(runs, data_dir, saved_by):
     run = copy_run(runs / saved_by, runs / f"{saved_by}_then_one")
-    train(config(data_dir, "max_steps=6"), run, resume=True, **QUIET)
+    optimizer = [ADAFACTOR] if saved_by.endswith("_adafactor") else []  # a resume may not change the optimizer
+    train(config(data_dir, "max_steps=6", *optimizer), run, resume=True, **QUIET)
     resumed, straight = losses(run), losses(runs / reference(saved_by, "straight"))
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)

@@ -114,7 +114,7 @@ def test_cli_train_eval_sample_end_to_end(text_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run saved to {run}" in out and "sample:" in out
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["best", "step_00000010", "step_00000012"]  # keep_last=2, plus best
+    assert ckpts == ["best-step_00000012", "step_00000010", "step_00000012"]  # keep_last=2, plus best
     assert main(["eval", str(run), "--json", "--max-tokens", "500"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"bpb", "loss", "tokens"} <= result.keys() and result["tokens"] == 500
@@ -192,7 +192,7 @@ def test_interrupted_save_keeps_previous_checkpoint(text_file, tmp_path, monkeyp
     with pytest.raises(OSError):
         ckpt.save_checkpoint(run, 2, model, {}, {}, keep_last=2)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["best", "step_00000001", "step_00000002"]  # no temp dir left, step 2 intact
+    assert names == ["best-step_00000002", "step_00000001", "step_00000002"]  # no temp dir left, step 2 intact
     ckpt.load_model(run / "checkpoints" / "step_00000002")
 
 

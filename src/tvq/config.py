@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 
 ATTENTIONS = ("vq", "full")
@@ -11,20 +14,73 @@ STRAIGHT_THROUGH = ("window", "block")
 HEAD_TYPES = ("shga", "mha", "mqa")
 
 
+INT64_MAX = 2**63 - 1
+
+
 class DictConfig:
-    """Dict round trip for config dataclasses, rejecting unknown keys by name."""
+    """Dict round trip for config dataclasses, rejecting unknown keys by name and values whose
+    type does not match the field's annotation (checked generically, for every field)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, prefix: str = ""):
+        """Build from a dict; nested config fields from nested dicts. ``prefix`` names the
+        place of ``d`` in a larger config (``"model."``) in error messages."""
         if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__} must be built from a dict of keys, got {type(d).__name__}")
+            raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object (dict) of config keys, "
+                             f"got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-        return cls(**d)
+            raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(prefix + k for k in unknown)}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name, value in d.items():
+            typ = hints.get(name)
+            if isinstance(typ, type) and issubclass(typ, DictConfig):
+                value = value if isinstance(value, typ) else typ.from_dict(value, f"{prefix}{name}.")
+            else:
+                check_type(f"{prefix}{name}", value, typ)
+            values[name] = value
+        return cls(**values)
+
+    def check_types(self, prefix: str = "") -> None:
+        """:func:`check_type` on every field (nested configs included)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, DictConfig):
+                value.check_types(f"{prefix}{f.name}.")
+            else:
+                check_type(f"{prefix}{f.name}", value, hints.get(f.name))
+
+
+def check_type(key: str, value, typ) -> None:
+    """Raise ValueError unless ``value`` fits the annotation ``typ``: ints are ints (not bools)
+    of 64 bits, floats finite numbers, bools bools, strs strs; ``X | None`` allows None; other
+    annotations are left to the class's own validation."""
+    options = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union \
+        else (typ,)
+    if value is None and type(None) in options:
+        return
+    checked = [t for t in options if t in (int, float, bool, str)]
+    if len(checked) < len([t for t in options if t is not type(None)]):
+        return  # an annotation this check does not know
+
+    def fits(t) -> bool:
+        if t is bool:
+            return isinstance(value, bool)
+        if t is int:
+            return isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX - 1 <= value <= INT64_MAX
+        if t is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, str)
+
+    if not any(fits(t) for t in checked):
+        names = " or ".join({int: "an integer (64-bit)", float: "a finite number", bool: "true or false",
+                             str: "a string"}[t] for t in checked)
+        raise ValueError(f"{key} must be {names}, got {value!r}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""``python -m tvq.bench`` is ``tvq bench``."""
+"""``python -m tvq.bench`` is ``tvq bench`` (bad options: one line, exit code 2)."""
 
 import sys
 
-from tvq.bench.runner import main
+from tvq.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -15,7 +15,6 @@ and refuses to report a speed for a path that is wrong.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -29,20 +28,12 @@ from pathlib import Path
 
 import torch
 
+from tvq.bench.args import BENCH_PRESETS, DTYPE_NAMES, IMPLS, MODES, check_device, ints, parse_args
 from tvq.config import TransformerVQConfig
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.state import LayerState, TransformerVQState
 
-IMPLS = ("vq", "full", "sdpa")
-MODES = ("train", "forward", "decode")
-BENCH_PRESETS = {
-    "bench-small": dict(vocab_size=256, d_model=256, d_k=64, d_v=512, n_head=1, n_layer=2, n_code=256,
-                        block_len=128, mem_len=128),
-    # the paper's 190M enwik8 shape, without dropout
-    "enwik8": dict(vocab_size=256, d_model=768, d_k=128, d_v=1536, n_head=1, n_layer=24, n_code=512,
-                   block_len=512, mem_len=512),
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -413,59 +404,16 @@ def plot(records: list[Record], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tvq bench", description="Speed and memory of vq vs quadratic attention.")
-    p.add_argument("--mode", default="train", help=f"comma-separated: {', '.join(MODES)}")
-    p.add_argument("--impl", default="vq,full,sdpa", help=f"comma-separated: {', '.join(IMPLS)}")
-    p.add_argument("--seq-lens", default="2048,8192,32768", help="comma-separated sequence lengths (train, forward)")
-    p.add_argument("--decode-positions", default="1024,65536", help="comma-separated context positions (decode)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--preset", default="bench-small", help=f"one of {', '.join(BENCH_PRESETS)}")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--time-budget", type=float, default=300.0, help="seconds per case before it is reported as a timeout")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (train, forward) or the decode step")
-    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads per case (default: one per core)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="run each case in this many fresh processes and report the median (on a shared machine "
-                        "the speed of a whole process can differ by 10-20%% from the next one's)")
-    p.add_argument("--grad-checkpoint", action="store_true",
-                   help="train: recompute each layer in backward (activation checkpointing), every impl")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
-                   help="a model config field for every case, e.g. --set head_type=mqa (repeatable)")
-    p.add_argument("--json", help="write the records here")
-    p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here")
-    return p.parse_args(argv)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise ValueError(f"{flag} must be positive, got {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """``tvq bench``: parse and check every option (:mod:`tvq.bench.args`), then run the sweep."""
+    return run(parse_args(argv))
+
+
+def run(args) -> int:
+    """The sweep of checked arguments ``args``: one isolated run per case, then the table."""
+    check_device(args.device)
     modes, impls = args.mode.split(","), args.impl.split(",")
-    bad = [m for m in modes if m not in MODES] + [i for i in impls if i not in IMPLS]
-    if bad:
-        raise ValueError(f"unknown mode/impl {', '.join(bad)}; modes: {', '.join(MODES)}; impls: {', '.join(IMPLS)}")
-    if args.preset not in BENCH_PRESETS:
-        raise ValueError(f"unknown bench preset {args.preset!r}; choose one of {', '.join(BENCH_PRESETS)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    lens, positions = _ints(args.seq_lens, "--seq-lens"), _ints(args.decode_positions, "--decode-positions")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: one per core), got {args.threads}")
-    if args.processes < 1:
-        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    lens, positions = ints(args.seq_lens, "--seq-lens"), ints(args.decode_positions, "--decode-positions")
     overrides = parse_model_overrides(args.overrides)
     for impl in impls:  # a bad combination fails here, not in every case's subprocess
         if impl != "sdpa":
@@ -486,8 +434,10 @@ def main(argv=None) -> int:
     if overrides:
         print("model overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "\n")
     print(table(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in records], indent=1))
+    if args.json:  # checked writable before the sweep; written atomically
+        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
+        tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
+        os.replace(tmp, args.json)
     if args.plot:
         plot(records, args.plot)
     return 0

@@ -120,7 +120,12 @@ class SentencePieceTokenizer(Tokenizer):
             )
         spm = _import_sentencepiece()
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError, ValueError) as err:  # SentencePiece's errors on a damaged file
+            reason = " ".join(str(err).split())[:160]
+            raise ValueError(f"{path} is not a valid SentencePiece model ({reason}); "
+                             "use the .model file the vocabulary was trained into") from None
         self.vocab_size = self._sp.get_piece_size()
         digest = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
         self.name = f"sentencepiece:{path.stem}:{digest[:12]}"

@@ -7,12 +7,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvq.config import DictConfig, TransformerVQConfig
+from tvq.config import DictConfig, TransformerVQConfig, check_type
 
 OPTIMIZERS = ("adamw", "adafactor")
 PARALLEL = ("ddp", "fsdp")
-# keys a resumed run may change: none of them changes what the run computes
-RESUMABLE_KEYS = ("max_steps", "grad_accum", "parallel", "dist_timeout")
+# keys a resumed run may change: how long it trains (max_steps), how a step is split over devices
+# and micro-batches, and what is logged, saved and sampled; none changes the computed losses
+RESUMABLE_KEYS = ("max_steps", "grad_accum", "parallel", "dist_timeout", "log_every", "save_every",
+                  "keep_last", "sample_tokens", "top_p")
+MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds; longer waits are a mistake (and overflow some backends)
 
 
 @dataclass
@@ -57,7 +60,10 @@ class TrainConfig(DictConfig):
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = TransformerVQConfig.from_dict(self.model)
+            self.model = TransformerVQConfig.from_dict(self.model, "model.")
+        if not isinstance(self.model, TransformerVQConfig):
+            raise ValueError(f"model must be a dict of model config keys, got {type(self.model).__name__}")
+        self.check_types()
         self.validate()
 
     def validate(self) -> None:
@@ -70,6 +76,8 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.data.strip():
+            raise ValueError("data is empty; name a source: stdlib, FILE, DIR, enwik8, pg19:DIR or imagenet64:DIR")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.parallel not in PARALLEL:
@@ -82,8 +90,16 @@ class TrainConfig(DictConfig):
         if self.update_len % self.model.block_len:
             raise ValueError(f"update_len {self.update_len} is not divisible by model.block_len "
                              f"{self.model.block_len}")
-        if not 0 < self.lr:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dist_timeout > MAX_DIST_TIMEOUT:
+            raise ValueError(f"dist_timeout must be at most {MAX_DIST_TIMEOUT} seconds, got {self.dist_timeout}")
+        for name in ("lr", "eps", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.top_p <= 1:
@@ -154,14 +170,34 @@ def load_config_file(path: str | Path) -> TrainConfig:
     """A JSON file with TrainConfig keys (``model`` a dict of TransformerVQConfig keys)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} does not exist" if not path.exists() else
+                         f"config file {path} is not a file")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ValueError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        return TrainConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config file {path}: {e}") from None
+
+
+def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The dotted keys (``lr``, ``model.d_model``) whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    keys = [k for k in da if k != "model" and da[k] != db[k]]
+    return keys + [f"model.{k}" for k in da["model"] if da["model"][k] != db["model"].get(k)]
 
 
 def _parse(value: str, typ, key: str):
+    """The value of ``--set key=value`` for a field annotated ``typ`` (``X | None``: ``none`` or an X)."""
+    options = [t for t in typing.get_args(typ) if t is not type(None)]
+    if options and len(options) < len(typing.get_args(typ)):  # an optional field
+        if value.lower() in ("none", "null"):
+            return None
+        typ = options[0]
     if typ is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -169,9 +205,15 @@ def _parse(value: str, typ, key: str):
             return False
         raise ValueError(f"--set {key}={value}: expected true or false")
     try:
-        return typ(value)
-    except ValueError:
+        if typ is int:  # 1e6 and 1_000_000 are integers too
+            number = float(value) if "e" in value.lower() and not value.lower().startswith("0x") else None
+            parsed = int(number) if number is not None and number.is_integer() else int(value)
+        else:
+            parsed = typ(value)
+    except (ValueError, OverflowError):
         raise ValueError(f"--set {key}={value}: expected a value of type {typ.__name__}") from None
+    check_type(f"--set {key}", parsed, typ)
+    return parsed
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -195,3 +237,17 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"--set {key}: unknown config key")
     train["model"] = model
     return TrainConfig.from_dict(train)
+
+
+def set_keys(overrides: list[str]) -> dict[str, str]:
+    """``{key: value}`` of ``--set`` strings, model keys written ``model.NAME`` (the last wins)."""
+    model_types = typing.get_type_hints(TransformerVQConfig)
+    train_types = typing.get_type_hints(TrainConfig)
+    keys = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if not key.startswith("model.") and key not in train_types and key in model_types:
+            key = f"model.{key}"
+        keys[key] = value
+    return keys

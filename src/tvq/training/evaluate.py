@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from tvq.data.corpus import Split
 from tvq.models.transformer_vq import TransformerVQ
@@ -26,6 +27,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Loss over a split: each document streamed in segments of ``segment_len`` with the state
     carried, from an empty state at the document's start (the paper's long-context evaluation).
@@ -40,7 +42,7 @@ def evaluate(
     over the ranks (largest first, each to the least loaded rank) and the sums all-reduced, so
     every rank returns the result of the whole budget. ``lockstep`` (needed for FSDP, whose
     forwards are collectives) makes every rank run the same number of forwards, padding with
-    one-token forwards.
+    one-token forwards. ``progress`` shows a progress bar of this rank's tokens (on stderr).
     """
     if reset_every % segment_len:
         raise ValueError(f"reset_every {reset_every} must be a multiple of segment_len {segment_len}")
@@ -55,6 +57,8 @@ def evaluate(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync at the end
     done = 0
+    bar = tqdm(total=int(counts[mine[rank]].sum()), unit="tok", unit_scale=True, desc="evaluating",
+               disable=not progress, dynamic_ncols=True)
     try:
         for d in mine[rank]:
             doc, n = split.document(d), int(counts[d])
@@ -68,11 +72,13 @@ def evaluate(
                 out = model(torch.from_numpy(inputs).to(device), state=state)
                 total += F.cross_entropy(out.logits[0].double(), labels, reduction="sum")
                 state = out.state
+                bar.update(length)
             done += n
         if lockstep:
             for _ in range(max(forwards) - forwards[rank]):
                 model(torch.zeros(1, 1, dtype=torch.long, device=device))
     finally:
+        bar.close()
         model.train(was_training)
     if world_size > 1:
         sums = torch.stack([total, torch.tensor(float(done), dtype=torch.float64, device=device)])

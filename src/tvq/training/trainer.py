@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -18,19 +19,18 @@ from tvq.data import ByteTokenizer, SentencePieceTokenizer, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
-from tvq.training.config import RESUMABLE_KEYS, TrainConfig
+from tvq.training.config import TrainConfig
 from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
+from tvq.training.memory import check_fits
+from tvq.training.rundir import (
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source, resume_config, run_tokenizer,
+    truncate_metrics, write_config)
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-TOKENIZER_FILE = "tokenizer.model"  # a run's SentencePiece model, kept beside its checkpoints
 
-
-def run_tokenizer(run_dir: str | Path):
-    """The SentencePiece tokenizer a run was trained with, or None for the source's default."""
-    path = Path(run_dir) / TOKENIZER_FILE
-    return SentencePieceTokenizer(path) if path.is_file() else None
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm of a step is not finite: training stops before that step's
+    update, so no checkpoint ever holds non-finite weights."""
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -99,28 +99,42 @@ class MetricsLog:
             self.tb.close()
 
 
-def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The config saved in RUN_DIR, with the keys a resumed run may change (``RESUMABLE_KEYS``:
-    ``max_steps`` to extend it, ``grad_accum``, ``parallel``, ``dist_timeout``) taken from ``cfg``."""
-    saved = run_dir / CONFIG_FILE
-    if not saved.is_file():
-        raise ValueError(f"--resume: {run_dir} has no {CONFIG_FILE}; start a new run instead")
-    prior = json.loads(saved.read_text())
-    prior.update({key: getattr(cfg, key) for key in RESUMABLE_KEYS})
-    return TrainConfig.from_dict(prior)
+def new_run_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data source and tokenizer as paths any later command can use, from any folder."""
+    tokenizer = os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else ""
+    return TrainConfig.from_dict(dict(cfg.to_dict(), data=absolute_source(cfg.data), tokenizer=tokenizer))
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a new run where one already is."""
+    """Refuse to start a new run where one already is, or where no folder can be."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file; give a folder for the run")
     if (run_dir / CONFIG_FILE).exists() or ckpt.latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def create_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """Create RUN_DIR for a new run and save its config; never touch an existing run."""
+def create_run_dir(cfg: TrainConfig, run_dir: Path) -> list[Path]:
+    """Create RUN_DIR for a new run and save its config; never touch an existing run. Returns
+    what is the new run's to remove should its start fail: the config, the outputs a run writes
+    that are not there yet, and the folders made."""
     check_new_run_dir(run_dir)
+    made = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+    outputs = [run_dir / name for name in (METRICS_FILE, TOKENIZER_FILE, ckpt.CKPT_DIR, "tensorboard", LOCK_FILE)]
+    outputs = [p for p in outputs if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_config(run_dir, cfg)
+    return [run_dir / CONFIG_FILE, *outputs, *made]
+
+
+def _remove_new_run(created: list[Path]) -> None:
+    """Undo a new run whose start failed: the files it wrote, then the folders it made if left empty."""
+    for path in created:
+        if path.is_dir() and path.name in (ckpt.CKPT_DIR, "tensorboard"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
@@ -134,11 +148,24 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
     if resume:
         cfg = resume_config(cfg, run_dir)
     else:
+        cfg = new_run_config(cfg)
         check_new_run_dir(run_dir)  # fail fast, before loading data
     with cluster(cfg.parallel, cfg.batch_size, cfg.grad_accum, cfg.dist_timeout, device) as cl:
         if not cl.is_main:
             log, progress = (lambda *a, **k: None), False
-        return _train(cfg, run_dir, cl, resume, progress, log)
+        micro_tokens = cfg.batch_size // (cl.world_size * cfg.grad_accum) * cfg.update_len
+        check_fits(cfg.model, device=cl.device, what="this run", training=dict(
+            tokens=micro_tokens, batch_tokens=cfg.batch_size * cfg.update_len, optimizer=cfg.optimizer,
+            grad_checkpoint=cfg.model.grad_checkpoint))
+        lock = RunLock(run_dir)
+        try:
+            if cl.is_main and resume:
+                lock.acquire()
+                for stale in ckpt.clean_stale_saves(run_dir):
+                    log(f"removed {stale}, left by an interrupted save")
+            return _train(cfg, run_dir, cl, resume, progress, log, lock)
+        finally:
+            lock.release()
 
 
 def _seed_rank(cfg: TrainConfig, rank: int, step: int) -> None:
@@ -149,13 +176,29 @@ def _seed_rank(cfg: TrainConfig, rank: int, step: int) -> None:
     random.seed(seed)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress: bool, log) -> dict:
+def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress: bool, log, lock: RunLock) -> dict:
+    created: list[Path] = []
+    try:
+        setup = _setup(cfg, run_dir, cl, resume, log, lock, created)
+    except BaseException:
+        if created:  # a new run whose start failed leaves nothing behind
+            lock.release()
+            _remove_new_run(created)
+        raise
+    return _loop(cfg, run_dir, cl, progress, log, *setup)
+
+
+def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock: RunLock, created: list):
+    """Everything before the first step: data, run directory, model, optimizer, resumed state."""
     device = cl.device
     torch.manual_seed(cfg.seed)  # the same on every rank: FSDP shards identically initialised weights
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if resume and (run_dir / TOKENIZER_FILE).is_file():  # the run's own copy, even if the original is gone
+        tokenizer = run_tokenizer(run_dir, cfg.model.vocab_size)
+    else:
+        tokenizer = SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None
     corpus = cl.first_on_each_node(load_corpus, cfg.data, tokenizer=tokenizer)
     if corpus.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"data {cfg.data!r} has vocabulary {corpus.vocab_size} but the model has "
@@ -165,7 +208,8 @@ def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress:
     # everything checked: only now does the run directory appear (every rank has passed
     # check_new_run_dir, since all met in first_on_each_node's barrier)
     if cl.is_main and not resume:
-        create_run_dir(cfg, run_dir)
+        created += create_run_dir(cfg, run_dir)
+        lock.acquire()
     if (cl.is_main and isinstance(corpus.tokenizer, SentencePieceTokenizer)
             and not (run_dir / TOKENIZER_FILE).exists()):
         shutil.copyfile(corpus.tokenizer.path, run_dir / TOKENIZER_FILE)
@@ -186,27 +230,42 @@ def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress:
     states: list = [None] * cfg.grad_accum  # states[m]: the rows of micro-batch m
     if last is not None:
         ts = ckpt.load_train_state(last)
-        cl.load_optimizer(model, optimizer, ts["optimizer"])
         start_step, best_loss = ts["step"], ts["best_loss"]
         rngs = ts["rng"]  # one per rank of the run that saved it
-        if len(rngs) == cl.world_size:
-            _set_rng_state(rngs[cl.rank])
-        elif cl.is_main:
-            _set_rng_state(rngs[0])
-        else:  # resumed on another number of ranks: rank 0 continues, the others reseed
-            _seed_rank(cfg, cl.rank, start_step)
-        states = [select_rows(ts["states"], rows.start + m * micro, rows.start + (m + 1) * micro).to(device)
-                  for m in range(cfg.grad_accum)]
+        try:
+            cl.load_optimizer(model, optimizer, ts["optimizer"])
+            if len(rngs) == cl.world_size:
+                _set_rng_state(rngs[cl.rank])
+            elif cl.is_main:
+                _set_rng_state(rngs[0])
+            else:  # resumed on another number of ranks: rank 0 continues, the others reseed
+                _seed_rank(cfg, cl.rank, start_step)
+            states = [select_rows(ts["states"], rows.start + m * micro, rows.start + (m + 1) * micro).to(device)
+                      for m in range(cfg.grad_accum)]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"the train state of {last} does not fit this run ({type(e).__name__}: "
+                                       f"{e}); it is damaged: delete {last.name} to resume from an earlier "
+                                       "checkpoint") from None
         log(f"resuming {run_dir} from step {start_step}")
     else:
         if resume:
             log(f"--resume: no checkpoint in {run_dir} yet, starting from step 0")
         if cl.rank > 0:
             _seed_rank(cfg, cl.rank, 0)
+    if cl.is_main and resume:
+        truncate_metrics(run_dir, start_step)
     log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_gau} GAUs; "
         f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)"
         + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else ""))
 
+    return (model, net, optimizer, sampler, val_split, byte_level, bytes_per_token, amp, start_step, best_loss,
+            rows, micro, states)
+
+
+def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, model, net, optimizer, sampler,
+          val_split, byte_level, bytes_per_token, amp, start_step, best_loss, rows, micro, states) -> dict:
+    """The training steps from ``start_step``, with evaluation, logging and checkpoints."""
+    device = cl.device
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp and not cl.fsdp else contextlib.nullcontext
 
     def validate() -> dict:
@@ -239,10 +298,15 @@ def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress:
             loss_sum += out.loss.item() / cfg.grad_accum
             lm_sum += out.lm_loss.item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        loss_sum, lm_sum = cl.mean(loss_sum, lm_sum)  # the same on every rank, so all ranks stop together
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            last = ckpt.latest_checkpoint(run_dir)
+            kept = f"the latest checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"
+            raise TrainingDiverged(f"step {step + 1}: the loss is {loss_sum} and the gradient norm {grad_norm}; "
+                                   f"training stopped before this update ({kept}); lower lr, or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         codebook = model.update_codebooks(all_reduce=cl.all_reduce())
-        loss_sum, lm_sum = cl.mean(loss_sum, lm_sum)
         train_time += time.perf_counter() - t0
         model_steps += 1
         done = step + 1
@@ -276,7 +340,7 @@ def save(cl: Cluster, run_dir: Path, cfg: TrainConfig, step: int, model: Transfo
          optimizer: torch.optim.Optimizer, states: list, best_loss: float, meta: dict, is_best: bool) -> None:
     """Write a checkpoint from rank 0; every rank takes part in gathering it.
 
-    ``train_state.pt`` holds the full optimizer state keyed by parameter name, the RNG states of
+    The train state holds the full optimizer state keyed by parameter name, the RNG states of
     every rank, and the carried attention state as row blocks in global row order, so that any
     number of ranks and any ``grad_accum`` can resume it.
     """

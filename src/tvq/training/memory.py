@@ -1,0 +1,73 @@
+"""Up-front memory estimates: refuse a config that cannot fit before allocating anything.
+
+A model of ``model.d_model=1e9`` or a ``batch_size=1e9`` would otherwise allocate until the
+machine swaps or the kernel kills the job. Both the parameter count (the GAUs' projections,
+embeddings and codebooks) and the activation estimate are lower bounds (what one step must hold
+at the least), so a refused config could never have run; they are computed from the config
+alone, in microseconds, without building the model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tvq.config import TransformerVQConfig
+
+FLOAT = 4  # bytes: parameters, gradients, optimizer moments and activations are float32
+
+
+def model_elements(config: TransformerVQConfig) -> tuple[int, int]:
+    """(parameters, codebook entries) of ``TransformerVQ(config)``, at the least: the embeddings,
+    the output head and each GAU's projections and codebook (norms and small vectors left out)."""
+    c = config
+    H = c.n_head
+    per_gau = c.d_model * H * (2 * c.d_k + c.d_k + 2 * c.d_v) + H * c.d_v * c.d_model  # q, r, kvg, o
+    params = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_gau * per_gau
+    codebooks = c.n_gau * H * c.n_code * (c.d_k + 1) if c.attention == "vq" else 0  # sums and counts
+    return params, codebooks
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has in all: a GPU's total memory, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
+        return 2**63 - 1
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**50 else f"{n / 2**30:.2e} GiB"
+
+
+def check_fits(config: TransformerVQConfig, *, device: torch.device, what: str = "the model",
+               training: dict | None = None) -> int:
+    """Raise ValueError when ``what`` needs more memory than ``device`` has; returns the estimate.
+
+    ``training`` (``tokens``: tokens of one micro-batch on one process, ``batch_tokens``: of the
+    sampler's global batch, ``optimizer``, ``grad_checkpoint``) adds gradients, optimizer state and
+    activations to the weights.
+    """
+    params, buffers = model_elements(config)
+    weights = FLOAT * (params + buffers)
+    need, parts = weights, [f"weights {_gib(weights)} for {params:,} parameters and {buffers:,} codebook entries"]
+    if training is not None:
+        state = FLOAT * params * (3 if training["optimizer"] == "adamw" else 1)  # gradients (+ Adam moments)
+        c = config
+        per_gau = c.d_model + c.n_head * (2 * c.d_k + 3 * c.d_v)  # input, q, k, v, gate, output per token
+        kept = c.d_model * c.n_gau + per_gau if c.grad_checkpoint else per_gau * c.n_gau
+        acts = FLOAT * training["tokens"] * (kept + 2 * c.vocab_size)  # + logits and their gradient
+        acts += 16 * training["batch_tokens"]  # the global batch's inputs and labels (int64)
+        need += state + acts
+        parts += [f"gradients and optimizer state {_gib(state)}", f"activations at least {_gib(acts)}"]
+    have = device_memory(device)
+    if need > have:
+        fix = "a smaller model (model.d_model, model.d_v, model.n_code, model.n_layer, model.vocab_size)"
+        if training is not None and acts > weights + state:
+            fix = "a smaller batch_size or update_len, or more grad_accum"
+        raise ValueError(f"{what} needs at least {_gib(need)} of memory ({'; '.join(parts)}) but {device.type} "
+                         f"has {_gib(have)}; use {fix}")
+    return need
