@@ -298,6 +298,7 @@ def train_then_list_gloo_threads(cfgs: list, run_dirs: list, out: Path) -> None:
         after.append(gloo_threads())
     set_rank_env(0, 1, free_port())
     dist.init_process_group("gloo")
+    dist.all_reduce(torch.ones(1))  # gloo starts its threads with the first collective, not at init
     control = gloo_threads()
     leave_process_group()
     out.write_text(json.dumps({"after": after, "control": control}))
