@@ -376,3 +376,19 @@ def test_a_sentencepiece_run_without_its_tokenizer_is_named(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.model is missing: the run's model has a 400-piece vocabulary"):
         run_tokenizer(tmp_path, 400)
     assert run_tokenizer(tmp_path, 256) is None  # a byte-level run needs none
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention="full"), dict(n_head=2, tie_embeddings=True),
+                                       dict(head_type="mha"), dict(head_type="mqa"), dict(head_type="mqa", d_ff=48)])
+def test_memory_estimate_is_a_lower_bound_of_the_real_model(overrides):
+    """The up-front estimate may refuse only what could never have run: its counts never exceed the model's."""
+    from tvq import TransformerVQ
+    from tvq.training.memory import model_elements
+    from conftest import tiny_config
+
+    cfg = tiny_config(**overrides)
+    model = TransformerVQ(cfg)
+    params, codebooks = model_elements(cfg)
+    real_codebooks = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("c_sum", "c_count")))
+    assert 0.9 * model.num_parameters() <= params <= model.num_parameters()
+    assert codebooks == real_codebooks

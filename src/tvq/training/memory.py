@@ -1,7 +1,7 @@
 """Up-front memory estimates: refuse a config that cannot fit before allocating anything.
 
 A model of ``model.d_model=1e9`` or a ``batch_size=1e9`` would otherwise allocate until the
-machine swaps or the kernel kills the job. Both the parameter count (the GAUs' projections,
+machine swaps or the kernel kills the job. Both the parameter count (the layers' projections,
 embeddings and codebooks) and the activation estimate are lower bounds (what one step must hold
 at the least), so a refused config could never have run; they are computed from the config
 alone, in microseconds, without building the model.
@@ -22,10 +22,14 @@ def model_elements(config: TransformerVQConfig) -> tuple[int, int]:
     """(parameters, codebook entries) of ``TransformerVQ(config)``, at the least: the embeddings,
     the output head and each GAU's projections and codebook (norms and small vectors left out)."""
     c = config
-    H = c.n_head
-    per_gau = c.d_model * H * (2 * c.d_k + c.d_k + 2 * c.d_v) + H * c.d_v * c.d_model  # q, r, kvg, o
-    params = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_gau * per_gau
-    codebooks = c.n_gau * H * c.n_code * (c.d_k + 1) if c.attention == "vq" else 0  # sums and counts
+    D, Dk, Dv, Hq, Hkv = c.d_model, c.d_k, c.head_d_v, c.n_q_head, c.n_kv_head
+    per_layer = D * (Hq * Dk + Hkv * (2 * Dk + Dv)) + Hq * Dv * D  # q, r + k + v, o (per attention sublayer)
+    if c.head_type == "shga":
+        per_layer += D * Hq * Dv  # the gate
+    else:
+        per_layer += 2 * D * c.ff_width  # the MLP sublayer
+    params = c.vocab_size * D * (1 if c.tie_embeddings else 2) + c.n_gau * per_layer
+    codebooks = c.n_gau * Hkv * c.n_code * (Dk + 1) if c.attention == "vq" else 0  # sums and counts
     return params, codebooks
 
 
@@ -57,7 +61,9 @@ def check_fits(config: TransformerVQConfig, *, device: torch.device, what: str =
     if training is not None:
         state = FLOAT * params * (3 if training["optimizer"] == "adamw" else 1)  # gradients (+ Adam moments)
         c = config
-        per_gau = c.d_model + c.n_head * (2 * c.d_k + 3 * c.d_v)  # input, q, k, v, gate, output per token
+        # per token: input, q, k, v, output (+ gate, or + the MLP's hidden layer)
+        per_gau = c.d_model + c.n_q_head * (c.d_k + 2 * c.head_d_v) + c.n_kv_head * (c.d_k + c.head_d_v)
+        per_gau += c.n_q_head * c.head_d_v if c.head_type == "shga" else c.ff_width
         kept = c.d_model * c.n_gau + per_gau if c.grad_checkpoint else per_gau * c.n_gau
         acts = FLOAT * training["tokens"] * (kept + 2 * c.vocab_size)  # + logits and their gradient
         acts += 16 * training["batch_tokens"]  # the global batch's inputs and labels (int64)
