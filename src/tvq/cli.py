@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="speed and memory of vq vs quadratic attention (see tvq bench --help)",
                    add_help=False)  # its own parser: tvq.bench.runner
+    sub.add_parser("recall", help="long-context associative recall: vq vs window-only vs dense (see tvq recall --help)",
+                   add_help=False)  # its own parser: tvq.bench.recall
 
     pl = sub.add_parser("plot", help="draw loss and bpb curves of a run to PNG")
     pl.add_argument("run_dir")
@@ -268,16 +270,22 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def cmd_recall(argv: list[str]) -> int:
+    from tvq.bench.recall import main as recall_main
+
+    return recall_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     argv = sys.argv[1:] if argv is None else argv
-    bench = argv[:1] == ["bench"]
-    args = None if bench else _parser().parse_args(argv)
+    own_parser = {"bench": cmd_bench, "recall": cmd_recall}.get(argv[0] if argv else "")
+    args = None if own_parser else _parser().parse_args(argv)
     try:
-        return cmd_bench(argv[1:]) if bench else COMMANDS[args.command](args)
+        return own_parser(argv[1:]) if own_parser else COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         rank = env_rank()
         print(f"tvq: error: {e}" if rank == 0 else f"tvq: error (rank {rank}): {e}", file=sys.stderr)
