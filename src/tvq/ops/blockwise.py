@@ -113,13 +113,16 @@ def blockwise_attention(
     agg_cache: bool,
     grad_thru_cache: bool,
     cache: tuple[Tensor, Tensor, Tensor],
+    cache_bias: Tensor | None = None,
 ) -> Tensor:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
     keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T) start with the
     M = ``mem_len`` window slots of the state (the first ``n_invalid`` of them empty);
     ``cache`` = (codebook (H, S, D_k), count (B, H, S), mean (B, H, S, D_v)) holds everything
-    older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
+    older; ``cache_bias`` (H,), if given, is added to the score of every key beyond the window (the
+    cache entries and the older keys of the window's blocks). Any ``block_len`` gives the
+    same result; a chunk shorter than it uses one block.
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -152,6 +155,8 @@ def blockwise_attention(
     else:
         content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
     fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
+    if agg_cache and cache_bias is not None:  # old keys in the window are the cache's too: same offset
+        fill = fill.to(q.dtype) + cache_bias.to(q.dtype)[:, None, None, None]  # (H, 1, L, L)
     positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
     scores = (content + positional).to(acc)  # (B, H, nb, L, W)
     n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
@@ -172,6 +177,8 @@ def blockwise_attention(
         count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
+        if cache_bias is not None:
+            cache_scores = cache_scores + cache_bias.to(acc)[:, None, None, None]
 
     # one softmax over the window and the cache (a fused kernel, forward and backward)
     p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])

@@ -22,6 +22,7 @@ def quadratic_attention(
     grad_thru_cache: bool,
     quantized: bool = True,
     cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    cache_bias: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of T queries over P past keys plus themselves.
 
@@ -34,7 +35,8 @@ def quadratic_attention(
 
     rel (H, mem_len + 1, D_k) embeds distances; u, v (H, D_k). ``cache`` = (codebook (H, S, D_k),
     count (B, H, S), mean (B, H, S, D_v)) adds one entry per code standing for keys older than
-    the P past keys: score (q + u).c_s + log count_s, value mean_s.
+    the P past keys: score (q + u).c_s + log count_s, value mean_s. ``cache_bias`` (H,), if given, is
+    added to the scores of everything beyond the window: the cache entries and the keys at d > mem_len.
 
     Gradients, as in the linear-time path: with ``quantized`` keys, keys at d > mem_len are
     codewords and get no straight-through gradient; without ``grad_thru_cache`` their values
@@ -57,6 +59,8 @@ def quadratic_attention(
     rel_scores = qv @ rel.transpose(-1, -2)  # (B, H, T, M + 1)
     idx = dist.clamp(0, mem_len).expand(*q.shape[:2], -1, -1)
     positional = torch.gather(rel_scores, -1, idx)  # (B, H, T, P + T)
+    if cache_bias is not None:  # keys beyond the window are the cache's, whether aggregated yet or not
+        content_old = content_old + cache_bias.to(content_old.dtype)[:, None, None]
     scores = torch.where(near, content + positional, torch.where(old, content_old, float("-inf")))
     scores = scores.to(acc)
 
@@ -64,6 +68,8 @@ def quadratic_attention(
         codebook, count, mean = cache
         cache_scores = (qu @ codebook.to(q.dtype).transpose(-1, -2)).to(acc)  # (B, H, T, S)
         cache_scores = cache_scores + cache_log_count(count.to(acc))[:, :, None, :]
+        if cache_bias is not None:
+            cache_scores = cache_scores + cache_bias.to(acc)[:, None, None]
         scores = torch.cat([scores, cache_scores], -1)
 
     probs = torch.softmax(scores, -1)  # (B, H, T, P + T [+ S])
