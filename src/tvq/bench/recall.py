@@ -10,7 +10,8 @@ tokens, into which ``n_pairs`` pairs ``KEY VALUE`` are written and each key is l
 ``? KEY VALUE``. The answer is the VALUE, predicted at the query's KEY; its distance is the number of
 tokens from the written VALUE to the query's KEY. Keys are distinct within a row, values drawn with
 replacement (chance accuracy 1 / n_values). A share ``near_frac`` of the queries have a distance in
-[min_dist, mem_len], the others in (mem_len, max_dist]. Only answers are trained on.
+[min_dist, mem_len], the others in (mem_len, max_dist]. Only answers are trained on (``--loss all``:
+every next token, filler included).
 
 Also logged: codebook health over training (usage, dead codes, entropy, relative quantization error)
 and the collision rate: the fraction of pairs of written VALUE positions of one row whose keys share
@@ -225,6 +226,8 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             recorder.clear()
+            if args.loss == "all":  # next-token targets everywhere (filler too), not only the answers
+                labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], 1)
             out = model(ids, labels=labels)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -301,8 +304,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="vq,nocache,full", help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config key of the vq variants, e.g. --set model.n_code=256")
+    p.add_argument("--set-all", dest="base_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config key of every variant (the model's size), e.g. --set-all model.d_model=256")
     p.add_argument("--config", help="JSON dict of model config overrides for the vq variants "
                                     "(e.g. benchmarks/recall_config.json), applied before --set")
+    p.add_argument("--loss", choices=["answers", "all"], default="answers",
+                   help="train on the answers only (default) or on every next token")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -348,18 +355,25 @@ def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
         if not isinstance(extra, dict):
             raise ValueError(f"--config {path} must hold a JSON dict of model config keys")
     fields = {f: type(v) for f, v in TransformerVQConfig().to_dict().items()}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        name = key.strip().removeprefix("model.")
-        if not sep:
-            raise ValueError(f"--set expects model.KEY=VALUE, got {item!r}")
-        if name not in fields:
-            raise ValueError(f"--set {key}: unknown model config key {name!r}")
-        extra[name] = _parse(value, fields[name], key)
+
+    def parse(items, flag):
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            name = key.strip().removeprefix("model.")
+            if not sep:
+                raise ValueError(f"{flag} expects model.KEY=VALUE, got {item!r}")
+            if name not in fields:
+                raise ValueError(f"{flag} {key}: unknown model config key {name!r}")
+            out[name] = _parse(value, fields[name], key)
+        return out
+
+    extra.update(parse(args.overrides, "--set"))
+    base = dict(BASE_MODEL, **parse(args.base_overrides, "--set-all"))
     for name in ("vocab_size", "attention"):
-        if name in extra:
+        if name in extra or name in base:
             raise ValueError(f"model.{name} is set by the benchmark (the task's vocabulary; the variant)")
-    base = dict(BASE_MODEL, vocab_size=vocab_size)
+    base["vocab_size"] = vocab_size
     configs = {}
     for name in names:
         cfg = dict(base, **VARIANTS[name])
@@ -404,7 +418,7 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     meta = {"command": command, "task": asdict(task), "chance": 1 / task.n_values,
-            "train": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "warmup", "weight_decay",
+            "train": {k: getattr(args, k) for k in ("loss", "steps", "batch_size", "lr", "warmup", "weight_decay",
                                                     "grad_clip", "seed", "eval_seqs")},
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
