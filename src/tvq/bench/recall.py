@@ -140,7 +140,7 @@ class CodeRecorder:
         P = written.shape[1]
         if P < 2:
             return [0.0 for _ in self.codes]
-        upper = torch.triu(torch.ones(P, P, dtype=torch.bool), 1)
+        upper = torch.triu(torch.ones(P, P, dtype=torch.bool, device=written.device), 1)
         rates = []
         for codes in self.codes:  # (B, H, T)
             at = codes.gather(2, written[:, None].expand(-1, codes.shape[1], -1))  # (B, H, P)
@@ -171,7 +171,7 @@ def evaluate(model: TransformerVQ, data, task: RecallTask, batch_size: int = 64)
     recorder = CodeRecorder(model)
     correct, losses, dists, collisions = [], [], [], []
     try:
-        ids, labels, dist, written = data
+        ids, labels, dist, written = (t.to(model.embed.weight.device) for t in data)
         for lo in range(0, ids.shape[0], batch_size):
             recorder.clear()
             logits = model(ids[lo: lo + batch_size]).logits.float()
@@ -209,7 +209,7 @@ def evaluate(model: TransformerVQ, data, task: RecallTask, batch_size: int = 64)
 def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, eval_data, bar=None) -> dict:
     """Train one variant on the shared batch stream; -> its record."""
     torch.manual_seed(args.seed)
-    model = TransformerVQ(cfg)
+    model = TransformerVQ(cfg).to(args.device)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
@@ -221,7 +221,7 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
     model.train()
     try:
         for step in range(args.steps):
-            ids, labels, _, written = task.batch(rng, args.batch_size)
+            ids, labels, _, written = (t.to(args.device) for t in task.batch(rng, args.batch_size))
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -238,9 +238,11 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
             loss_sum, n_loss = loss_sum + out.lm_loss.item(), n_loss + 1
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
-                record = {"step": done, "answer_loss": loss_sum / n_loss, **codebook}
+                record = {"step": done, "train_loss": loss_sum / n_loss, **codebook}
                 if recorder.codes:
                     record["collision"] = float(np.mean(recorder.collision(written)))
+                if cfg.cache_bias and cfg.attention == "vq":  # the learned offsets, per GAU and head
+                    record["cache_bias"] = [g.cache_bias.tolist() for g in model.gaus]
                 history.append(record)
                 loss_sum, n_loss = 0.0, 0
             if bar is not None:
@@ -320,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seqs", type=int, default=512, help="held-out sequences scored at the end")
     p.add_argument("--log-every", type=int, default=50, help="steps between codebook health records")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     for name, help_ in (("seq_len", "tokens per sequence"), ("n_pairs", "key-value pairs per sequence"),
                         ("n_keys", "key pool"), ("n_values", "value pool"), ("n_filler", "filler pool"),
                         ("min_dist", "shortest answer distance (>= 2)"), ("max_dist", "longest answer distance"),
@@ -389,6 +392,8 @@ def main(argv=None) -> int:
     for name in ("steps", "batch_size", "eval_seqs", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if not args.lr > 0 or args.warmup < 0 or args.weight_decay < 0 or not args.grad_clip > 0:
@@ -420,7 +425,7 @@ def main(argv=None) -> int:
     meta = {"command": command, "task": asdict(task), "chance": 1 / task.n_values,
             "train": {k: getattr(args, k) for k in ("loss", "steps", "batch_size", "lr", "warmup", "weight_decay",
                                                     "grad_clip", "seed", "eval_seqs")},
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(table(results))
     if args.json:
