@@ -46,7 +46,7 @@ class VectorQuantizer(nn.Module):
     # layout of the flat statistics vector: per head [sum (S*D_k) | count (S)] then 3 scalars
     _N_SCALARS = 3  # tokens, total squared quantization error, total squared key norm
 
-    KMEANS_ITERS = 5  # Lloyd iterations after each doubling of the k-means codebook (and at the end)
+    KMEANS_ITERS = 5  # k-means: 2-means iterations per split, and Lloyd iterations over all keys at the end
     KMEANS_KEYS_PER_CODE = 64  # k-means keeps at most this many keys per code and head (per rank)
 
     def __init__(self, n_head: int, n_code: int, d_k: int, decay: float, init: str = "random",
@@ -176,10 +176,11 @@ class VectorQuantizer(nn.Module):
     def _revive(self, k_sum: Tensor, count: Tensor, mse: float) -> float:
         """Re-seed the codes whose EMA count fell below ``revive``: each takes half of one of the codes
         this step's keys used most among those with an EMA count of at least twice ``revive`` (most
-        used first; one dead code per such code and step), both halves placed at
-        the mean of that code's keys this step, one plus and one minus a random offset of half the
-        RMS quantization error. Everything comes from the (all-reduced) statistics of the step and a
-        generator seeded with the update count, so every rank revives the same codes identically.
+        used first; one dead code per such code and step), both halves placed at the mean of that
+        code's keys this step, one plus and one minus a random offset of half the RMS quantization
+        error (a split of a busy code, as in LBG codebook design). Everything comes from the
+        (all-reduced) statistics of the step and a generator seeded with the update count, so every
+        rank revives the same codes identically.
         Returns the fraction of codes revived."""
         self.n_updates += 1
         dead = self.c_count < self.revive  # (H, S)
