@@ -8,9 +8,12 @@
 #   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 8: train of vq, full and sdpa at 8k, 32k, 131k,
 #              every model recomputing each layer in backward (without it the activations of 48 GAUs x 8 x 8k
 #              tokens come to ~200 GB, scaling bench-small's measured ~38 KB per token and GAU)
+#   recall     tvq recall at larger sizes on the GPU: the CPU default (window 32, 256 tokens) trained to a
+#              plateau with and without benchmarks/recall_config.json, then window 128 over 1024-token
+#              sequences (d_model 256, n_code 256): answers up to 8 windows back
 # Lengths a baseline cannot run come out as oom / timeout, not dropped.
 set -euo pipefail
-stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8 [OUT_DIR]}
+stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8|recall [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 common=(--device cuda --dtype bfloat16 --repeats 5 --warmup 2 --time-budget 120)
@@ -32,7 +35,20 @@ case "$stage" in
     tvq bench "${common[@]}" --preset enwik8 --batch-size 8 --mode train --impl vq,full,sdpa --grad-checkpoint \
       --seq-lens 8192,32768,131072 --repeats 3 --warmup 1 --time-budget 150 \
       --json "$out/cuda_enwik8_b8.json" --plot "$out/cuda_enwik8_b8.png" ;;
+  recall)
+    mkdir -p "$out/recall"
+    tvq recall --device cuda --steps 3000 --no-progress \
+      --json "$out/recall/cuda_default_3000.json" --plot "$out/recall/cuda_default_3000.png"
+    tvq recall --device cuda --steps 3000 --no-progress --variants vq --config benchmarks/recall_config.json \
+      --json "$out/recall/cuda_default_3000_tuned.json"
+    big=(--seq-len 1024 --max-dist 1021 --n-pairs 32 --n-keys 64 --n-filler 31 --batch-size 32 --steps 2000
+         --set-all model.d_model=256 --set-all model.d_v=512 --set-all model.n_code=256
+         --set-all model.block_len=128 --set-all model.mem_len=128)
+    tvq recall --device cuda "${big[@]}" --no-progress \
+      --json "$out/recall/cuda_window128.json" --plot "$out/recall/cuda_window128.png"
+    tvq recall --device cuda "${big[@]}" --no-progress --variants vq --config benchmarks/recall_config.json \
+      --json "$out/recall/cuda_window128_tuned.json" ;;
   *)
-    echo "gpu_sweep.sh: unknown stage '$stage' (small, compiled, decode, enwik8)" >&2
+    echo "gpu_sweep.sh: unknown stage '$stage' (small, compiled, decode, enwik8, recall)" >&2
     exit 2 ;;
 esac

@@ -84,6 +84,8 @@ def _parser() -> ArgumentParser:
 
     sub.add_parser("bench", help="speed and memory of vq vs quadratic attention (see tvq bench --help)",
                    add_help=False)  # its own parser: tvq.bench.args
+    sub.add_parser("recall", help="long-context associative recall: vq vs window-only vs dense (see tvq recall --help)",
+                   add_help=False)  # its own parser: tvq.bench.recall
 
     x = sub.add_parser("export", help="write a run as a Hugging Face model folder (needs tvq[hf])")
     x.add_argument("run_dir", help="the run directory (tvq train --out)")
@@ -398,6 +400,12 @@ def cmd_bench(argv: list[str]) -> int:
     return run(args)
 
 
+def cmd_recall(argv: list[str]) -> int:
+    from tvq.bench.recall import main as recall_main
+
+    return recall_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "data": cmd_data, "plot": cmd_plot,
             "export": cmd_export}
 
@@ -417,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["bench"]:
-            return cmd_bench(argv[1:])
+        own_parser = {"bench": cmd_bench, "recall": cmd_recall}.get(argv[0] if argv else "")
+        if own_parser:
+            return own_parser(argv[1:])
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # the reader of stdout went away (tvq sample ... | head): stop quietly

@@ -12,6 +12,7 @@ ATTENTIONS = ("vq", "full")
 ATTN_IMPLS = ("blockwise", "quadratic")
 STRAIGHT_THROUGH = ("window", "block")
 HEAD_TYPES = ("shga", "mha", "mqa")
+CODEBOOK_INITS = ("random", "kmeans")
 
 
 INT64_MAX = 2**63 - 1
@@ -146,6 +147,11 @@ class TransformerVQConfig(DictConfig):
     logit_scale: float = 1.0
     norm_eps: float = 1e-6
     grad_checkpoint: bool = False  # training: recompute each GAU in backward instead of keeping its activations
+    # codebook tools, not in the paper (off by default; see tvq.layers.vq.VectorQuantizer.apply_update):
+    codebook_init: str = "random"  # "kmeans": k-means over the keys of the first training step
+    codebook_revive: float = 0.0  # > 0: re-seed codes whose EMA count falls below this after each update
+    cache_bias: bool = False  # a learned per-head offset added to the cache's log-count scores (not in the paper)
+    cache_bias_init: float = 0.0  # its initial value (negative: the model starts nearer its window-only self)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,7 +174,7 @@ class TransformerVQConfig(DictConfig):
         if self.head_type != "shga" and self.d_model % self.d_k:
             raise ValueError(f"config.head_type={self.head_type!r} needs d_model divisible by d_k (query heads "
                              f"of width d_k), got d_model={self.d_model}, d_k={self.d_k}")
-        for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm", "grad_checkpoint"):
+        for name in ("agg_cache", "grad_thru_cache", "tie_embeddings", "final_norm", "grad_checkpoint", "cache_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attention not in ATTENTIONS:
@@ -182,6 +188,14 @@ class TransformerVQConfig(DictConfig):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
                 raise ValueError(f"config.{name} must be a probability in [0, 1), got {p!r}")
+        if (not isinstance(self.cache_bias_init, (int, float)) or isinstance(self.cache_bias_init, bool)
+                or not math.isfinite(self.cache_bias_init)):
+            raise ValueError(f"config.cache_bias_init must be a finite number, got {self.cache_bias_init!r}")
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise ValueError(f"config.codebook_init must be one of {CODEBOOK_INITS}, got {self.codebook_init!r}")
+        if (not isinstance(self.codebook_revive, (int, float)) or isinstance(self.codebook_revive, bool)
+                or not 0.0 <= self.codebook_revive < math.inf):
+            raise ValueError(f"config.codebook_revive must be a number >= 0, got {self.codebook_revive!r}")
         if not isinstance(self.codebook_decay, (int, float)) or not 0.0 <= self.codebook_decay < 1.0:
             raise ValueError(f"config.codebook_decay must be in [0, 1), got {self.codebook_decay!r}")
         for name in ("commit_weight",):

@@ -54,8 +54,11 @@ class Attention(nn.Module):
         self.xl_u = nn.Parameter(torch.zeros(Hq, Dk))
         self.xl_v = nn.Parameter(torch.zeros(Hq, Dk))
         self.quantizer = (
-            VectorQuantizer(Hkv, config.n_code, Dk, config.codebook_decay) if config.attention == "vq" else None
+            VectorQuantizer(Hkv, config.n_code, Dk, config.codebook_decay, config.codebook_init,
+                            config.codebook_revive) if config.attention == "vq" else None
         )
+        # not in the paper: a learned offset of each query head's cache scores (config.cache_bias)
+        self.cache_bias = nn.Parameter(torch.zeros(Hq)) if config.attention == "vq" and config.cache_bias else None
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
         self.sin = SinusoidTable(config.mem_len + 1, D, config.rel_pos_base)  # (M + 1, D), in the model's dtype
@@ -66,6 +69,8 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
         nn.init.zeros_(self.xl_u)
         nn.init.zeros_(self.xl_v)
+        if self.cache_bias is not None:
+            nn.init.constant_(self.cache_bias, self.config.cache_bias_init)
 
     def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
@@ -129,7 +134,8 @@ class Attention(nn.Module):
             cache = tuple(per_query_head(t, Hq, 0 if i == 0 else 1) for i, t in enumerate(
                 (self.quantizer.codebook(), state.cache_count, state.cache_mean)))  # (H_q, S, D_k), (B, H_q, S[, D_k])
             common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M, agg_cache=cfg.agg_cache,
-                          grad_thru_cache=cfg.grad_thru_cache, straight_through=cfg.straight_through)
+                          grad_thru_cache=cfg.grad_thru_cache, straight_through=cfg.straight_through,
+                          cache_bias=self.cache_bias)
             q_keys, q_values = per_query_head(keys, Hq), per_query_head(values, Hq)  # (B, H_q, M + T, D_k)
             if cfg.attn_impl == "quadratic":
                 attn = quadratic_attention(q, q_keys, q_values, **common, block_len=cfg.block_len,

@@ -37,8 +37,11 @@ class GAU(nn.Module):
         self.xl_u = nn.Parameter(torch.zeros(H, Dk))
         self.xl_v = nn.Parameter(torch.zeros(H, Dk))
         self.quantizer = (
-            VectorQuantizer(H, config.n_code, Dk, config.codebook_decay) if config.attention == "vq" else None
+            VectorQuantizer(H, config.n_code, Dk, config.codebook_decay, config.codebook_init, config.codebook_revive)
+            if config.attention == "vq" else None
         )
+        # not in the paper: a learned offset of each head's cache scores (config.cache_bias)
+        self.cache_bias = nn.Parameter(torch.zeros(H)) if config.attention == "vq" and config.cache_bias else None
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
         self.sin = SinusoidTable(config.mem_len + 1, D, config.rel_pos_base)  # (M + 1, D), in the model's dtype
@@ -51,6 +54,8 @@ class GAU(nn.Module):
         nn.init.zeros_(self.xl_v)
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)
+        if self.cache_bias is not None:
+            nn.init.constant_(self.cache_bias, self.config.cache_bias_init)
 
     def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M (H, M + 1, D_k) and the biases u, v (H, D_k),
@@ -121,7 +126,7 @@ class GAU(nn.Module):
             cache = (self.quantizer.codebook(), state.cache_count, state.cache_mean)
             common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
-                          straight_through=cfg.straight_through)
+                          straight_through=cfg.straight_through, cache_bias=self.cache_bias)
             if cfg.attn_impl == "quadratic":
                 attn = quadratic_attention(q, keys, values, **common, block_len=cfg.block_len,
                                            cache=cache if cfg.agg_cache else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,11 @@ class VectorQuantizer(nn.Module):
     # layout of the flat statistics vector: per head [sum (S*D_k) | count (S)] then 3 scalars
     _N_SCALARS = 3  # tokens, total squared quantization error, total squared key norm
 
-    def __init__(self, n_head: int, n_code: int, d_k: int, decay: float):
+    KMEANS_ITERS = 5  # k-means: 2-means iterations per split, and Lloyd iterations over all keys at the end
+    KMEANS_KEYS_PER_CODE = 64  # k-means keeps at most this many keys per code and head (per rank)
+
+    def __init__(self, n_head: int, n_code: int, d_k: int, decay: float, init: str = "random",
+                 revive: float = 0.0):
         super().__init__()
         self.n_head, self.n_code, self.d_k, self.decay = n_head, n_code, d_k, decay
         # the official code's init: its dense-kernel initializer (fan-in normal) on shape (H, S, D_k),
@@ -53,6 +58,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("c_sum", torch.randn(n_head, n_code, d_k) * (n_head * n_code) ** -0.5)  # (H, S, D_k)
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self._stats: Tensor | None = None
+        self.init, self.revive = init, revive
+        if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
+            self.register_buffer("kmeans_pending", torch.tensor(True))
+            self._init_keys: list[Tensor] = []  # per forward (H, N, D_k): keys for k-means
+        elif init != "random":
+            raise ValueError(f"codebook init must be 'random' or 'kmeans', got {init!r}")
+        if revive > 0:  # updates so far: seeds the revival offsets, the same on every rank (saved)
+            self.register_buffer("n_updates", torch.tensor(0))
 
     def codebook(self) -> Tensor:
         """The codewords C = c_sum / max(c_count, 0.01) -> (H, S, D_k)."""
@@ -84,7 +97,18 @@ class VectorQuantizer(nn.Module):
         # a compiled graph recomputes inside itself, never through here (and dynamo cannot read a ContextVar)
         if self.training and (torch.compiler.is_compiling() or not _RECOMPUTING.get()):
             self._accumulate(k.detach(), codes, err.detach(), token_mask)
+            if self.init == "kmeans" and bool(self.kmeans_pending):
+                self._keep_keys(k.detach(), token_mask)
         return Quantized(k_st, codes, commit)
+
+    def _keep_keys(self, k: Tensor, token_mask: Tensor | None) -> None:
+        """Keep (up to a cap) the keys k (B, H, T, D_k) of this step's forwards for k-means."""
+        room = self.KMEANS_KEYS_PER_CODE * self.n_code - sum(x.shape[1] for x in self._init_keys)
+        keys = k.transpose(0, 1).flatten(1, 2)  # (H, B T, D_k)
+        if token_mask is not None:
+            keys = keys[:, token_mask.flatten()]
+        if room > 0 and keys.shape[1]:
+            self._init_keys.append(keys[:, :room].to(self.c_sum.dtype))
 
     @torch.no_grad()
     def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None) -> None:
@@ -114,21 +138,126 @@ class VectorQuantizer(nn.Module):
         return self._stats
 
     @torch.no_grad()
-    def apply_update(self, stats: Tensor | None = None) -> dict[str, float]:
+    def apply_update(self, stats: Tensor | None = None,
+                     all_reduce: Callable[[Tensor], object] | None = None) -> dict[str, float]:
         """EMA step c <- decay * c + (1 - decay) * stats, then clear the accumulator.
 
         ``stats`` defaults to :meth:`pending_stats`; pass an all-reduced copy for data-parallel
         training. Returns codebook health metrics of the statistics just applied.
+
+        Tools not in the paper (off by default): with ``init="kmeans"`` the first update replaces the
+        codebook by k-means over that step's keys instead (``all_reduce`` then sums its statistics
+        across ranks); with ``revive > 0`` codes whose EMA count falls below it are re-seeded after
+        each update (``metrics["revived"]``: the fraction of codes).
         """
         stats = self.pending_stats() if stats is None else stats
         H, S, K = self.n_head, self.n_code, self.d_k
         k_sum = stats[: H * S * K].view(H, S, K)
         count = stats[H * S * K: H * S * (K + 1)].view(H, S)
         tokens, err, norm = stats[H * S * (K + 1):].tolist()
+        self._stats = None
+        if self.init == "kmeans" and bool(self.kmeans_pending):
+            self._kmeans_init(all_reduce)
+            return self._metrics(count, tokens, err, norm)
         self.c_sum.mul_(self.decay).add_(k_sum, alpha=1 - self.decay)
         self.c_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
-        self._stats = None
-        return self._metrics(count, tokens, err, norm)
+        metrics = self._metrics(count, tokens, err, norm)
+        if self.revive > 0:
+            metrics["revived"] = self._revive(k_sum, count, err / max(tokens * H, 1.0))
+        return metrics
+
+    # ------------------------------------------------------------ codebook tools (not in the paper)
+    def _offsets(self, seed: int, shape, scale: Tensor) -> Tensor:
+        """Random offsets (..., D_k) of RMS ``scale`` (...,) per row, from a generator seeded with
+        ``seed``: the same on every rank."""
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(*shape, self.d_k, generator=g, dtype=torch.float64)
+        return (z * (scale.double().cpu()[..., None] / math.sqrt(self.d_k))).to(self.c_sum)
+
+    def _revive(self, k_sum: Tensor, count: Tensor, mse: float) -> float:
+        """Re-seed the codes whose EMA count fell below ``revive``: each takes half of one of the codes
+        this step's keys used most among those with an EMA count of at least twice ``revive`` (most
+        used first; one dead code per such code and step), both halves placed at the mean of that
+        code's keys this step, one plus and one minus a random offset of half the RMS quantization
+        error (a split of a busy code, as in LBG codebook design). Everything comes from the
+        (all-reduced) statistics of the step and a generator seeded with the update count, so every
+        rank revives the same codes identically.
+        Returns the fraction of codes revived."""
+        self.n_updates += 1
+        dead = self.c_count < self.revive  # (H, S)
+        revived = 0
+        for h in range(self.n_head):
+            order = count[h].argsort(descending=True, stable=True)  # (S,) most used first
+            donors = order[((count[h] > 0) & (self.c_count[h] >= 2 * self.revive))[order]]  # both halves live
+            targets = dead[h].nonzero().flatten()[: len(donors)]
+            if not len(targets):
+                continue
+            donors = donors[: len(targets)]
+            mean = k_sum[h, donors] / count[h, donors, None]  # (n, D_k)
+            step = int(self.n_updates) * self.n_head + h
+            delta = self._offsets(step, (len(targets),), torch.full((len(targets),), 0.5 * math.sqrt(mse)))
+            half = self.c_count[h, donors] / 2  # (n,)
+            self.c_count[h, donors] = half
+            self.c_count[h, targets] = half
+            self.c_sum[h, donors] = (mean - delta) * half[:, None]
+            self.c_sum[h, targets] = (mean + delta) * half[:, None]
+            revived += len(targets)
+        return revived / (self.n_head * self.n_code)
+
+    def _kmeans_init(self, all_reduce: Callable[[Tensor], object] | None) -> None:
+        """Codebooks by k-means over the keys kept from this step's forwards: bisecting k-means (start
+        from one cluster; ``n_code - 1`` times split the cluster of largest total squared error in two
+        with ``KMEANS_ITERS`` 2-means iterations over its keys, started at its mean plus and minus a
+        random offset of half its RMS radius), then ``KMEANS_ITERS`` Lloyd iterations over all keys.
+        Each iteration all-reduces its sums, counts and squared errors and the offsets come from fixed
+        seeds, so every rank builds the same codebook from the global batch. Afterwards c_sum / c_count
+        hold the clusters' sums and counts (count >= 1), as if the EMA had settled on them."""
+        H, S, K = self.n_head, self.n_code, self.d_k
+        keys = torch.cat(self._init_keys, 1) if self._init_keys else self.c_sum.new_zeros(H, 0, K)  # (H, N, D_k)
+        self._init_keys = []
+        heads = torch.arange(H, device=keys.device)
+        codes = keys.new_zeros(keys.shape[:2], dtype=torch.long)  # (H, N) every key in cluster 0
+        sums, counts, sq = self._lloyd_stats(keys, codes, 1, all_reduce)
+        cent = sums / counts.clamp_min(1.0)[..., None]  # (H, n, D_k)
+        for n in range(1, S):  # split cluster j of each head into j and n
+            j = sq.argmax(-1)  # (H,)
+            radius = (sq[heads, j] / counts[heads, j].clamp_min(1.0)).sqrt()  # (H,)
+            delta = self._offsets(n, (H,), 0.5 * radius)  # (H, D_k)
+            pair = torch.stack([cent[heads, j] - delta, cent[heads, j] + delta], 1)  # (H, 2, D_k)
+            member = codes == j[:, None]  # (H, N)
+            for _ in range(self.KMEANS_ITERS):
+                side = torch.cdist(keys, pair).argmin(-1)  # (H, N) 0: stays in j, 1: goes to n
+                p_sums, p_counts, p_sq = self._lloyd_stats(keys, torch.where(member, side, 2), 3, all_reduce)
+                pair = torch.where(p_counts[:, :2, None] > 0, p_sums[:, :2] / p_counts[:, :2, None].clamp_min(1.0), pair)
+            codes = torch.where(member & (side == 1), n, codes)
+            cent = torch.cat([cent, pair[:, 1:]], 1)
+            cent[heads, j] = pair[:, 0]
+            sums = torch.cat([sums, p_sums[:, 1:2]], 1)
+            counts = torch.cat([counts, p_counts[:, 1:2]], 1)
+            sq = torch.cat([sq, p_sq[:, 1:2]], 1)
+            counts[heads, j], sq[heads, j] = p_counts[:, 0], p_sq[:, 0]
+        for _ in range(self.KMEANS_ITERS + 1):  # Lloyd over all keys (the last pass only counts)
+            codes = torch.cdist(keys, cent).argmin(-1) if keys.shape[1] else codes
+            sums, counts, _ = self._lloyd_stats(keys, codes, S, all_reduce)
+            cent = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], cent)
+        self.c_count.copy_(counts.clamp_min(1.0))
+        self.c_sum.copy_(cent * self.c_count[..., None])
+        self.kmeans_pending.fill_(False)
+
+    def _lloyd_stats(self, keys: Tensor, codes: Tensor, n: int, all_reduce) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-cluster statistics of keys (H, N, D_k) in clusters ``codes`` (H, N) in [0, n), summed over
+        ranks: key sums (H, n, D_k), counts (H, n) and squared distances to the cluster means (H, n)."""
+        H, K = keys.shape[0], keys.shape[2]
+        onehot = nn.functional.one_hot(codes, n).to(keys.dtype)  # (H, N, n)
+        # the second moment gives each cluster's squared error once the sums are global
+        flat = torch.cat([torch.einsum("hns,hnk->hsk", onehot, keys).flatten(), onehot.sum(1).flatten(),
+                          torch.einsum("hns,hn->hs", onehot, keys.square().sum(-1)).flatten()])
+        if all_reduce is not None:
+            all_reduce(flat)
+        sums, counts = flat[: H * n * K].view(H, n, K), flat[H * n * K: H * n * (K + 1)].view(H, n)
+        second = flat[H * n * (K + 1):].view(H, n)
+        sq = (second - sums.square().sum(-1) / counts.clamp_min(1.0)).clamp_min(0.0)  # sum ||k - mean||^2
+        return sums, counts, sq
 
     def _metrics(self, count: Tensor, tokens: float, err: float, norm: float) -> dict[str, float]:
         total = count.sum(-1, keepdim=True)  # (H, 1)

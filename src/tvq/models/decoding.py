@@ -53,6 +53,7 @@ class _GAUWeights:
     v: Tensor         # (H, D_k)
     codebook: Tensor  # (H, S, D_k)
     c_sq: Tensor      # (H, S) squared codeword norms
+    cache_bias: Tensor | None = None  # (H_q, 1) config.cache_bias: added to the cache's log counts
 
 
 @dataclass
@@ -104,6 +105,7 @@ class VQDecoder:
                     gau.norm.weight, gau.norm.bias,
                     torch.cat([gau.w_q.weight, w_kv]).T.contiguous(), gau.w_o.weight.T.contiguous(),
                     torch.arange(cfg.n_kv_head, device=device), rel.contiguous(), u, v, c, c.square().sum(-1),
+                    None if gau.cache_bias is None else gau.cache_bias.to(layer.cache_count.dtype)[:, None],
                 ))
                 acc = layer.cache_mean.dtype  # values are read in it, like the blockwise path does
                 keys.append(torch.cat([layer.keys.detach().roll(shift, 2).to(c.dtype), c.expand(B, -1, -1, -1)], 2))
@@ -233,7 +235,8 @@ def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: 
     bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, M): slots before the start
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
-        bias = torch.cat([bias, log_count], -1)  # (B, H, M + S): codeword scores + log counts
+        cache = log_count if w.cache_bias is None else log_count + w.cache_bias  # (B, H, S)
+        bias = torch.cat([bias, cache], -1)  # (B, H, M + S): codeword scores + log counts
         n_read = keys.shape[-2]
     scores = (keys[..., :n_read, :] @ qu[..., None]).squeeze(-1) + bias  # (B, H, n_read)
     own = (qu * k_hat).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, 1)
@@ -274,7 +277,10 @@ def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, c
     bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, G, M)
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
-        bias = torch.cat([bias, log_count[:, :, None].expand(B, H, G, -1)], -1)  # (B, H, G, M + S)
+        cache = log_count[:, :, None].expand(B, H, G, -1)  # (B, H, G, S): one cache per key/value head
+        if w.cache_bias is not None:  # (H_q, 1): one offset per query head
+            cache = cache + w.cache_bias.view(H, G, 1)
+        bias = torch.cat([bias, cache], -1)  # (B, H, G, M + S)
         n_read = keys.shape[-2]
     scores = qu @ keys[..., :n_read, :].transpose(-1, -2) + bias  # (B, H, G, n_read)
     own = (qu * k_hat[:, :, None]).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, G, 1)

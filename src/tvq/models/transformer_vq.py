@@ -281,7 +281,7 @@ class TransformerVQ(nn.Module):
             all_reduce(flat)
         metrics: dict[str, float] = {}
         for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers])):
-            for key, value in q.apply_update(stats).items():
+            for key, value in q.apply_update(stats, all_reduce).items():
                 metrics[key] = metrics.get(key, 0.0) + value / len(quantizers)
         return metrics
 

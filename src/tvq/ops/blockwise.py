@@ -114,6 +114,7 @@ def blockwise_attention(
     grad_thru_cache: bool,
     cache: tuple[Tensor, Tensor, Tensor],
     straight_through: str = "window",
+    cache_bias: Tensor | None = None,
 ) -> Tensor:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
@@ -124,7 +125,8 @@ def blockwise_attention(
     ``cache`` = (codebook (H, S, D_k), count (B, H, S), mean (B, H, S, D_v)) holds everything
     older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
     Gradients follow ``straight_through`` (see :func:`tvq.ops.quadratic_attention`); under
-    ``"block"`` they depend on ``block_len``.
+    ``"block"`` they depend on ``block_len``. ``cache_bias`` (H,), if given, is added to the score of every
+    key beyond the window (the cache entries and the older keys of the window's blocks).
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -165,6 +167,8 @@ def blockwise_attention(
     else:
         content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), key_keep, False)  # (B, H, nb, L, W)
     fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
+    if agg_cache and cache_bias is not None:  # old keys in the window are the cache's too: same offset
+        fill = fill.to(q.dtype) + cache_bias.to(q.dtype)[:, None, None, None]  # (H, 1, L, L)
     positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
     scores = (content + positional).to(acc)  # (B, H, nb, L, W)
     per_row = isinstance(n_invalid, Tensor)
@@ -197,6 +201,8 @@ def blockwise_attention(
         count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
+        if cache_bias is not None:
+            cache_scores = cache_scores + cache_bias.to(acc)[:, None, None, None]
 
     # one softmax over the window and the cache (a fused kernel, forward and backward)
     p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])

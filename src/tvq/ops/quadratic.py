@@ -24,6 +24,7 @@ def quadratic_attention(
     cache: tuple[Tensor, Tensor, Tensor] | None = None,
     straight_through: str = "window",
     block_len: int | None = None,
+    cache_bias: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of T queries over P past keys plus themselves.
 
@@ -37,7 +38,8 @@ def quadratic_attention(
 
     rel (H, mem_len + 1, D_k) embeds distances; u, v (H, D_k). ``cache`` = (codebook (H, S, D_k),
     count (B, H, S), mean (B, H, S, D_v)) adds one entry per code standing for keys older than
-    the P past keys: score (q + u).c_s + log count_s, value mean_s.
+    the P past keys: score (q + u).c_s + log count_s, value mean_s. ``cache_bias`` (H,), if given, is
+    added to the scores of everything beyond the window: the cache entries and the keys at d > mem_len.
 
     Gradients, as in the linear-time path (the forward is the same for every rule). With
     ``quantized`` keys and ``straight_through="window"``, keys at d > mem_len are codewords and
@@ -78,13 +80,19 @@ def quadratic_attention(
     rel_scores = qv @ rel.transpose(-1, -2)  # (B, H, T, M + 1)
     idx = dist.clamp(0, mem_len).expand(*q.shape[:2], -1, -1)
     positional = torch.gather(rel_scores, -1, idx)  # (B, H, T, P + T)
-    scores = torch.where(near, content + positional, torch.where(old, content, float("-inf")))
+    if cache_bias is not None:  # keys beyond the window are the cache's, whether aggregated yet or not
+        old_scores = content + cache_bias.to(content.dtype)[:, None, None]
+    else:
+        old_scores = content
+    scores = torch.where(near, content + positional, torch.where(old, old_scores, float("-inf")))
     scores = scores.to(acc)
 
     if cache is not None:
         codebook, count, mean = cache
         cache_scores = (qu @ codebook.to(q.dtype).transpose(-1, -2)).to(acc)  # (B, H, T, S)
         cache_scores = cache_scores + cache_log_count(count.to(acc))[:, :, None, :]
+        if cache_bias is not None:
+            cache_scores = cache_scores + cache_bias.to(acc)[:, None, None]
         scores = torch.cat([scores, cache_scores], -1)
 
     probs = torch.softmax(scores, -1)  # (B, H, T, P + T [+ S])
