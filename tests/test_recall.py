@@ -101,6 +101,8 @@ def test_variants_share_weights_init_and_batches(tmp_path):
     (["--variants", "vq,dense"], "unknown variant"), (["--steps", "0"], "--steps"),
     (["--set", "model.nope=1"], "unknown model config key"), (["--set", "model.vocab_size=64"], "vocab_size"),
     (["--n-pairs", "64"], "n_keys"), (["--config", "/nonexistent.json"], "does not exist"),
+    (["--bogus"], "unrecognized arguments"), (["--lr", "nan"], "--lr"), (["--device", "tpu"], "unknown device"),
+    (["--json", "/nonexistent/out.json"], "does not exist"), (["--threads", "-1"], "--threads"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
     assert cli.main(["recall", *argv]) == 2

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
 from tvq.models.transformer_vq import IGNORE_INDEX, TransformerVQ
+from tvq.usage import ArgumentParser, check_writable_file, device_name, float_range, int_range
 
 VARIANTS = {"vq": {}, "nocache": {"agg_cache": False}, "full": {"attention": "full"}}
 VQ_VARIANTS = ("vq", "nocache")  # the ones --set and --config change
@@ -302,7 +303,7 @@ def plot(results: dict, task: RecallTask, path: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = RecallTask()
-    p = argparse.ArgumentParser(prog="tvq recall", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = ArgumentParser(prog="tvq recall", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--variants", default="vq,nocache,full", help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config key of the vq variants, e.g. --set model.n_code=256")
@@ -312,17 +313,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "(e.g. benchmarks/recall_config.json), applied before --set")
     p.add_argument("--loss", choices=["answers", "all"], default="answers",
                    help="train on the answers only (default) or on every next token")
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay to lr / 10")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seqs", type=int, default=512, help="held-out sequences scored at the end")
-    p.add_argument("--log-every", type=int, default=50, help="steps between codebook health records")
-    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--steps", type=int_range(1), default=700, help="optimizer steps per variant (default 700)")
+    p.add_argument("--batch-size", type=int_range(1), default=16, help="sequences per step (default 16)")
+    p.add_argument("--lr", type=float_range(0.0, lo_open=True), default=3e-3, help="AdamW peak learning rate")
+    p.add_argument("--warmup", type=int_range(0), default=50, help="linear warmup steps, then cosine decay to lr / 10")
+    p.add_argument("--weight-decay", type=float_range(0.0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float_range(0.0, lo_open=True), default=1.0, help="gradient norm clip")
+    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the weights and the batches")
+    p.add_argument("--eval-seqs", type=int_range(1), default=512, help="held-out sequences scored at the end")
+    p.add_argument("--log-every", type=int_range(1), default=50, help="steps between codebook health records")
+    p.add_argument("--threads", type=int_range(0), default=0, help="intra-op CPU threads (0: torch's default)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     for name, help_ in (("seq_len", "tokens per sequence"), ("n_pairs", "key-value pairs per sequence"),
                         ("n_keys", "key pool"), ("n_values", "value pool"), ("n_filler", "filler pool"),
                         ("min_dist", "shortest answer distance (>= 2)"), ("max_dist", "longest answer distance"),
@@ -331,8 +332,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"{help_} (default {getattr(d, name)})")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="PNG of accuracy against distance, one line per variant")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before hours of training, not after
+        if path:
+            check_writable_file(path, flag)
+    return args
 
 
 def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
@@ -388,16 +393,9 @@ def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    for name in ("steps", "batch_size", "eval_seqs", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = parse_args(argv)  # ranges and output paths checked while parsing
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if not args.lr > 0 or args.warmup < 0 or args.weight_decay < 0 or not args.grad_clip > 0:
-        raise ValueError("--lr and --grad-clip must be > 0, --warmup and --weight-decay >= 0")
     task_fields = {k: getattr(args, k) for k in asdict(RecallTask()) if k != "window"}
     probe = RecallTask(**task_fields)
     configs = variant_configs(args, probe.vocab_size)
