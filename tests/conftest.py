@@ -62,3 +62,13 @@ def clone_with(model: TransformerVQ, **overrides) -> TransformerVQ:
 def ids():
     torch.manual_seed(123)
     return torch.randint(0, 50, (2, 200))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models
+    gain nothing from threads, spawned ranks use one each, and on a loaded machine two can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,20 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tvq.training.config import apply_overrides, preset
 from tvq.training.trainer import train
 from conftest import ROOT, SHAKESPEARE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a loaded machine two can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
