@@ -347,7 +347,8 @@ def test_torchrun_bad_input_is_one_line_and_exit_2(data_dir, tmp_path):
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("tvq: error: ")]
-    assert len(lines) == 1 and "does not split over 2 ranks" in lines[0] and "exitcode  : 2" in result.stderr
+    assert len(lines) == 1 and "does not split over 2 ranks" in lines[0] and "exitcode  : 2" in result.stderr, \
+        result.stderr[-4000:]
     assert not (tmp_path / "r").exists()
 
 

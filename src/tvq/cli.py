@@ -446,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in message.splitlines() if line.strip())
         rank = env_rank()
         print(f"tvq: error: {message}" if rank == 0 else f"tvq: error (rank {rank}): {message}", file=sys.stderr)
-        if rank != 0:  # torchrun stops every worker once one fails: let rank 0 report first
-            time.sleep(5)
+        if rank != 0:  # torchrun stops every worker once one fails: let rank 0 report first (a loaded
+            time.sleep(30)  # machine can hold it back for seconds; torchrun ends this wait once rank 0 exits)
         return 2
     except KeyboardInterrupt:
         print("tvq: interrupted; the last checkpoint is intact", file=sys.stderr)
