@@ -343,7 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
     """The model config of each variant: the base, the variant's attention, then (vq variants) the
     --config file and --set overrides. Raises ValueError on an unknown variant or key."""
-    from tvq.training.config import _parse
+    from tvq.training.config import parse_model_overrides
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
@@ -362,22 +362,8 @@ def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
             raise ValueError(f"--config {path} is not valid JSON: {e}") from None
         if not isinstance(extra, dict):
             raise ValueError(f"--config {path} must hold a JSON dict of model config keys")
-    fields = {f: type(v) for f, v in TransformerVQConfig().to_dict().items()}
-
-    def parse(items, flag):
-        out = {}
-        for item in items:
-            key, sep, value = item.partition("=")
-            name = key.strip().removeprefix("model.")
-            if not sep:
-                raise ValueError(f"{flag} expects model.KEY=VALUE, got {item!r}")
-            if name not in fields:
-                raise ValueError(f"{flag} {key}: unknown model config key {name!r}")
-            out[name] = _parse(value, fields[name], key)
-        return out
-
-    extra.update(parse(args.overrides, "--set"))
-    base = dict(BASE_MODEL, **parse(args.base_overrides, "--set-all"))
+    extra.update(parse_model_overrides(args.overrides, "--set"))
+    base = dict(BASE_MODEL, **parse_model_overrides(args.base_overrides, "--set-all"))
     for name in ("vocab_size", "attention"):
         if name in extra or name in base:
             raise ValueError(f"model.{name} is set by the benchmark (the task's vocabulary; the variant)")

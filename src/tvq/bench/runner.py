@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from tvq.bench.args import BENCH_PRESETS, DTYPE_NAMES, IMPLS, MODES, check_device, ints, parse_args
 from tvq.config import TransformerVQConfig
+from tvq.training.config import parse_model_overrides as parse_config_overrides
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.state import LayerState, TransformerVQState
 
@@ -92,27 +92,12 @@ def model_config(preset: str, impl: str, overrides: dict | None = None) -> Trans
 
 
 def parse_model_overrides(items: list[str]) -> dict:
-    """``--set NAME=VALUE`` strings -> {field: value} of TransformerVQConfig fields, typed as the field is
-    (``attention`` is the impl's: not settable)."""
-    hints = typing.get_type_hints(TransformerVQConfig)
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip().removeprefix("model.")
-        if not sep or name not in hints or name == "attention":
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME a model config field other than "
-                             f"attention (the impl sets it), e.g. head_type=mqa")
-        typ = hints[name]
-        if typ is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--set {item!r}: expected true or false")
-            out[name] = value.lower() in ("true", "1")
-        else:
-            try:
-                out[name] = typ(value)
-            except ValueError:
-                raise ValueError(f"--set {item!r}: expected a value of type {typ.__name__}") from None
-    return out
+    """``--set NAME=VALUE`` strings -> {field: value} of TransformerVQConfig fields (``attention`` is the
+    impl's: not settable)."""
+    overrides = parse_config_overrides(items)
+    if "attention" in overrides:
+        raise ValueError("--set attention: expected a model config field other than attention (the impl sets it)")
+    return overrides
 
 
 def build(impl: str, preset: str, grad_checkpoint: bool = False, overrides: dict | None = None) -> torch.nn.Module:

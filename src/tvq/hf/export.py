@@ -54,8 +54,6 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest")
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists():
         raise ExportError(f"{out} already exists; tvq export never overwrites: pick a new OUT_DIR")
-    if checkpoint not in ("latest", ckpt.BEST) and not checkpoint.isdigit():
-        raise ExportError(f"--checkpoint must be latest, best or a step number, got {checkpoint!r}")
     core, meta = ckpt.load_model(ckpt.find_checkpoint(run_dir, checkpoint))
     spm_file = run_dir / TOKENIZER_FILE
     vocab = core.config.vocab_size

@@ -216,6 +216,23 @@ def _parse(value: str, typ, key: str):
     return parsed
 
 
+def parse_model_overrides(items: list[str], flag: str = "--set") -> dict:
+    """``model.NAME=VALUE`` (or ``NAME=VALUE``) strings -> {field: value} of TransformerVQConfig fields,
+    each typed as the field is annotated; ValueError names the first bad item."""
+    types = typing.get_type_hints(TransformerVQConfig)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        name = key.removeprefix("model.")
+        if not sep:
+            raise ValueError(f"{flag} expects model.KEY=VALUE, got {item!r}")
+        if name not in types:
+            raise ValueError(f"{flag} {item!r}: unknown model config key {name!r}")
+        out[name] = _parse(value, types[name], key)
+    return out
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` strings; model fields are ``model.NAME`` (or just ``NAME`` if unambiguous)."""
     train_types = typing.get_type_hints(TrainConfig)
