@@ -20,6 +20,10 @@ def test_off_by_default_and_validated():
     assert not tiny_config().cache_bias
     assert all(gau.cache_bias is None for gau in make_model().gaus)
     assert all(gau.cache_bias is None for gau in make_model(attention="full", cache_bias=True).gaus)
+    # no cache, no offset: a window-only model keeps the paper's parameters (and no unused one under DDP)
+    window_only = make_model(agg_cache=False, cache_bias=True, head_type="mqa")
+    assert all(gau.cache_bias is None for gau in window_only.gaus)
+    assert window_only.num_parameters() == make_model(agg_cache=False, head_type="mqa").num_parameters()
     with pytest.raises(ValueError, match="cache_bias_init"):
         tiny_config(cache_bias=True, cache_bias_init=float("nan"))
     with pytest.raises(ValueError, match="cache_bias"):

@@ -150,7 +150,7 @@ class TransformerVQConfig(DictConfig):
     # codebook tools, not in the paper (off by default; see tvq.layers.vq.VectorQuantizer.apply_update):
     codebook_init: str = "random"  # "kmeans": k-means over the keys of the first training step
     codebook_revive: float = 0.0  # > 0: re-seed codes whose EMA count falls below this after each update
-    cache_bias: bool = False  # a learned per-head offset added to the cache's log-count scores (not in the paper)
+    cache_bias: bool = False  # a learned per-head offset added to the cache's log-count scores (not in the paper; none without agg_cache)
     cache_bias_init: float = 0.0  # its initial value (negative: the model starts nearer its window-only self)
 
     def __post_init__(self) -> None:

@@ -242,7 +242,7 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
                 record = {"step": done, "train_loss": loss_sum / n_loss, **codebook}
                 if recorder.codes:
                     record["collision"] = float(np.mean(recorder.collision(written)))
-                if cfg.cache_bias and cfg.attention == "vq":  # the learned offsets, per GAU and head
+                if model.gaus[0].cache_bias is not None:  # the learned offsets, per GAU and head
                     record["cache_bias"] = [g.cache_bias.tolist() for g in model.gaus]
                 history.append(record)
                 loss_sum, n_loss = 0.0, 0

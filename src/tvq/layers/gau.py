@@ -41,7 +41,8 @@ class GAU(nn.Module):
             if config.attention == "vq" else None
         )
         # not in the paper: a learned offset of each head's cache scores (config.cache_bias)
-        self.cache_bias = nn.Parameter(torch.zeros(H)) if config.attention == "vq" and config.cache_bias else None
+        use_bias = config.attention == "vq" and config.agg_cache and config.cache_bias  # no cache, no offset
+        self.cache_bias = nn.Parameter(torch.zeros(H)) if use_bias else None
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
         self.sin = SinusoidTable(config.mem_len + 1, D, config.rel_pos_base)  # (M + 1, D), in the model's dtype
