@@ -108,3 +108,24 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
     assert cli.main(["recall", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tvq: error:") and match in err and "\n" not in err
+
+
+def test_shipped_recall_config_is_valid_and_keeps_the_parameter_count():
+    """benchmarks/recall_config.json (read by other tools) holds model config keys that change the vq
+    variants only, within the target's 2% of the paper model's parameters."""
+    from pathlib import Path
+
+    from tvq.models.transformer_vq import TransformerVQ
+
+    path = Path(__file__).parents[1] / "benchmarks" / "recall_config.json"
+    overrides = json.loads(path.read_text())
+    assert isinstance(overrides, dict) and overrides
+    tuned = recall.variant_configs(recall.parse_args(["--config", str(path)]), 128)
+    paper = recall.variant_configs(recall.parse_args([]), 128)
+    assert tuned["full"] == paper["full"]
+    for name in ("vq", "nocache"):
+        for key, value in overrides.items():
+            assert getattr(tuned[name], key) == value
+    n_paper = TransformerVQ(paper["vq"]).num_parameters()
+    assert abs(TransformerVQ(tuned["vq"]).num_parameters() - n_paper) <= 0.02 * n_paper
+    assert TransformerVQ(tuned["nocache"]).num_parameters() == TransformerVQ(paper["nocache"]).num_parameters()
