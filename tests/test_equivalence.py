@@ -31,6 +31,16 @@ def assert_close_grads(ga, gb):
         torch.testing.assert_close(ga[name], gb[name], atol=ATOL, rtol=0, msg=name)
 
 
+def assert_blockwise_equals_quadratic(model, ids):
+    """The model's logits and gradients on ``ids`` equal its quadratic twin's; returns its gradients."""
+    ref = clone_with(model, attn_impl="quadratic")
+    la, ga = logits_and_grads(model, ids)
+    lb, gb = logits_and_grads(ref, ids)
+    torch.testing.assert_close(la, lb, atol=ATOL, rtol=0)
+    assert_close_grads(ga, gb)
+    return ga
+
+
 @pytest.mark.parametrize("T", [1, 7, 63, 200, 1000])
 @pytest.mark.parametrize("block_len,mem_len", [(4, 8), (8, 8), (16, 5)])  # L < M, L = M, L > M
 @pytest.mark.parametrize("agg_cache", [True, False])
@@ -39,13 +49,8 @@ def test_blockwise_equals_quadratic(T, block_len, mem_len, agg_cache, grad_thru_
     n_head = 1 if T == 63 else 2
     model = make_model(block_len=block_len, mem_len=mem_len, agg_cache=agg_cache,
                        grad_thru_cache=grad_thru_cache, n_head=n_head).train()
-    ref = clone_with(model, attn_impl="quadratic")
     torch.manual_seed(T)
-    ids = torch.randint(0, 50, (2, T))
-    la, ga = logits_and_grads(model, ids)
-    lb, gb = logits_and_grads(ref, ids)
-    torch.testing.assert_close(la, lb, atol=ATOL, rtol=0)
-    assert_close_grads(ga, gb)
+    assert_blockwise_equals_quadratic(model, torch.randint(0, 50, (2, T)))
 
 
 @pytest.mark.parametrize("T", [1, 7, 200])
