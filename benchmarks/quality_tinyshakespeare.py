@@ -98,8 +98,8 @@ def main() -> None:
             results[name] = {"val_bpb": same_ctx["bpb"], "val_tokens": same_ctx["tokens"],
                              "train_seconds": seconds, "parameters": model.num_parameters(),
                              "overrides": extra}
-            if model.gaus[0].cache_bias is not None:  # the learned offsets, per GAU and head
-                results[name]["cache_bias"] = [g.cache_bias.tolist() for g in model.gaus]
+            if model.attns[0].cache_bias is not None:  # the learned offsets, per GAU and head
+                results[name]["cache_bias"] = [g.cache_bias.tolist() for g in model.attns]
             if name == "vq":
                 results[name]["val_bpb_streaming"] = evaluate(model, val_split, segment_len=256)["bpb"]
             records = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]

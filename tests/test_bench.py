@@ -31,12 +31,12 @@ def test_over_budget_is_reported_not_dropped():
 
 
 def test_a_wrong_fast_path_is_refused(monkeypatch):
-    import tvq.layers.gau as gau
+    import tvq.layers.attention as attention
 
     def broken(q, keys, values, codes, **kwargs):
         return torch.zeros(*q.shape[:3], values.shape[-1], dtype=q.dtype)
 
-    monkeypatch.setattr(gau, "blockwise_attention", broken)
+    monkeypatch.setattr(attention, "blockwise_attention", broken)
     with pytest.raises(runner.WrongResult, match="reference"):
         runner.check("vq", "bench-small")
     runner.check("sdpa", "bench-small")  # the other paths still pass

@@ -11,18 +11,18 @@ from test_equivalence import ATOL, assert_blockwise_equals_quadratic
 def biased(**overrides):
     model = make_model(cache_bias=True, cache_bias_init=-1.5, **overrides)
     with torch.no_grad():  # a different offset per head and GAU
-        for i, gau in enumerate(model.gaus):
+        for i, gau in enumerate(model.attns):
             gau.cache_bias.copy_(torch.linspace(-2.0, 1.0, gau.cache_bias.numel(), dtype=torch.float64) + i)
     return model
 
 
 def test_off_by_default_and_validated():
     assert not tiny_config().cache_bias
-    assert all(gau.cache_bias is None for gau in make_model().gaus)
-    assert all(gau.cache_bias is None for gau in make_model(attention="full", cache_bias=True).gaus)
+    assert all(gau.cache_bias is None for gau in make_model().attns)
+    assert all(gau.cache_bias is None for gau in make_model(attention="full", cache_bias=True).attns)
     # no cache, no offset: a window-only model keeps the paper's parameters (and no unused one under DDP)
     window_only = make_model(agg_cache=False, cache_bias=True, head_type="mqa")
-    assert all(gau.cache_bias is None for gau in window_only.gaus)
+    assert all(gau.cache_bias is None for gau in window_only.attns)
     assert window_only.num_parameters() == make_model(agg_cache=False, head_type="mqa").num_parameters()
     with pytest.raises(ValueError, match="cache_bias_init"):
         tiny_config(cache_bias=True, cache_bias_init=float("nan"))
@@ -32,7 +32,7 @@ def test_off_by_default_and_validated():
 
 def test_initialised_to_cache_bias_init_and_zero_is_the_paper(ids):
     model = make_model(cache_bias=True, cache_bias_init=-3.0)
-    assert all((gau.cache_bias == -3.0).all() for gau in model.gaus)
+    assert all((gau.cache_bias == -3.0).all() for gau in model.attns)
     zero = make_model(cache_bias=True).eval()
     plain = make_model().eval()
     torch.testing.assert_close(zero(ids).logits, plain(ids).logits, atol=0, rtol=0)
@@ -50,7 +50,7 @@ def test_blockwise_equals_quadratic(T, block_len, mem_len, grad_thru_cache, head
     torch.manual_seed(T)
     ga = assert_blockwise_equals_quadratic(model, torch.randint(0, 50, (2, T)))
     if T > mem_len:  # the offset learns once keys are in the cache
-        assert all(ga[f"gaus.{i}.cache_bias"].abs().max() > 1e-8 for i in range(len(model.gaus)))
+        assert all(ga[f"attns.{i}.cache_bias"].abs().max() > 1e-8 for i in range(len(model.attns)))
 
 
 @pytest.mark.parametrize("head_type", ["shga", "mha", "mqa"])

@@ -74,7 +74,7 @@ def test_config_rejects_bad_tool_settings():
 def test_tools_are_off_by_default_and_keep_the_state_dict():
     cfg = TransformerVQConfig()
     assert cfg.codebook_init == "random" and cfg.codebook_revive == 0.0
-    assert set(_codebooks(make_model())) == {f"gaus.{i}.quantizer.{b}" for i in range(2) for b in ("c_sum", "c_count")}
+    assert set(_codebooks(make_model())) == {f"attns.{i}.quantizer.{b}" for i in range(2) for b in ("c_sum", "c_count")}
 
 
 def test_kmeans_finds_the_clusters_of_the_first_batch():

@@ -182,3 +182,23 @@ def test_generation_config_defaults():
     model = hf_model()
     assert isinstance(model.generation_config, GenerationConfig)
     assert model.config.bos_token_id == model.config.eos_token_id == model.config.pad_token_id == 0
+
+
+@pytest.mark.parametrize("head_type", ["shga", "mqa"])
+def test_folders_with_the_old_key_names_load(tmp_path, head_type):
+    """A folder saved before the attention sublayers were renamed (``gaus.N``, mha/mqa ``w_kv``) loads with
+    its own weights, not freshly initialised ones."""
+    from safetensors.torch import load_file, save_file
+
+    model = hf_model(head_type=head_type)
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    old = {k.replace("attns.", "gaus.").replace(".w_kvg.", ".w_kvg." if head_type == "shga" else ".w_kv."): v
+           for k, v in weights.items()}
+    assert old.keys() != weights.keys()
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = TransformerVQForCausalLM.from_pretrained(tmp_path).double().eval()
+    ids = torch.randint(0, 50, (2, 19))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-12, rtol=0)
+    loaded.save_pretrained(tmp_path / "again")  # saved with today's names, not renamed back
+    assert load_file(str(tmp_path / "again" / "model.safetensors")).keys() == weights.keys()

@@ -25,7 +25,7 @@ def test_sinusoids_are_exact_in_the_model_dtype():
     """model.double() gets the float64 table itself, not the float32 one upcast; .float() rounds it once."""
     model = TransformerVQ(tiny_config(mem_len=40, d_model=48))
     want = sinusoids(41, 48, model.config.rel_pos_base, dtype=torch.float64)  # (M + 1, D)
-    gau = model.gaus[0]
+    gau = model.attns[0]
     assert gau.sin().dtype == torch.float32
     assert torch.equal(gau.sin(), want.float())
     model.double()
@@ -38,7 +38,7 @@ def test_sinusoids_are_exact_in_the_model_dtype():
 
 def test_float64_relative_embeddings_are_computed_in_float64():
     model = TransformerVQ(tiny_config()).double()
-    gau = model.gaus[0]
+    gau = model.attns[0]
     rel, _, _ = gau.position_terms(torch.float64)  # (H, M + 1, D_k)
     cfg = model.config
     table = sinusoids(cfg.mem_len + 1, cfg.d_model, cfg.rel_pos_base, dtype=torch.float64)

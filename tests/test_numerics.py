@@ -92,27 +92,29 @@ def test_linear_fallback_and_arguments():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_fused_cpu_inference_matches_the_plain_path(monkeypatch):
-    """The eval forward with oneDNN's fused projections gives the plain path's logits and state."""
+@pytest.mark.parametrize("head_type", ["shga", "mha", "mqa"])
+def test_fused_cpu_inference_matches_the_plain_path(monkeypatch, head_type):
+    """The eval forward with oneDNN's fused projections gives the plain path's logits and state, for every
+    head type."""
     from tvq.ops import linear as lin
 
     torch.manual_seed(0)
     cfg = TransformerVQConfig(vocab_size=256, d_model=64, d_k=16, d_v=128, n_head=2, n_layer=2,
-                              n_code=32, block_len=32, mem_len=32)
+                              n_code=32, block_len=32, mem_len=32, head_type=head_type)
     model = TransformerVQ(cfg).eval()
     ids = torch.randint(0, 256, (2, 300))
     with torch.no_grad():
-        assert lin.fused_linear_ok(torch.zeros(1), model.gaus[0].w_q.weight)
+        assert lin.fused_linear_ok(torch.zeros(1), model.attns[0].w_q.weight)
         calls = []
         real = lin._LINEAR_POINTWISE
         monkeypatch.setattr(lin, "_LINEAR_POINTWISE", type("Spy", (), {
             "__call__": lambda self, *a: calls.append(1) or real(*a),
             "binary": lambda self, *a: calls.append(1) or real.binary(*a)})())
         fast = model(ids)
-        assert len(calls) == 4 * 2 * cfg.n_layer  # q, k, v|g and o of every GAU
-        model.gaus[0].w_o.register_forward_hook(lambda mod, inp, out: calls.append(0))
-        model(ids)  # a hooked projection sends its GAU down the plain path, which runs the hook
-        assert calls.count(0) == 1 and calls.count(1) == 2 * 4 * 2 * cfg.n_layer - 4
+        assert len(calls) == 4 * cfg.n_attn  # q, k, v[|g] and o of every attention sublayer
+        model.attns[0].w_o.register_forward_hook(lambda mod, inp, out: calls.append(0))
+        model(ids)  # a hooked projection sends its sublayer down the plain path, which runs the hook
+        assert calls.count(0) == 1 and calls.count(1) == 2 * 4 * cfg.n_attn - 4
         monkeypatch.setattr(lin, "_LINEAR_POINTWISE", None)
         plain = model(ids)
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=1e-4)

@@ -42,7 +42,7 @@ def test_left_padding_with_gradients_and_codebook_statistics():
     out = model(ids, labels=ids, left_pad=pads)
     stats_batch = model.codebook_stats().clone()
     out.loss.backward()
-    grad_batch = model.gaus[0].w_kvg.weight.grad.clone()
+    grad_batch = model.attns[0].w_kvg.weight.grad.clone()
     model.zero_grad()
     for q in model._quantizers():
         q._stats = None
@@ -58,7 +58,7 @@ def test_left_padding_with_gradients_and_codebook_statistics():
     # labels at the padding are ignored: the batch's loss is the token mean over the real labels
     torch.testing.assert_close(out.lm_loss, lm / sum(n_real), atol=1e-12, rtol=0)
     (lm / sum(n_real) + model.config.commit_weight * commit / sum(n_real)).backward()
-    torch.testing.assert_close(model.gaus[0].w_kvg.weight.grad, grad_batch, atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.attns[0].w_kvg.weight.grad, grad_batch, atol=1e-10, rtol=0)
 
 
 def test_cpu_segments_carry_the_starts(monkeypatch):
@@ -139,11 +139,11 @@ def test_left_padding_in_the_chunked_cache_read(monkeypatch):
     ids, rows, pads = padded_batch(5)
     out = model(ids, left_pad=pads)
     out.logits[1, PADS[1]:].sum().backward()
-    grad = model.gaus[0].w_kvg.weight.grad.clone()
+    grad = model.attns[0].w_kvg.weight.grad.clone()
     model.zero_grad()
     for b, (p, row) in enumerate(zip(PADS, rows)):
         alone = model(row[None])
         torch.testing.assert_close(out.logits[b, p:], alone.logits[0], atol=1e-10, rtol=0)
         if b == 1:
             alone.logits[0].sum().backward()
-            torch.testing.assert_close(model.gaus[0].w_kvg.weight.grad, grad, atol=1e-10, rtol=0)
+            torch.testing.assert_close(model.attns[0].w_kvg.weight.grad, grad, atol=1e-10, rtol=0)

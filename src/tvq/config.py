@@ -207,15 +207,21 @@ class TransformerVQConfig(DictConfig):
                 raise ValueError(f"config.{name} must be a number > 0, got {value!r}")
 
     @property
-    def n_gau(self) -> int:
+    def n_attn(self) -> int:
         """Number of attention sublayers, each with its own state: two GAUs per layer (shga), or one
-        attention sublayer per layer (mha, mqa)."""
+        attention sublayer per layer (mha, mqa), each followed by an MLP."""
         return 2 * self.n_layer if self.head_type == "shga" else self.n_layer
+
+    @property
+    def gated(self) -> bool:
+        """Whether the attention sublayers are the paper's gated units (shga): SiLU values, a SiLU gate on
+        the output and a pre-norm with gain and bias. mha/mqa have none of the three."""
+        return self.head_type == "shga"
 
     @property
     def n_q_head(self) -> int:
         """Query heads of an attention sublayer."""
-        return self.n_head if self.head_type == "shga" else self.d_model // self.d_k
+        return self.n_head if self.gated else self.d_model // self.d_k
 
     @property
     def n_kv_head(self) -> int:
@@ -225,7 +231,7 @@ class TransformerVQConfig(DictConfig):
     @property
     def head_d_v(self) -> int:
         """Value width per head."""
-        return self.d_v if self.head_type == "shga" else self.d_k
+        return self.d_v if self.gated else self.d_k
 
     @property
     def ff_width(self) -> int:

@@ -8,9 +8,16 @@ import torch
 from torch import Tensor
 
 
+def empty_slots(mem_len: int, pos: int, start: Tensor | None) -> int | Tensor:
+    """Empty window slots of a state at ``pos``: those before position 0 and, per row (B,), before its
+    ``start`` (left padding)."""
+    return max(0, mem_len - pos) if start is None else (start + (mem_len - pos)).clamp_min(0)
+
+
 @dataclass
 class LayerState:
-    """State of one GAU after it has seen ``pos`` tokens.
+    """State of one attention sublayer after it has seen ``pos`` tokens (its transition from one chunk
+    to the next is :func:`tvq.ops.cache.advance_state`). H is the sublayer's key/value heads.
 
     For ``attention="vq"`` the state has a fixed size whatever ``pos`` is:
 
@@ -40,7 +47,7 @@ class LayerState:
 
 @dataclass
 class TransformerVQState:
-    """The whole model's state: one :class:`LayerState` per GAU and the number of tokens seen.
+    """The whole model's state: one :class:`LayerState` per attention sublayer and the number of tokens seen.
 
     Batch-first; pass it back as ``model(next_ids, state=state)`` to continue the same
     sequences exactly. Call :meth:`detach` between optimizer steps to cut the graph.

@@ -242,8 +242,8 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
                 record = {"step": done, "train_loss": loss_sum / n_loss, **codebook}
                 if recorder.codes:
                     record["collision"] = float(np.mean(recorder.collision(written)))
-                if model.gaus[0].cache_bias is not None:  # the learned offsets, per GAU and head
-                    record["cache_bias"] = [g.cache_bias.tolist() for g in model.gaus]
+                if model.attns[0].cache_bias is not None:  # the learned offsets, per GAU and head
+                    record["cache_bias"] = [g.cache_bias.tolist() for g in model.attns]
                 history.append(record)
                 loss_sum, n_loss = 0.0, 0
             if bar is not None:

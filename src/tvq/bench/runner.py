@@ -128,7 +128,7 @@ def check(impl: str, preset: str, device: str = "cpu", overrides: dict | None = 
     on (a GPU runs its own code paths: the chunked cache read, its kernels)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from tvq.ops import dense_attention, quadratic_attention
+    from tvq.ops import dense_attention, reference_attention
 
     torch.manual_seed(0)
     if impl == "full":  # the chunked dense op against the reference formula
@@ -138,8 +138,7 @@ def check(impl: str, preset: str, device: str = "cpu", overrides: dict | None = 
         rel = torch.randn(H, M + 1, Dk, dtype=torch.float64, device=device)
         u, v = torch.randn(2, H, Dk, dtype=torch.float64, device=device)
         got = dense_attention(q, keys, values, rel=rel, u=u, v=v, mem_len=M, chunk=16)
-        want = quadratic_attention(q, keys, values, n_invalid=0, rel=rel, u=u, v=v, mem_len=M,
-                                   agg_cache=True, grad_thru_cache=True, quantized=False)
+        want = reference_attention(q, keys, values, n_invalid=0, rel=rel, u=u, v=v, mem_len=M, agg_cache=True)
     elif impl == "vq":  # blockwise against the quadratic reference, same weights
         cfg = model_config(preset, impl, overrides).replace(d_model=64, d_k=16, d_v=32, n_layer=1, n_code=32,
                                                             block_len=16, mem_len=24, d_ff=0)
@@ -199,7 +198,7 @@ def synthetic_state(model: torch.nn.Module, batch_size: int, pos: int, dtype: to
     cfg = model.config
     B, H = batch_size, cfg.n_kv_head
     layers = []
-    for gau in model.gaus:
+    for gau in model.attns:
         if cfg.attention == "full":
             layers.append(LayerState(torch.randn(B, H, pos, cfg.d_k, device=dev, dtype=dtype),
                                      torch.randn(B, H, pos, cfg.head_d_v, device=dev, dtype=dtype)))

@@ -13,12 +13,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tvq.hf.cache import TransformerVQCache
 from tvq.hf.config import TransformerVQHFConfig
 from tvq.layers.position import SinusoidTable, sinusoids
-from tvq.models.transformer_vq import IGNORE_INDEX, TransformerVQ
+from tvq.models.transformer_vq import IGNORE_INDEX, LEGACY_KEY_RENAMES, TransformerVQ
 
 
 @dataclass
 class TransformerVQCausalLMOutput(CausalLMOutputWithPast):
-    """:class:`~transformers.modeling_outputs.CausalLMOutputWithPast` plus the commitment loss (SPEC 2).
+    """:class:`~transformers.modeling_outputs.CausalLMOutputWithPast` plus the commitment loss (docs/spec.md section 2).
 
     ``cache`` (``past_key_values``) is a :class:`TransformerVQCache`.
     """
@@ -52,15 +52,29 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
     ``attention_mask`` may left-pad the first call (each row then computes exactly what it computes
     alone) and right-pad any call (a right-padded row cannot be continued). ``loss`` is the language
     modelling loss, plus ``commit_weight`` times the commitment loss in training mode (tvq's objective).
-    Codebooks are EMA buffers, not parameters: a training loop of its own must call
-    ``model.model.update_codebooks()`` after each optimizer step, or they stay as loaded.
+    Codebooks are EMA buffers, not parameters: train with the Hugging Face ``Trainer`` and
+    ``callbacks=[CodebookUpdateCallback()]`` (:class:`tvq.hf.CodebookUpdateCallback`), or have a training
+    loop of its own call ``model.model.update_codebooks()`` after each optimizer step; otherwise they stay as
+    loaded.
     """
 
     config_class = TransformerVQHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["GAU", "Attention", "MLP"]
+    _no_split_modules = ["Attention", "MLP"]
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, also reading folders exported by tvq before its attention
+        sublayers were renamed (transformers loads weights without the core model's load hooks)."""
+        kwargs["key_mapping"] = {**LEGACY_KEY_RENAMES, **(kwargs.get("key_mapping") or {})}
+        model = super().from_pretrained(*args, **kwargs)
+        # transformers reverses a load's renamings when it saves; today's names are the ones to save
+        model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
+                                     if getattr(c, "_original_source_patterns", None) not in
+                                     ([p] for p in LEGACY_KEY_RENAMES)]
+        return model
 
     def __init__(self, config: TransformerVQHFConfig):
         super().__init__(config)

@@ -1,1 +1,1 @@
-"""Model building blocks: norms, positions, vector quantization, the GAU."""
+"""Model building blocks: norms, positions, vector quantization, the attention sublayer (every head type), the MLP."""

@@ -1,10 +1,17 @@
-"""The attention sublayer of the mha/mqa models (the official optimized code's variants).
+"""The attention sublayer of every head type (docs/spec.md section 1).
 
-Against the GAU (tvq.layers.gau): d_model / d_k query heads of width d_k, values of width d_k
-without SiLU, no gate, and key/value heads that are either one per query head (mha) or a single
-one shared by every query head (mqa). Keys are quantized per key/value head, so an mqa layer
-has one codebook and one cache. The attention ops take one key/value head per query head: an mqa
-layer passes its keys, values, codes, cache and relative embeddings expanded over the query heads
+One module computes the paper's single-head gated attention unit (``head_type="shga"``, the GAU) and the
+official optimized code's ``"mha"`` / ``"mqa"`` sublayers. They differ in a few config-driven places
+(``config.gated``, ``config.n_q_head``, ``config.n_kv_head``, ``config.head_d_v``):
+
+- shga: H query heads and H key/value heads of values D_v wide; SiLU values, a SiLU gate on the output, a
+  pre-norm with gain and bias;
+- mha / mqa: d_model / d_k query heads, values d_k wide, no gate, linear values, a pre-norm without gain
+  or bias; one key/value head per query head (mha) or a single one shared by all (mqa: one codebook and
+  one cache per sublayer).
+
+Keys are quantized per key/value head. The attention ops take one key/value head per query head: an mqa
+sublayer passes its keys, values, codes, cache and relative embeddings expanded over the query heads
 (views), while its state keeps the one head.
 """
 
@@ -12,19 +19,22 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
-from tvq.layers.gau import GAU
 from tvq.layers.norm import RMSNorm
 from tvq.layers.position import SinusoidTable
 from tvq.layers.residual import layer_drop
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
-from tvq.state import LayerState
+from tvq.ops.cache import advance_state
+from tvq.ops.linear import fused_linear_ok, linear
+from tvq.state import LayerState, empty_slots
 
 
 def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
-    """t with n_kv key/value heads on ``dim`` -> n_q_head heads: itself (mha) or its one head expanded (mqa)."""
+    """t with n_kv key/value heads on ``dim`` -> n_q_head heads: itself (shga, mha) or its one head expanded
+    (mqa, a view)."""
     if t.shape[dim] == n_q_head:
         return t
     shape = list(t.shape)
@@ -33,24 +43,34 @@ def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
 
 
 class Attention(nn.Module):
-    """x + LayerDrop(Dropout(Attn(q, k, v) W_o)), pre-norm (RMS, no gain or bias, as the official code).
+    """x + LayerDrop(Dropout((Attn(q, k, v) [* g]) W_o)), pre-norm.
 
-    q = norm(x W_q) D_k^-1/4 (H_q heads), k = norm(x W_k) D_k^-1/4 and v = x W_v (H_kv heads),
-    Transformer-XL relative biases (embeddings per key/value head, u and v per query head), and
-    with ``attention="vq"`` keys quantized against one codebook per key/value head.
+    q = norm(x W_q) D_k^-1/4 (H_q heads), k = norm(x W_k) D_k^-1/4 (H_kv heads, no gain or bias),
+    v = act(x W_v) (H_kv heads; act SiLU when gated, else none), g = SiLU(x W_g) when gated;
+    Transformer-XL relative biases (embeddings per key/value head, u and v per query head). With
+    ``attention="vq"`` keys are quantized against one codebook per key/value head.
     """
+
+    @staticmethod
+    def projections(config: TransformerVQConfig) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection: the one place their widths are defined (the memory
+        estimate of :mod:`tvq.training.memory` reads them too)."""
+        D, Dk, Dv, Hq, Hkv = config.d_model, config.d_k, config.head_d_v, config.n_q_head, config.n_kv_head
+        return {
+            "w_q": (D, Hq * Dk),
+            "w_kvg": (D, Hkv * (Dk + Dv) + (Hq * Dv if config.gated else 0)),  # fused [W_k; W_v; W_g]
+            "w_r": (D, Hkv * Dk),  # relative position embeddings
+            "w_o": (Hq * Dv, D),
+        }
 
     def __init__(self, config: TransformerVQConfig):
         super().__init__()
         self.config = config
-        D, Dk = config.d_model, config.d_k
-        Hq, Hkv = config.n_q_head, config.n_kv_head
-        self.norm = RMSNorm(D, config.norm_eps, affine=False)
+        Dk, Hq, Hkv = config.d_k, config.n_q_head, config.n_kv_head
+        self.norm = RMSNorm(config.d_model, config.norm_eps, affine=config.gated)
         self.qk_norm = RMSNorm(Dk, config.norm_eps, affine=False)
-        self.w_q = nn.Linear(D, Hq * Dk, bias=False)
-        self.w_kv = nn.Linear(D, 2 * Hkv * Dk, bias=False)  # fused k, v
-        self.w_r = nn.Linear(D, Hkv * Dk, bias=False)  # relative position embeddings
-        self.w_o = nn.Linear(Hq * Dk, D, bias=False)
+        for name, (n_in, n_out) in self.projections(config).items():
+            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
         self.xl_u = nn.Parameter(torch.zeros(Hq, Dk))
         self.xl_v = nn.Parameter(torch.zeros(Hq, Dk))
         self.quantizer = (
@@ -62,20 +82,23 @@ class Attention(nn.Module):
         self.cache_bias = nn.Parameter(torch.zeros(Hq)) if use_bias else None
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
-        self.sin = SinusoidTable(config.mem_len + 1, D, config.rel_pos_base)  # (M + 1, D), in the model's dtype
+        self.sin = SinusoidTable(config.mem_len + 1, config.d_model, config.rel_pos_base)  # (M + 1, D), in the model's dtype
 
     def reset_parameters(self) -> None:
-        """Fan-in scaled normal kernels; zero u and v."""
-        for lin in (self.w_q, self.w_kv, self.w_r, self.w_o):
+        """Paper initialisation: fan-in scaled normal kernels; zero u, v and norm bias."""
+        for lin in (self.w_q, self.w_kvg, self.w_r, self.w_o):
             nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
         nn.init.zeros_(self.xl_u)
         nn.init.zeros_(self.xl_v)
+        if self.norm.weight is not None:
+            nn.init.ones_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
         if self.cache_bias is not None:
             nn.init.constant_(self.cache_bias, self.config.cache_bias_init)
 
     def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
-        per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k."""
+        per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k (sinusoid dropout in training)."""
         cfg = self.config
         Hkv, Dk, M = cfg.n_kv_head, cfg.d_k, cfg.mem_len
         scale = Dk**-0.25
@@ -86,42 +109,44 @@ class Attention(nn.Module):
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
         """The empty state, one key/value head per codebook (see :class:`tvq.state.LayerState`)."""
         cfg = self.config
-        Hkv, M, Dk = cfg.n_kv_head, cfg.mem_len, cfg.d_k
+        B, Hkv, M, Dk, Dv = batch_size, cfg.n_kv_head, cfg.mem_len, cfg.d_k, cfg.head_d_v
         if cfg.attention == "full":
-            return LayerState(torch.zeros(batch_size, Hkv, 0, Dk, dtype=dtype, device=device),
-                              torch.zeros(batch_size, Hkv, 0, Dk, dtype=dtype, device=device))
+            return LayerState(torch.zeros(B, Hkv, 0, Dk, dtype=dtype, device=device),
+                              torch.zeros(B, Hkv, 0, Dv, dtype=dtype, device=device))
         acc = torch.promote_types(dtype, torch.float32)
         return LayerState(
-            keys=torch.zeros(batch_size, Hkv, M, Dk, dtype=dtype, device=device),
-            values=torch.zeros(batch_size, Hkv, M, Dk, dtype=dtype, device=device),
-            codes=torch.zeros(batch_size, Hkv, M, dtype=torch.long, device=device),
-            cache_count=torch.zeros(batch_size, Hkv, cfg.n_code, dtype=acc, device=device),
-            cache_mean=torch.zeros(batch_size, Hkv, cfg.n_code, Dk, dtype=acc, device=device),
+            keys=torch.zeros(B, Hkv, M, Dk, dtype=dtype, device=device),
+            values=torch.zeros(B, Hkv, M, Dv, dtype=dtype, device=device),
+            codes=torch.zeros(B, Hkv, M, dtype=torch.long, device=device),
+            cache_count=torch.zeros(B, Hkv, cfg.n_code, dtype=acc, device=device),
+            cache_mean=torch.zeros(B, Hkv, cfg.n_code, Dv, dtype=acc, device=device),
         )
 
     def forward(
         self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
         start: Tensor | None = None,
     ) -> tuple[Tensor, LayerState, Tensor]:
-        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss); ``start`` as in
-        :meth:`tvq.layers.gau.GAU.forward`."""
+        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss).
+
+        ``token_mask`` (B, T) bool: False for padding (kept out of the codebook statistics); ``start`` (B,)
+        long: each row's first real position (left padding before it), or None (0)."""
         cfg = self.config
         B, T, _ = x.shape
-        Hq, Hkv, Dk, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.mem_len
+        Hq, Hkv, Dk, Dv, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len
         scale = Dk**-0.25
 
         h = self.norm(x)  # (B, T, D)
-        k, v = self.w_kv(h).split([Hkv * Dk, Hkv * Dk], -1)
-        q = self.qk_norm(self.w_q(h).view(B, T, Hq, Dk)).transpose(1, 2) * scale  # (B, H_q, T, D_k)
+        q, k, v, g, fused = self._projections(h)
+        q = self.qk_norm(q.view(B, T, Hq, Dk)).transpose(1, 2) * scale  # (B, H_q, T, D_k)
         k = self.qk_norm(k.view(B, T, Hkv, Dk)).transpose(1, 2) * scale  # (B, H_kv, T, D_k)
-        v = v.view(B, T, Hkv, Dk).transpose(1, 2)  # (B, H_kv, T, D_k)
+        v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
         rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
         rel = per_query_head(rel, Hq, 0)  # (H_q, M + 1, D_k)
 
         if self.quantizer is None:
             commit = x.new_zeros(())
             keys = torch.cat([state.keys, k], 2)  # (B, H_kv, pos + T, D_k)
-            values = torch.cat([state.values, v], 2)
+            values = torch.cat([state.values, v], 2)  # (B, H_kv, pos + T, D_v)
             attn = dense_attention(q, per_query_head(keys, Hq), per_query_head(values, Hq), rel=rel, u=u, v=vb,
                                    mem_len=M, chunk=cfg.block_len, start=start)
             new_state = LayerState(keys, values)
@@ -129,26 +154,49 @@ class Attention(nn.Module):
             quant = self.quantizer(k, token_mask)
             commit = quant.commit
             keys = torch.cat([state.keys, quant.keys], 2)  # (B, H_kv, M + T, D_k)
-            values = torch.cat([state.values, v], 2)  # (B, H_kv, M + T, D_k)
+            values = torch.cat([state.values, v], 2)  # (B, H_kv, M + T, D_v)
             codes = torch.cat([state.codes, quant.codes], 2)  # (B, H_kv, M + T)
-            n_invalid = GAU.empty_slots(M, pos, start)  # int or (B,)
-            cache = tuple(per_query_head(t, Hq, 0 if i == 0 else 1) for i, t in enumerate(
-                (self.quantizer.codebook(), state.cache_count, state.cache_mean)))  # (H_q, S, D_k), (B, H_q, S[, D_k])
-            common = dict(n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M, agg_cache=cfg.agg_cache,
-                          grad_thru_cache=cfg.grad_thru_cache, straight_through=cfg.straight_through,
-                          cache_bias=self.cache_bias)
-            q_keys, q_values = per_query_head(keys, Hq), per_query_head(values, Hq)  # (B, H_q, M + T, D_k)
-            if cfg.attn_impl == "quadratic":
-                attn = quadratic_attention(q, q_keys, q_values, **common, block_len=cfg.block_len,
-                                           cache=cache if cfg.agg_cache else None)
-            else:
-                attn = blockwise_attention(q, q_keys, q_values, per_query_head(codes, Hq), **common,
-                                           block_len=cfg.block_len, cache=cache)
-            new_state = self._advance(state, keys, values, codes, n_invalid, T)
+            n_invalid = empty_slots(M, pos, start)  # int or (B,)
+            cache = (per_query_head(self.quantizer.codebook(), Hq, 0),  # (H_q, S, D_k)
+                     per_query_head(state.cache_count, Hq),  # (B, H_q, S)
+                     per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
+            attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention
+            attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
+                          per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
+                          block_len=cfg.block_len, agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
+                          cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias)
+            new_state = advance_state(state, keys, values, codes, n_invalid, n_code=cfg.n_code,
+                                      agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache)
 
-        out = attn.transpose(1, 2).reshape(B, T, Hq * Dk)  # (B, T, H_q D_k)
+        out = attn.transpose(1, 2).reshape(B, T, Hq * Dv)  # (B, T, H_q D_v)
+        if g is not None:
+            out = out * g
+        if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
+            return linear(out, self.w_o.weight, residual=x), new_state, commit
         res = self.drop_res(self.w_o(out))  # (B, T, D)
         return x + layer_drop(res, cfg.layerdrop, self.training), new_state, commit
 
-    # the state's update is the GAU's: the window keeps the last M keys, the leaving ones join the cache
-    _advance = GAU._advance
+    def _projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+        """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, and whether
+        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM)."""
+        cfg = self.config
+        n_k, n_v = cfg.n_kv_head * cfg.d_k, cfg.n_kv_head * cfg.head_d_v
+        act = "silu" if cfg.gated else None
+        fused = self._plain_projections() and fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
+        if fused:
+            w_kvg = self.w_kvg.weight
+            q, k = linear(h, self.w_q.weight), linear(h, w_kvg[:n_k])
+            vg = linear(h, w_kvg[n_k:], act=act)  # (B, T, H_kv D_v [+ H_q D_v])
+        else:
+            q = self.w_q(h)
+            k, vg = self.w_kvg(h).split([n_k, self.w_kvg.out_features - n_k], -1)
+            vg = F.silu(vg) if act else vg
+        v, g = (vg[..., :n_v], vg[..., n_v:]) if cfg.gated else (vg, None)
+        return q, k, v, g, fused
+
+    def _plain_projections(self) -> bool:
+        """Whether the projections are plain ``nn.Linear`` without hooks, so that the fused path, which
+        reads their weights directly, computes what their forwards would (not so for, e.g., a LoRA or
+        quantized replacement, or a hook)."""
+        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (self.w_q, self.w_kvg, self.w_o))

@@ -14,13 +14,17 @@ class MLP(nn.Module):
     """x + LayerDrop(relu(norm(x) W_1)^2 W_2): pre-norm (RMS, no gain or bias, as the official code),
     ReLU squared, no biases, hidden width ``config.ff_width``."""
 
+    @staticmethod
+    def projections(config: TransformerVQConfig) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection (see :meth:`tvq.layers.attention.Attention.projections`)."""
+        return {"w_1": (config.d_model, config.ff_width), "w_2": (config.ff_width, config.d_model)}
+
     def __init__(self, config: TransformerVQConfig):
         super().__init__()
         self.config = config
-        D, F_ = config.d_model, config.ff_width
-        self.norm = RMSNorm(D, config.norm_eps, affine=False)
-        self.w_1 = nn.Linear(D, F_, bias=False)
-        self.w_2 = nn.Linear(F_, D, bias=False)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, affine=False)
+        for name, (n_in, n_out) in self.projections(config).items():
+            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
 
     def reset_parameters(self) -> None:
         """Fan-in scaled normal kernels, like every dense kernel of the model."""

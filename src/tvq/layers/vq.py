@@ -1,4 +1,4 @@
-"""Vector quantization of attention keys with EMA codebooks (SPEC section 2)."""
+"""Vector quantization of attention keys with EMA codebooks (docs/spec.md section 2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from tvq.ops.cache import code_statistics
 
 
 _RECOMPUTING = contextvars.ContextVar("tvq_recomputing", default=False)
@@ -112,15 +114,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None) -> None:
+        """Add this forward's per-code key sums and counts and its scalars to the accumulator."""
         acc_dtype = self.c_sum.dtype
-        onehot = nn.functional.one_hot(codes, self.n_code).to(acc_dtype)  # (B, H, T, S)
-        if token_mask is not None:
-            onehot = onehot * token_mask[:, None, :, None].to(acc_dtype)
-            w = token_mask.to(acc_dtype)
-        else:
-            w = torch.ones(err.shape, dtype=acc_dtype, device=err.device)
-        k_sum = torch.einsum("bhts,bhtk->hsk", onehot, k.to(acc_dtype))  # (H, S, D_k)
-        count = onehot.sum((0, 2))  # (H, S)
+        valid = None if token_mask is None else token_mask.flatten()  # (B T,)
+        count, k_sum = code_statistics(codes.transpose(0, 1).flatten(1), k.transpose(0, 1).flatten(1, 2), valid,
+                                       self.n_code, acc_dtype)  # (H, S), (H, S, D_k)
+        w = torch.ones(err.shape, dtype=acc_dtype, device=err.device) if token_mask is None \
+            else token_mask.to(acc_dtype)  # (B, T)
         scalars = torch.stack([
             w.sum(),
             (err.to(acc_dtype) * w).sum(),
@@ -248,10 +248,10 @@ class VectorQuantizer(nn.Module):
         """Per-cluster statistics of keys (H, N, D_k) in clusters ``codes`` (H, N) in [0, n), summed over
         ranks: key sums (H, n, D_k), counts (H, n) and squared distances to the cluster means (H, n)."""
         H, K = keys.shape[0], keys.shape[2]
-        onehot = nn.functional.one_hot(codes, n).to(keys.dtype)  # (H, N, n)
         # the second moment gives each cluster's squared error once the sums are global
-        flat = torch.cat([torch.einsum("hns,hnk->hsk", onehot, keys).flatten(), onehot.sum(1).flatten(),
-                          torch.einsum("hns,hn->hs", onehot, keys.square().sum(-1)).flatten()])
+        counts, sums = code_statistics(codes, torch.cat([keys, keys.square().sum(-1, keepdim=True)], -1), None, n,
+                                       keys.dtype)  # (H, n), (H, n, D_k + 1)
+        flat = torch.cat([sums[..., :K].flatten(), counts.flatten(), sums[..., K].flatten()])
         if all_reduce is not None:
             all_reduce(flat)
         sums, counts = flat[: H * n * K].view(H, n, K), flat[H * n * K: H * n * (K + 1)].view(H, n)

@@ -2,14 +2,14 @@
 
 ``TransformerVQ.forward`` with a one-token chunk already costs O(M + S) per token, but it
 rebuilds the window (a concatenation of M keys) and recomputes per-layer constants on every
-call. :class:`VQDecoder` holds the state of all GAUs in a few stacked buffers instead: slot
+call. :class:`VQDecoder` holds the state of all attention sublayers in a few stacked buffers instead: slot
 ``p % M`` of each window holds position p, and the window's keys and values sit next to the
 codebook and the cache means, so one product scores the window and the cache and one reads them.
 
 A step is a pure function of plain tensors (the weights, fixed in eval mode, and the state),
-which is what ``compile=True`` compiles: it returns the logits and, per GAU, the new key, value
+which is what ``compile=True`` compiles: it returns the logits and, per sublayer, the new key, value
 and code and the cache entry the leaving key changes. The decoder then writes those few rows
-in place, for all GAUs at once. (Writes inside a compiled graph cost a copy of every buffer.)
+in place, for all sublayers at once. (Writes inside a compiled graph cost a copy of every buffer.)
 It computes exactly what the blockwise path computes for a one-token chunk.
 """
 
@@ -28,7 +28,9 @@ from tvq.state import LayerState, TransformerVQState
 
 @dataclass(frozen=True)
 class _Dims:
-    n_head: int
+    n_head: int  # key/value heads
+    n_q_head: int
+    gated: bool
     d_k: int
     d_v: int
     mem_len: int
@@ -38,19 +40,18 @@ class _Dims:
 
 
 @dataclass
-class _GAUWeights:
-    """One GAU's (or mha/mqa attention sublayer's) weights in the layout a step wants (eval mode: no
-    dropout, codebook fixed). For an attention sublayer H is its key/value heads."""
+class _AttentionWeights:
+    """One attention sublayer's weights in the layout a step wants (eval mode: no dropout, codebook fixed).
+    H is its key/value heads, H_q its query heads."""
 
     norm_w: Tensor | None  # (D,) input norm gain (None: no gain or bias, mha/mqa)
     norm_b: Tensor | None  # (D,) input norm bias
-    w_in: Tensor      # (D, H (2 D_k + 2 D_v)) fused [W_q; W_k; W_v; W_g], transposed: row-vector products
-    #                   (mha/mqa: (D, H_q D_k + 2 H D_k), [W_q; W_k; W_v])
-    w_out: Tensor     # (H D_v, D) W_o transposed
+    w_in: Tensor      # (D, H_q D_k + H (D_k + D_v) [+ H_q D_v]) fused [W_q; W_k; W_v; W_g], transposed
+    w_out: Tensor     # (H_q D_v, D) W_o transposed
     heads: Tensor     # (H,) arange, for codeword look-up
     rel: Tensor       # (H, M + 1, D_k) relative embeddings of distances 0..M
-    u: Tensor         # (H, D_k) (mha/mqa: (H_q, D_k), per query head)
-    v: Tensor         # (H, D_k)
+    u: Tensor         # (H_q, D_k)
+    v: Tensor         # (H_q, D_k)
     codebook: Tensor  # (H, S, D_k)
     c_sq: Tensor      # (H, S) squared codeword norms
     cache_bias: Tensor | None = None  # (H_q, 1) config.cache_bias: added to the cache's log counts
@@ -67,7 +68,7 @@ class _MLPWeights:
 @dataclass
 class _Weights:
     embed: Tensor              # (V, D)
-    gaus: list[_GAUWeights]
+    attns: list[_AttentionWeights]
     norm_f: tuple[Tensor, Tensor] | None  # final norm gain and bias (D,)
     head_w: Tensor             # (V, D) in at least float32
     head_b: Tensor | None      # (V,)
@@ -84,9 +85,9 @@ class VQDecoder:
         self.config, self.pos, self.start = cfg, state.pos, state.start  # start (B,): left padding, or None
         device = model.embed.weight.device
         self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
-        self._dims = _Dims(cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps,
+        self._dims = _Dims(cfg.n_kv_head, cfg.n_q_head, cfg.gated, cfg.d_k, cfg.head_d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps,
                            cfg.logit_scale)
-        # torch.compile fuses the ~40 small ops of each GAU step (worth it for long generations:
+        # torch.compile fuses the ~40 small ops of each sublayer's step (worth it for long generations:
         # compiling takes 15-20 s on a CPU); on a CPU the C++ wrapper also takes the Python
         # launcher out of every step
         self._step = _model_step
@@ -95,17 +96,16 @@ class VQDecoder:
             self._step = torch.compile(_model_step, fullgraph=True, options=cpp)
         M, B = cfg.mem_len, state.batch_size
         shift = state.pos % M  # ordered slot e holds position pos - M + e, i.e. ring slot (pos + e) % M
-        gaus, keys, values, codes, counts = [], [], [], [], []
+        attns, keys, values, codes, counts = [], [], [], [], []
         with torch.no_grad():
-            for gau, layer in zip(model.gaus, state.layers):
-                rel, u, v = gau.position_terms(gau.w_r.weight.dtype)
-                c = gau.quantizer.codebook().to(gau.w_r.weight.dtype)  # (H, S, D_k)
-                w_kv = gau.w_kvg.weight if cfg.head_type == "shga" else gau.w_kv.weight
-                gaus.append(_GAUWeights(
-                    gau.norm.weight, gau.norm.bias,
-                    torch.cat([gau.w_q.weight, w_kv]).T.contiguous(), gau.w_o.weight.T.contiguous(),
+            for attn, layer in zip(model.attns, state.layers):
+                rel, u, v = attn.position_terms(attn.w_r.weight.dtype)
+                c = attn.quantizer.codebook().to(attn.w_r.weight.dtype)  # (H, S, D_k)
+                attns.append(_AttentionWeights(
+                    attn.norm.weight, attn.norm.bias,
+                    torch.cat([attn.w_q.weight, attn.w_kvg.weight]).T.contiguous(), attn.w_o.weight.T.contiguous(),
                     torch.arange(cfg.n_kv_head, device=device), rel.contiguous(), u, v, c, c.square().sum(-1),
-                    None if gau.cache_bias is None else gau.cache_bias.to(layer.cache_count.dtype)[:, None],
+                    None if attn.cache_bias is None else attn.cache_bias.to(layer.cache_count.dtype)[:, None],
                 ))
                 acc = layer.cache_mean.dtype  # values are read in it, like the blockwise path does
                 keys.append(torch.cat([layer.keys.detach().roll(shift, 2).to(c.dtype), c.expand(B, -1, -1, -1)], 2))
@@ -115,7 +115,7 @@ class VQDecoder:
             acc = torch.promote_types(model.embed.weight.dtype, torch.float32)
             head = model.embed if model.lm_head is None else model.lm_head
             self._weights = _Weights(
-                model.embed.weight, gaus,
+                model.embed.weight, attns,
                 None if model.norm_f is None else (model.norm_f.weight, model.norm_f.bias),
                 head.weight.to(acc), None if model.lm_head is None else model.lm_head.bias.to(acc),
                 None if model.mlps is None else [_MLPWeights(m.w_1.weight.T.contiguous(), m.w_2.weight.T.contiguous())
@@ -160,23 +160,20 @@ class VQDecoder:
             LayerState(self.keys[g, ..., :M, :].roll(shift, 2),
                        self.values[g, ..., :M, :].roll(shift, 2).to(self._value_dtype),
                        self.codes[g].roll(shift, 2), self.count[g].clone(), self.values[g, ..., M:, :].clone())
-            for g in range(len(self._weights.gaus))
+            for g in range(len(self._weights.attns))
         ], self.pos, self.start)
 
 
 def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
                 log_count: Tensor, tokens: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
-    """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each GAU's updates, stacked (see
+    """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each attention sublayer's updates, stacked (see
     :meth:`VQDecoder._write`); ``start`` (B,): each row's first real position, or None. Reads the state,
     writes nothing."""
     x = w.embed[tokens]  # (B, D)
     updates = []
-    for g, gw in enumerate(w.gaus):
-        if w.mlps is None:
-            x, *update = _gau_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos, start)
-        else:  # mha / mqa: an attention sublayer, then an MLP
-            x, *update = _attention_step(dims, gw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos,
-                                         start)
+    for g, aw in enumerate(w.attns):
+        x, *update = _attention_step(dims, aw, keys[g], values[g], codes[g], count[g], log_count[g], x, pos, start)
+        if w.mlps is not None:  # mha / mqa: each attention sublayer is followed by an MLP
             x = _mlp_step(dims, w.mlps[g], x)
         updates.append(update)
     if w.norm_f is not None:
@@ -206,66 +203,26 @@ def _leaving_entry(M: int, values: Tensor, codes: Tensor, count: Tensor, pos: Te
     return z_old, n_new, cache_log_count(n_new), m_new
 
 
-def _gau_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-              log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
-    """One token at position ``pos`` (0-d) through one GAU, from its state without changing it.
-    With ``start`` (B,), row b's positions before start[b] are left padding: hidden, never cached.
+def _attention_step(dims: _Dims, w: _AttentionWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
+                    log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
+    """One token at position ``pos`` (0-d) through one attention sublayer, from its state without changing
+    it. With ``start`` (B,), row b's positions before start[b] are left padding: hidden, never cached.
 
-    keys (B, H, M + S, D_k) and values (B, H, M + S, D_v): the window ring, then the codebook and
+    H = ``dims.n_head`` key/value heads, each read by G = H_q / H query heads (G = 1 for shga and mha, H = 1
+    for mqa). keys (B, H, M + S, D_k) and values (B, H, M + S, D_v): the window ring, then the codebook and
     the cache means; codes (B, H, M); count and log_count (B, H, S). Returns x (B, D), the token's
-    quantized key (B, H, D_k), value (B, H, D_v) and code (B, H), and the cache entry of the key
-    leaving the window: code (B, H, 1), count and log count (B, H, 1), mean (B, H, 1, D_v).
+    quantized key (B, H, D_k), value (B, H, D_v) and code (B, H), and the cache entry of the key leaving
+    the window: code (B, H, 1), count and log count (B, H, 1), mean (B, H, 1, D_v).
     """
     B = x.shape[0]
     H, Dk, Dv, M = dims.n_head, dims.d_k, dims.d_v, dims.mem_len
+    G = dims.n_q_head // H
     scale = Dk**-0.25
     h = rms_norm(x, dims.eps, w.norm_w, w.norm_b)  # (B, D)
-    q, k, v, g = (h @ w.w_in).split([H * Dk, H * Dk, H * Dv, H * Dv], -1)
-    q = rms_norm(q.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
-    k = rms_norm(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
-    v = F.silu(v).view(B, H, Dv)  # (B, H, D_v)
-
-    z = (w.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, w.codebook)).argmin(-1)  # (B, H)
-    k_hat = w.codebook[w.heads, z]  # (B, H, D_k)
-
-    qu, qv = q + w.u, q + w.v
-    rel_scores = torch.einsum("bhk,hdk->bhd", qv, w.rel)  # (B, H, M + 1) by distance
-    dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
-    seen = _seen(pos, start, 3)  # 0-d or (B, 1, 1)
-    bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, M): slots before the start
-    n_read = M  # slots attended to: the window [and the codebook]
-    if dims.agg_cache:
-        cache = log_count if w.cache_bias is None else log_count + w.cache_bias  # (B, H, S)
-        bias = torch.cat([bias, cache], -1)  # (B, H, M + S): codeword scores + log counts
-        n_read = keys.shape[-2]
-    scores = (keys[..., :n_read, :] @ qu[..., None]).squeeze(-1) + bias  # (B, H, n_read)
-    own = (qu * k_hat).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, 1)
-    probs = torch.softmax(torch.cat([scores, own], -1).to(values.dtype), -1)  # (B, H, n_read + 1)
-    if B * H == 1:  # a row-vector product (BLAS) rather than a batched one
-        read = (probs.view(1, -1)[:, :n_read] @ values.view(-1, Dv)[:n_read]).view(B, H, Dv)
-    else:
-        read = (probs[..., None, :n_read] @ values[..., :n_read, :]).squeeze(-2)  # (B, H, D_v)
-    out = read + probs[..., n_read:] * v  # (B, H, D_v)
-    x = x + (out.to(x.dtype).reshape(B, H * Dv) * F.silu(g)) @ w.w_out  # (B, D)
-
-    return x, k_hat, v, z, *_leaving_entry(M, values, codes, count, pos, seen)
-
-
-def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
-                    log_count: Tensor, x: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
-    """:func:`_gau_step` for an mha/mqa attention sublayer: H = ``dims.n_head`` key/value heads, each read by
-    G = H_q / H query heads (G = 1: mha; H = 1: mqa), values of width D_k, no gate. Same state layout and
-    returns (the state has the key/value heads only)."""
-    B = x.shape[0]
-    H, Dk, Dv, M = dims.n_head, dims.d_k, dims.d_v, dims.mem_len
-    Hq = w.u.shape[0]
-    G = Hq // H  # query heads per key/value head
-    scale = Dk**-0.25
-    h = rms_norm(x, dims.eps)  # (B, D)
-    q, k, v = (h @ w.w_in).split([Hq * Dk, H * Dk, H * Dv], -1)
+    q, k, v, *g = (h @ w.w_in).split([H * G * Dk, H * Dk, H * Dv] + ([H * G * Dv] if dims.gated else []), -1)
     q = rms_norm(q.view(B, H, G, Dk), dims.eps) * scale  # (B, H, G, D_k): query head h G + g
     k = rms_norm(k.view(B, H, Dk), dims.eps) * scale  # (B, H, D_k)
-    v = v.view(B, H, Dv)  # (B, H, D_v)
+    v = (F.silu(v) if dims.gated else v).view(B, H, Dv)  # (B, H, D_v)
 
     z = (w.c_sq - 2 * torch.einsum("bhk,hsk->bhs", k, w.codebook)).argmin(-1)  # (B, H)
     k_hat = w.codebook[w.heads, z]  # (B, H, D_k)
@@ -273,20 +230,25 @@ def _attention_step(dims: _Dims, w: _GAUWeights, keys: Tensor, values: Tensor, c
     qu, qv = q + w.u.view(H, G, Dk), q + w.v.view(H, G, Dk)  # (B, H, G, D_k)
     rel_scores = torch.einsum("bhgk,hdk->bhgd", qv, w.rel)  # (B, H, G, M + 1) by distance
     dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
-    seen = _seen(pos, start, 4)  # 0-d or (B, 1, 1, 1)
-    bias = rel_scores[..., dist].masked_fill(dist > seen, float("-inf"))  # (B, H, G, M)
+    bias = rel_scores[..., dist].masked_fill(dist > _seen(pos, start, 4), float("-inf"))  # (B, H, G, M)
     n_read = M  # slots attended to: the window [and the codebook]
     if dims.agg_cache:
-        cache = log_count[:, :, None].expand(B, H, G, -1)  # (B, H, G, S): one cache per key/value head
+        cache = log_count[:, :, None]  # (B, H, 1, S): one cache per key/value head
         if w.cache_bias is not None:  # (H_q, 1): one offset per query head
             cache = cache + w.cache_bias.view(H, G, 1)
-        bias = torch.cat([bias, cache], -1)  # (B, H, G, M + S)
+        bias = torch.cat([bias, cache.expand(B, H, G, -1)], -1)  # (B, H, G, M + S): codeword scores + log counts
         n_read = keys.shape[-2]
     scores = qu @ keys[..., :n_read, :].transpose(-1, -2) + bias  # (B, H, G, n_read)
     own = (qu * k_hat[:, :, None]).sum(-1, keepdim=True) + rel_scores[..., :1]  # (B, H, G, 1)
     probs = torch.softmax(torch.cat([scores, own], -1).to(values.dtype), -1)  # (B, H, G, n_read + 1)
-    out = probs[..., :n_read] @ values[..., :n_read, :] + probs[..., n_read:] * v[:, :, None]  # (B, H, G, D_v)
-    x = x + out.to(x.dtype).reshape(B, Hq * Dv) @ w.w_out  # (B, D)
+    if B * H * G == 1:  # a row-vector product (BLAS) rather than a batched one
+        read = (probs.view(1, -1)[:, :n_read] @ values.view(-1, Dv)[:n_read]).view(B, H, G, Dv)
+    else:
+        read = probs[..., :n_read] @ values[..., :n_read, :]  # (B, H, G, D_v)
+    out = (read + probs[..., n_read:] * v[:, :, None]).to(x.dtype).reshape(B, H * G * Dv)  # (B, H_q D_v)
+    if dims.gated:
+        out = out * F.silu(g[0])
+    x = x + out @ w.w_out  # (B, D)
 
     return x, k_hat, v, z, *_leaving_entry(M, values, codes, count, pos, _seen(pos, start, 3))
 

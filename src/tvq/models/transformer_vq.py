@@ -1,8 +1,10 @@
-"""Transformer-VQ: a decoder-only stack of GAUs (head_type mha/mqa: attention + MLP layers) with vector-quantized keys."""
+"""Transformer-VQ: a decoder-only stack of attention sublayers (the paper's GAUs, or mha/mqa attention each
+followed by an MLP) with vector-quantized keys."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -13,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 
 from tvq.config import TransformerVQConfig
 from tvq.layers.attention import Attention
-from tvq.layers.gau import GAU
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
 from tvq.layers.vq import recomputing
@@ -41,6 +42,23 @@ class TransformerVQOutput:
     loss: Tensor | None = None
     lm_loss: Tensor | None = None
     commit_loss: Tensor | None = None
+
+
+# State-dict keys of tvq before its attention sublayers became one module (tvq.layers.attention): the
+# sublayers were ``gaus.N``, and the fused key/value projection of mha/mqa ``w_kv``. Patterns (regular
+# expressions) and their replacements; the Hugging Face model loads old folders with the same table.
+LEGACY_KEY_RENAMES = {r"gaus\.": "attns.", r"\.w_kv\.weight": ".w_kvg.weight"}
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: old keys renamed in place (parameters kept their order, so optimizer
+    states saved with them load too)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = key
+        for pattern, replacement in LEGACY_KEY_RENAMES.items():
+            new = re.sub(pattern, replacement, new)
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 class TransformerVQ(nn.Module):
@@ -73,17 +91,17 @@ class TransformerVQ(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop_emb = nn.Dropout(config.dropout_emb)
-        # the attention sublayers, each with a state: GAUs (shga), or attention units each followed by an MLP
-        unit = GAU if config.head_type == "shga" else Attention
-        self.gaus = nn.ModuleList(unit(config) for _ in range(config.n_gau))
-        self.mlps = None if config.head_type == "shga" else nn.ModuleList(MLP(config) for _ in range(config.n_gau))
+        # the attention sublayers, each with a state; mha / mqa follow each with an MLP sublayer
+        self.attns = nn.ModuleList(Attention(config) for _ in range(config.n_attn))
+        self.mlps = None if config.gated else nn.ModuleList(MLP(config) for _ in range(config.n_attn))
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
         self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.final_norm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=1.0)
-        for layer in [*self.gaus, *(self.mlps or ())]:
+        for layer in [*self.attns, *(self.mlps or ())]:
             layer.reset_parameters()
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.d_model**-0.5)
@@ -96,7 +114,7 @@ class TransformerVQ(nn.Module):
     def initial_state(self, batch_size: int) -> TransformerVQState:
         """The empty state: nothing seen yet."""
         p = self.embed.weight
-        return TransformerVQState([g.initial_state(batch_size, p.dtype, p.device) for g in self.gaus], 0)
+        return TransformerVQState([a.initial_state(batch_size, p.dtype, p.device) for a in self.attns], 0)
 
     def _check_left_pad(self, left_pad, batch_size: int) -> Tensor | None:
         """left_pad as the state's per-row starts: (B,) long, or None when no row is padded."""
@@ -117,8 +135,8 @@ class TransformerVQ(nn.Module):
         cfg = self.config
         if not isinstance(state, TransformerVQState):
             raise ValueError(f"state must be a TransformerVQState, got {type(state).__name__}")
-        if len(state.layers) != cfg.n_gau:
-            raise ValueError(f"state has {len(state.layers)} layers but the model has {cfg.n_gau} attention layers "
+        if len(state.layers) != cfg.n_attn:
+            raise ValueError(f"state has {len(state.layers)} layers but the model has {cfg.n_attn} attention layers "
                              "(a state from another config?)")
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
@@ -186,20 +204,20 @@ class TransformerVQ(nn.Module):
         return out
 
     def _run(self, input_ids: Tensor, state: TransformerVQState, token_mask: Tensor | None):
-        """Embed, run the GAUs, read out: -> (logits (B, T, V), new state, commitment loss)."""
+        """Embed, run the attention (and MLP) sublayers, read out: -> (logits (B, T, V), new state, commitment loss)."""
         x = self.drop_emb(self.embed(input_ids))  # (B, T, D)
         commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         layers = []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for i, (gau, layer_state) in enumerate(zip(self.gaus, state.layers)):
-            if recompute:  # keep only each GAU's inputs; backward runs it again (same dropout masks)
+        for i, (attn, layer_state) in enumerate(zip(self.attns, state.layers)):
+            if recompute:  # keep only each sublayer's inputs; backward runs it again (same dropout masks)
                 # eager backward re-runs the Python forward: tell the quantizer not to count its codes
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
                 quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
                 x, new_layer_state, layer_commit = checkpoint(
-                    gau, x, layer_state, state.pos, token_mask, state.start, use_reentrant=False, **quiet)
+                    attn, x, layer_state, state.pos, token_mask, state.start, use_reentrant=False, **quiet)
             else:
-                x, new_layer_state, layer_commit = gau(x, layer_state, state.pos, token_mask, state.start)
+                x, new_layer_state, layer_commit = attn(x, layer_state, state.pos, token_mask, state.start)
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
@@ -254,7 +272,7 @@ class TransformerVQ(nn.Module):
 
     # --------------------------------------------------------------- codebooks
     def _quantizers(self):
-        return [g.quantizer for g in self.gaus if g.quantizer is not None]
+        return [a.quantizer for a in self.attns if a.quantizer is not None]
 
     def codebook_stats(self) -> Tensor:
         """All codebook statistics gathered since the last update, as one flat vector."""
@@ -267,9 +285,9 @@ class TransformerVQ(nn.Module):
     def update_codebooks(self, all_reduce: Callable[[Tensor], object] | None = None) -> dict[str, float]:
         """Apply the accumulated codebook statistics: one EMA step per optimizer step.
 
-        ``all_reduce`` receives one flat tensor of every GAU's statistics and must sum it in
+        ``all_reduce`` receives one flat tensor of every sublayer's statistics and must sum it in
         place across data-parallel ranks (e.g. ``torch.distributed.all_reduce``), so that all
-        ranks apply the update of the global batch. Returns health metrics averaged over GAUs:
+        ranks apply the update of the global batch. Returns health metrics averaged over sublayers:
         ``usage`` (fraction of codes assigned this step), ``dead`` (fraction with EMA count < 1),
         ``entropy`` (of code usage, divided by log S), ``rel_err`` (||k - k_hat|| / ||k||).
         """

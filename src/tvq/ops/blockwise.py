@@ -1,4 +1,4 @@
-"""Linear-time VQ attention: a sliding window per block plus the compressive cache (SPEC 4).
+"""Linear-time VQ attention: a sliding window per block plus the compressive cache (docs/spec.md section 4).
 
 All blocks are computed at once. Queries are split into blocks of L; block n attends to a
 window of the M + L keys ending at its last query, and to the cache of every key before that

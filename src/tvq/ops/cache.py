@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from tvq.state import LayerState
+
 
 def merge_cache(count: Tensor, mean: Tensor, add_count: Tensor, add_sum: Tensor) -> tuple[Tensor, Tensor]:
     """Fold ``add_count`` keys whose values sum to ``add_sum`` into (count, mean).
@@ -20,17 +22,38 @@ def merge_cache(count: Tensor, mean: Tensor, add_count: Tensor, add_sum: Tensor)
     return new_count, new_mean
 
 
-def code_statistics(codes: Tensor, values: Tensor, valid: Tensor, n_code: int, dtype: torch.dtype):
-    """Per-code counts (..., S) and value sums (..., S, D_v) of keys with codes (..., N).
+def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor, n_invalid: int | Tensor,
+                  *, n_code: int, agg_cache: bool, grad_thru_cache: bool) -> LayerState:
+    """The state after a chunk of T tokens (docs/spec.md section 4): the window keeps the last M keys; the T
+    that leave it fold into the cache (with ``agg_cache``), except empty slots (the first ``n_invalid``, an
+    int or one per row (B,)).
 
-    values (..., N, D_v); valid (bool, broadcastable to codes) is False for empty slots.
+    keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T): the old window, then the chunk.
+    """
+    T = keys.shape[2] - state.keys.shape[2]
+    count, mean = state.cache_count, state.cache_mean  # (B, H, S), (B, H, S, D_v)
+    if agg_cache:
+        leaving = values[:, :, :T] if grad_thru_cache else values[:, :, :T].detach()  # (B, H, T, D_v)
+        slot = torch.arange(T, device=keys.device)
+        valid = slot >= (n_invalid[:, None, None] if isinstance(n_invalid, Tensor) else n_invalid)  # (B, 1, T) or (T,)
+        n, s = code_statistics(codes[:, :, :T], leaving, valid, n_code, mean.dtype)
+        count, mean = merge_cache(count, mean, n, s)
+    return LayerState(keys[:, :, T:], values[:, :, T:], codes[:, :, T:], count, mean)
+
+
+def code_statistics(codes: Tensor, values: Tensor, valid: Tensor | None, n_code: int, dtype: torch.dtype):
+    """Per-code counts (..., S) and value sums (..., S, D_v) of keys with codes (..., N): the one place
+    tvq sums per code (the cache, the codebook statistics, k-means).
+
+    values (..., N, D_v); valid (bool, broadcastable to codes) is False for empty slots; None: all valid.
     One scatter-add (O(N D_v)) instead of a one-hot matmul (O(N S D_v)); empty slots go to a
     spare bucket that is dropped.
     """
     lead, S = codes.shape[:-1], n_code
     groups = math.prod(lead)
     offset = torch.arange(groups, device=codes.device).view(*lead, 1) * S
-    idx = torch.where(valid, codes + offset, groups * S).flatten()  # (G N,), spare bucket G S
+    idx = codes + offset if valid is None else torch.where(valid, codes + offset, groups * S)
+    idx = idx.flatten()  # (G N,), spare bucket G S
     counts = torch.zeros(groups * S + 1, dtype=dtype, device=codes.device)
     counts.index_add_(0, idx, torch.ones(idx.shape, dtype=dtype, device=codes.device))
     sums = sum_rows(idx, values.to(dtype).flatten(0, -2), groups * S + 1)
@@ -65,7 +88,7 @@ sum_rows.register_autograd(_sum_rows_grad, setup_context=_sum_rows_setup)
 
 
 def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, first_valid: int = 0) -> Tensor:
-    """The cache's share of each block's output (SPEC 4): out[:, n] = weights[:, n] @ C_n (P, nb, L, D_v).
+    """The cache's share of each block's output (docs/spec.md section 4): out[:, n] = weights[:, n] @ C_n (P, nb, L, D_v).
 
     C_n (P, S, D_v) is the cache of block n: C_n[s] = start[s] + the sum of the values of the keys of
     blocks 0..n-1 with code s. weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v) and

@@ -1,4 +1,4 @@
-"""A CPU inference fast path for the GAU's projections: oneDNN's fused linear.
+"""A CPU inference fast path for the attention sublayers' projections: oneDNN's fused linear.
 
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul with a fused activation or residual add, the
 kernel inductor's freezing pass uses) runs bench-small's float32 projections at 195-212 GFLOP/s on

@@ -100,7 +100,7 @@ class Cluster:
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             mesh = init_device_mesh(self.device.type, (self.world_size,))
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-            for layer in [*model.gaus, *(model.mlps or ())]:  # each attention sublayer and MLP (mha, mqa)
+            for layer in [*model.attns, *(model.mlps or ())]:  # each attention sublayer and MLP (mha, mqa)
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)
         return model

@@ -14,22 +14,25 @@ import os
 import torch
 
 from tvq.config import TransformerVQConfig
+from tvq.layers.attention import Attention
+from tvq.layers.mlp import MLP
 
 FLOAT = 4  # bytes: parameters, gradients, optimizer moments and activations are float32
 
 
+def _sublayer_projections(config: TransformerVQConfig) -> list[tuple[int, int]]:
+    """(in, out) of the projections of one attention sublayer and, for mha/mqa, its MLP."""
+    shapes = list(Attention.projections(config).values())
+    return shapes if config.gated else shapes + list(MLP.projections(config).values())
+
+
 def model_elements(config: TransformerVQConfig) -> tuple[int, int]:
-    """(parameters, codebook entries) of ``TransformerVQ(config)``, at the least: the embeddings,
-    the output head and each GAU's projections and codebook (norms and small vectors left out)."""
+    """(parameters, codebook entries) of ``TransformerVQ(config)``, at the least: the embeddings, the
+    output head and each sublayer's projections and codebook (norms and small vectors left out)."""
     c = config
-    D, Dk, Dv, Hq, Hkv = c.d_model, c.d_k, c.head_d_v, c.n_q_head, c.n_kv_head
-    per_layer = D * (Hq * Dk + Hkv * (2 * Dk + Dv)) + Hq * Dv * D  # q, r + k + v, o (per attention sublayer)
-    if c.head_type == "shga":
-        per_layer += D * Hq * Dv  # the gate
-    else:
-        per_layer += 2 * D * c.ff_width  # the MLP sublayer
-    params = c.vocab_size * D * (1 if c.tie_embeddings else 2) + c.n_gau * per_layer
-    codebooks = c.n_gau * Hkv * c.n_code * (Dk + 1) if c.attention == "vq" else 0  # sums and counts
+    per_layer = sum(n_in * n_out for n_in, n_out in _sublayer_projections(c))
+    params = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.n_attn * per_layer
+    codebooks = c.n_attn * c.n_kv_head * c.n_code * (c.d_k + 1) if c.attention == "vq" else 0  # sums and counts
     return params, codebooks
 
 
@@ -61,10 +64,12 @@ def check_fits(config: TransformerVQConfig, *, device: torch.device, what: str =
     if training is not None:
         state = FLOAT * params * (3 if training["optimizer"] == "adamw" else 1)  # gradients (+ Adam moments)
         c = config
-        # per token: input, q, k, v, output (+ gate, or + the MLP's hidden layer)
-        per_gau = c.d_model + c.n_q_head * (c.d_k + 2 * c.head_d_v) + c.n_kv_head * (c.d_k + c.head_d_v)
-        per_gau += c.n_q_head * c.head_d_v if c.head_type == "shga" else c.ff_width
-        kept = c.d_model * c.n_gau + per_gau if c.grad_checkpoint else per_gau * c.n_gau
+        # per token and sublayer: the input, the projections' outputs (q, k, v [, g]), the attention output
+        # and its gated (or reshaped) copy, and the MLP's hidden layer
+        shapes = Attention.projections(c)
+        per_sublayer = c.d_model + shapes["w_q"][1] + shapes["w_kvg"][1] + 2 * c.n_q_head * c.head_d_v
+        per_sublayer += 0 if c.gated else c.ff_width
+        kept = c.d_model * c.n_attn + per_sublayer if c.grad_checkpoint else per_sublayer * c.n_attn
         acts = FLOAT * training["tokens"] * (kept + 2 * c.vocab_size)  # + logits and their gradient
         acts += 16 * training["batch_tokens"]  # the global batch's inputs and labels (int64)
         need += state + acts

@@ -254,7 +254,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock
             _seed_rank(cfg, cl.rank, 0)
     if cl.is_main and resume:
         truncate_metrics(run_dir, start_step)
-    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_gau} "
+    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_attn} "
         f"{'GAUs' if cfg.model.head_type == 'shga' else 'attention + MLP layers'}; "
         f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)"
         + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else ""))
