@@ -13,11 +13,12 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tvq.hf.cache import TransformerVQCache
+from tvq.hf.callbacks import CodebookUpdateCallback
 from tvq.hf.config import MAX_LENGTH, TransformerVQHFConfig
 from tvq.hf.model import TransformerVQCausalLMOutput, TransformerVQForCausalLM
 
 AutoConfig.register(TransformerVQHFConfig.model_type, TransformerVQHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(TransformerVQHFConfig, TransformerVQForCausalLM, exist_ok=True)
 
-__all__ = ["MAX_LENGTH", "TransformerVQCache", "TransformerVQCausalLMOutput", "TransformerVQForCausalLM",
-           "TransformerVQHFConfig"]
+__all__ = ["MAX_LENGTH", "CodebookUpdateCallback", "TransformerVQCache", "TransformerVQCausalLMOutput",
+           "TransformerVQForCausalLM", "TransformerVQHFConfig"]
