@@ -69,8 +69,11 @@ class Attention(nn.Module):
         Dk, Hq, Hkv = config.d_k, config.n_q_head, config.n_kv_head
         self.norm = RMSNorm(config.d_model, config.norm_eps, affine=config.gated)
         self.qk_norm = RMSNorm(Dk, config.norm_eps, affine=False)
-        for name, (n_in, n_out) in self.projections(config).items():
-            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
+        shapes = self.projections(config)
+        self.w_q = nn.Linear(*shapes["w_q"], bias=False)
+        self.w_kvg = nn.Linear(*shapes["w_kvg"], bias=False)
+        self.w_r = nn.Linear(*shapes["w_r"], bias=False)
+        self.w_o = nn.Linear(*shapes["w_o"], bias=False)
         self.xl_u = nn.Parameter(torch.zeros(Hq, Dk))
         self.xl_v = nn.Parameter(torch.zeros(Hq, Dk))
         self.quantizer = (

@@ -23,8 +23,9 @@ class MLP(nn.Module):
         super().__init__()
         self.config = config
         self.norm = RMSNorm(config.d_model, config.norm_eps, affine=False)
-        for name, (n_in, n_out) in self.projections(config).items():
-            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
+        shapes = self.projections(config)
+        self.w_1 = nn.Linear(*shapes["w_1"], bias=False)
+        self.w_2 = nn.Linear(*shapes["w_2"], bias=False)
 
     def reset_parameters(self) -> None:
         """Fan-in scaled normal kernels, like every dense kernel of the model."""
