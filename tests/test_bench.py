@@ -1,6 +1,10 @@
 """The speed benchmark harness: records, refusal of wrong paths, timeouts (tiny cases)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +102,15 @@ def test_bad_model_overrides():
         runner.main(["--set", "d_ff=big"])
     with pytest.raises(ValueError, match="d_model divisible by d_k"):
         runner.main(["--set", "head_type=mha", "--set", "d_k=48"])
+
+
+@pytest.mark.parametrize("entry", [["tvq", "bench"], ["tvq.bench"]])
+def test_bench_help_does_not_import_torch(entry):
+    """``tvq bench --help`` and ``python -m tvq.bench --help`` answer without importing torch (``-X importtime``
+    lists every module a process imports)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", *entry, "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: tvq bench"), proc.stderr[-500:]
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "tvq.bench.args" in imported and not [m for m in imported if m.split(".")[0] == "torch"]

@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = {
     "tvq.config": 0, "tvq.state": 0, "tvq.data": 0, "tvq.runtime": 0, "tvq.sampling": 0, "tvq.usage": 0,
+    "tvq.overrides": 0, "tvq.schedule": 0, "tvq.files": 0,
     "tvq.ops": 1,
     "tvq.layers": 2,
     "tvq.models": 3,

@@ -1,4 +1,5 @@
-"""Process-level settings the ``tvq`` command applies for CPU speed.
+"""The process the ``tvq`` command runs in: its torchrun rank, and the allocator setting it applies
+for CPU speed.
 
 glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh ``mmap`` calls and
 returns them on free, so every training step on a long sequence page-faults its large activations
@@ -28,3 +29,9 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # C int
+
+
+def env_rank() -> int:
+    """This process's rank as set by torchrun (0 when not launched by it)."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0

@@ -1,21 +1,27 @@
 """Command-line input checking without heavy imports: one-line usage errors and argument types.
 
 Every ``tvq`` subcommand (and ``tvq bench``) parses with :class:`ArgumentParser`, whose errors
-raise :class:`UsageError` instead of printing the usage block, so that bad input is always one
-line ``tvq: error: ...`` and exit code 2. The argument types check ranges and finiteness while
-parsing, before any work is done. Nothing here imports torch: ``--help`` and argument errors stay
-fast.
+raise :class:`UsageError` instead of printing the usage block, and runs under
+:func:`run_command`, so that bad input is always one line ``tvq: error: ...`` and exit code 2.
+The argument types check ranges and finiteness while parsing, before any work is done. Nothing
+here imports torch on import (only :func:`check_device` does, when called): ``--help`` and
+argument errors stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-INT64_MAX = 2**63 - 1
+from tvq.config import INT64_MAX
+from tvq.runtime import env_rank
 
 
 class UsageError(ValueError):
@@ -127,3 +133,63 @@ def check_creatable(path: str | Path, what: str) -> None:
         raise UsageError(f"{what} {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: {ancestor} is not writable")
+
+
+def check_device(name: str | None, hint: bool = True) -> str:
+    """The device to run on (None: cuda when available, else cpu), checked to exist; imports torch.
+    ``hint``: the errors end by pointing to ``--device cpu``."""
+    import torch
+
+    to_cpu = "; use --device cpu" if hint else ""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available{to_cpu}")
+        if int(name.partition(":")[2] or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device mps: MPS is not available here{to_cpu}")
+    return name
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation: what, where, and for a full or read-only disk what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    text = f"{e.strerror or e}" + (f": {where}" if where else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; free some space (the last complete checkpoint is intact)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        text += "; choose a writable location"
+    return text
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """``command()``'s exit code, reporting the way every ``tvq`` command does: bad input, a failed
+    file operation or running out of memory is one line ``tvq: error: ...`` on stderr and exit code
+    2; a reader of stdout that went away ends it quietly (0); an interrupt is 130. Any other error
+    is a bug or a failed collective, and its traceback is the report."""
+    try:
+        return command()
+    except BrokenPipeError:  # the reader of stdout went away (tvq sample ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, FileNotFoundError, ImportError, OSError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and type(e).__name__ != "OutOfMemoryError":
+            raise  # a bug or a failed collective: the traceback is the report
+        if isinstance(e, (MemoryError, RuntimeError)):
+            message = "out of memory; use a smaller model, batch_size or update_len, or more grad_accum"
+        elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError) or (
+                isinstance(e, FileNotFoundError) and e.filename is not None):
+            message = os_error_line(e)
+        else:
+            message = str(e)
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        rank = env_rank()
+        print(f"tvq: error: {message}" if rank == 0 else f"tvq: error (rank {rank}): {message}", file=sys.stderr)
+        if rank != 0:  # torchrun stops every worker once one fails: let rank 0 report first (a loaded
+            time.sleep(30)  # machine can hold it back for seconds; torchrun ends this wait once rank 0 exits)
+        return 2
+    except KeyboardInterrupt:
+        print("tvq: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130

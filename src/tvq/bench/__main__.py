@@ -2,6 +2,10 @@
 
 import sys
 
-from tvq.cli import main
+from tvq.bench import run_bench
+from tvq.bench.args import parser
+from tvq.runtime import tune_cpu_allocator
+from tvq.usage import run_command
 
-sys.exit(main(["bench", *sys.argv[1:]]))
+tune_cpu_allocator()
+sys.exit(run_command(lambda: run_bench(parser().parse_args(sys.argv[1:]))))

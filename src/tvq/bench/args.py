@@ -1,8 +1,8 @@
-"""``tvq bench`` options, all checked while parsing, before torch is imported or a case runs.
+"""``tvq bench`` options, all checked before torch is imported or a case runs.
 
 Output paths (``--json``, ``--plot``) are checked writable here too, so a sweep never runs for
 an hour and then fails to save. Only whether a CUDA device exists needs torch
-(:func:`check_device`, called by the runner first).
+(:func:`tvq.usage.check_device`, called by the runner first).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import importlib.util
 
 from tvq.usage import ArgumentParser, UsageError, check_writable_file, device_name, float_range, int_range
+
+DESCRIPTION = "Speed and memory of vq vs quadratic attention."
 
 IMPLS = ("vq", "full", "sdpa")
 MODES = ("train", "forward", "decode")
@@ -35,8 +37,9 @@ def ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="tvq bench", description="Speed and memory of vq vs quadratic attention.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tvq bench``, added to its parser ``p``."""
+    p.description = DESCRIPTION
     p.add_argument("--mode", default="train", help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--impl", default="vq,full,sdpa", help=f"comma-separated: {', '.join(IMPLS)}")
     p.add_argument("--seq-lens", default="2048,8192,32768", help="comma-separated sequence lengths (train, forward)")
@@ -61,12 +64,22 @@ def parser() -> ArgumentParser:
                    help="a model config field for every case, e.g. --set head_type=mqa (repeatable)")
     p.add_argument("--json", help="write the records here (JSON)")
     p.add_argument("--plot", help="write a log-log PNG of tokens/s against length here (needs tvq[plot])")
+
+
+def parser() -> ArgumentParser:
+    """The parser of ``tvq bench`` as a program of its own (``python -m tvq.bench``)."""
+    p = ArgumentParser(prog="tvq bench")
+    add_arguments(p)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parsed and checked options; UsageError names the first bad one."""
-    args = parser().parse_args(argv)
+    return check_args(parser().parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` once every option is checked beyond its type; UsageError names the first bad one."""
     bad = [m for m in args.mode.split(",") if m not in MODES] + [i for i in args.impl.split(",") if i not in IMPLS]
     if bad:
         raise UsageError(f"unknown mode/impl {', '.join(bad)}; modes: {', '.join(MODES)}; impls: {', '.join(IMPLS)}")
@@ -81,16 +94,3 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError("--plot needs matplotlib: pip install 'tvq[plot]'")
         check_writable_file(args.plot, "--plot")
     return args
-
-
-def check_device(name: str) -> None:
-    """Refuse a CUDA device that is not there (imports torch)."""
-    import torch
-
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available")
-        if int(name.partition(":")[2] or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    elif name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available here")

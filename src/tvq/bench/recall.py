@@ -36,6 +36,8 @@ from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
 from tvq.models.transformer_vq import IGNORE_INDEX, TransformerVQ
+from tvq.overrides import parse_model_overrides
+from tvq.schedule import lr_at
 from tvq.usage import ArgumentParser, check_writable_file, device_name, float_range, int_range
 
 VARIANTS = {"vq": {}, "nocache": {"agg_cache": False}, "full": {"attention": "full"}}
@@ -157,14 +159,6 @@ class CodeRecorder:
             h.remove()
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to lr / 10."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @torch.no_grad()
 def evaluate(model: TransformerVQ, data, task: RecallTask, batch_size: int = 64) -> dict:
     """Answer accuracy and loss by distance bucket and in bins of distance, plus the collision rate."""
@@ -225,7 +219,7 @@ def train_variant(name: str, cfg: TransformerVQConfig, task: RecallTask, args, e
             ids, labels, _, written = (t.to(args.device) for t in task.batch(rng, args.batch_size))
             t0 = time.perf_counter()
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)  # cosine decay to lr / 10
             recorder.clear()
             if args.loss == "all":  # next-token targets everywhere (filler too), not only the answers
                 labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], 1)
@@ -301,9 +295,10 @@ def plot(results: dict, task: RecallTask, path: str) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tvq recall``, added to its parser ``p``."""
     d = RecallTask()
-    p = ArgumentParser(prog="tvq recall", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.description = __doc__.splitlines()[0].split(": ", 1)[1]
     p.add_argument("--variants", default="vq,nocache,full", help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config key of the vq variants, e.g. --set model.n_code=256")
@@ -333,18 +328,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="PNG of accuracy against distance, one line per variant")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before hours of training, not after
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the output paths checked writable: before hours of training, not after."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_writable_file(path, flag)
     return args
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed and checked options of ``tvq recall`` as a program of its own."""
+    p = ArgumentParser(prog="tvq recall")
+    add_arguments(p)
+    return check_args(p.parse_args(argv))
+
+
 def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
     """The model config of each variant: the base, the variant's attention, then (vq variants) the
     --config file and --set overrides. Raises ValueError on an unknown variant or key."""
-    from tvq.training.config import parse_model_overrides
-
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
@@ -379,7 +382,13 @@ def variant_configs(args, vocab_size: int) -> dict[str, TransformerVQConfig]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)  # ranges and output paths checked while parsing
+    """``tvq recall`` with the options ``argv`` (default: the command line's)."""
+    return run(parse_args(argv), sys.argv[2:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Train and score every variant of checked options ``args`` (the words ``argv``, kept in the
+    JSON record), print the table and write the JSON and plot asked for."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     task_fields = {k: getattr(args, k) for k in asdict(RecallTask()) if k != "window"}
@@ -395,7 +404,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    command = "tvq recall " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
+    command = "tvq recall " + " ".join(shlex.quote(a) for a in argv)
     bar = tqdm(total=args.steps * len(configs), disable=args.no_progress, unit="step", dynamic_ncols=True)
     results = {}
     try:

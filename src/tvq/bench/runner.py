@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from tvq.bench.args import BENCH_PRESETS, DTYPE_NAMES, IMPLS, MODES, check_device, ints, parse_args
+from tvq.bench.args import BENCH_PRESETS, DTYPE_NAMES, IMPLS, MODES, ints, parse_args
 from tvq.config import TransformerVQConfig
-from tvq.training.config import parse_model_overrides as parse_config_overrides
+from tvq.files import write_text_atomic
 from tvq.models.transformer_vq import TransformerVQ
+from tvq.overrides import parse_model_overrides as parse_config_overrides
 from tvq.state import LayerState, TransformerVQState
+from tvq.usage import check_device
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The sweep of checked arguments ``args``: one isolated run per case, then the table."""
-    check_device(args.device)
+    check_device(args.device, hint=False)
     modes, impls = args.mode.split(","), args.impl.split(",")
     lens, positions = ints(args.seq_lens, "--seq-lens"), ints(args.decode_positions, "--decode-positions")
     overrides = parse_model_overrides(args.overrides)
@@ -418,10 +420,8 @@ def run(args) -> int:
     if overrides:
         print("model overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "\n")
     print(table(records))
-    if args.json:  # checked writable before the sweep; written atomically
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(json.dumps([asdict(r) for r in records], indent=1))
-        os.replace(tmp, args.json)
+    if args.json:  # checked writable before the sweep
+        write_text_atomic(args.json, json.dumps([asdict(r) for r in records], indent=1))
     if args.plot:
         plot(records, args.plot)
     return 0

@@ -1,4 +1,4 @@
-"""Corpus: a tokenizer plus train/validation/test token arrays, and `load_corpus` to get one.
+"""Corpus: a tokenizer plus train/validation/test token arrays, as :mod:`tvq.data.sources` loads them.
 
 Each split stores all of its documents' tokens concatenated into one 1-D array plus the
 offset where each document starts, so training can sample windows and evaluation can
@@ -8,19 +8,15 @@ whitespace word count, the denominators of bits-per-byte and word-level perplexi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 
 from tvq.data.tokenizer import Tokenizer, token_dtype
 
 SPLITS = ("train", "validation", "test")
-
-SOURCE_FORMS = "stdlib, a text file, a folder of text files, enwik8, pg19:DIR, imagenet64:DIR"
 
 # Bytes that `bytes.split()` treats as whitespace: space, \t, \n, \v, \f, \r.
 _ASCII_WHITESPACE = np.zeros(256, dtype=bool)
@@ -145,42 +141,3 @@ class Corpus:
                 f"split {name!r} of corpus {self.name!r} is empty; give the source data for it or use another split"
             )
         return split
-
-
-def load_corpus(
-    source: str | os.PathLike, *, cache_dir: str | Path | None = None, tokenizer: Tokenizer | None = None
-) -> Corpus:
-    """Load a corpus by source: "stdlib", a text file, a folder of text files, "enwik8", "pg19:DIR" or "imagenet64:DIR".
-
-    `cache_dir` holds downloads (enwik8) and tokenized arrays of large corpora (pg19,
-    imagenet64); None means `~/.cache/tvq`. `tokenizer` replaces a text corpus's default
-    (bytes; for pg19, `DIR/spm32k.model`). See each loader for the split rules.
-    """
-    # Imported here: the source modules build on Corpus and Split defined above.
-    from tvq.data.enwik8 import load_enwik8
-    from tvq.data.imagenet64 import load_imagenet64
-    from tvq.data.pg19 import load_pg19
-    from tvq.data.textfiles import load_stdlib, load_text_file, load_text_folder
-
-    source = os.fspath(source)
-    if source == "stdlib":
-        return load_stdlib(tokenizer=tokenizer)
-    if source == "enwik8":
-        return load_enwik8(cache_dir=cache_dir, tokenizer=tokenizer)
-    kind, colon, directory = source.partition(":")
-    if colon and kind in ("pg19", "imagenet64"):
-        if not directory:
-            raise ValueError(f"corpus source {source!r} names no folder; write it as {kind}:DIR")
-        if kind == "pg19":
-            return load_pg19(directory, cache_dir=cache_dir, tokenizer=tokenizer)
-        if tokenizer is not None:
-            raise ValueError("imagenet64 tokens are pixel bytes; call load_corpus without tokenizer=")
-        return load_imagenet64(directory, cache_dir=cache_dir)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return load_text_file(path, tokenizer=tokenizer)
-    if path.is_dir():
-        return load_text_folder(path, tokenizer=tokenizer)
-    raise FileNotFoundError(
-        f"corpus source {source!r} is neither a known name nor an existing file or folder; use one of: {SOURCE_FORMS}"
-    )

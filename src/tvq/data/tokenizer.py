@@ -19,6 +19,8 @@ import numpy as np
 # SentencePiece's control pieces <unk>, <s>, </s> plus the 256 byte-fallback pieces.
 _SPM_RESERVED_PIECES = 3 + 256
 
+DOC_START = 0  # the input token that stands before the first token of every document, of any tokenizer
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest dtype that holds every id in [0, vocab_size): uint8, uint16 or int32."""

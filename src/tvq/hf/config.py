@@ -8,6 +8,7 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from tvq.config import TransformerVQConfig
+from tvq.data.tokenizer import DOC_START
 
 # What lm-evaluation-harness and other tools read as the context length (``max_position_embeddings``).
 # tvq has no position limit (relative positions, a constant-size state), so this only stops those tools
@@ -15,7 +16,6 @@ from tvq.config import TransformerVQConfig
 # loglikelihood_rolling reads each document in one pass at linear cost.
 MAX_LENGTH = 2**20
 
-DOC_START = 0  # the token before every document in training (tvq.training.batches.DOC_START): BOS, EOS and PAD
 
 
 def tvq_field_names() -> list[str]:

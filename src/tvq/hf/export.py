@@ -10,13 +10,13 @@ SentencePiece run) and two small files, ``modeling_tvq.py`` and ``tokenization_t
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 from transformers import GenerationConfig
 
-from tvq.hf.config import DOC_START, TransformerVQHFConfig
+from tvq.files import write_dir_atomic
+from tvq.data.tokenizer import DOC_START
+from tvq.hf.config import TransformerVQHFConfig
 from tvq.hf.model import TransformerVQForCausalLM
 from tvq.hf.tokenizer import TVQByteTokenizer, TVQSentencePieceTokenizer
 from tvq.training import checkpoint as ckpt
@@ -72,9 +72,7 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest")
     model.generation_config = GenerationConfig(bos_token_id=DOC_START, eos_token_id=DOC_START,
                                                pad_token_id=DOC_START)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tok_config = tmp / "tokenizer_config.json"
@@ -84,12 +82,12 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest")
         (tmp / MODELING_FILE).write_text(_MODELING)
         (tmp / TOKENIZATION_FILE).write_text(_TOKENIZATION)
         (tmp / "README.md").write_text(_model_card(run_dir, meta, core.config.attention))
-        if out.exists():
-            raise ExportError(f"{out} appeared while exporting; tvq export never overwrites: pick a new OUT_DIR")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_dir_atomic(out, write, replace=False)
+    except FileExistsError:
+        raise ExportError(f"{out} appeared while exporting; tvq export never overwrites: pick a new OUT_DIR") from None
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from tvq.hf.config import DOC_START
+from tvq.data.tokenizer import DOC_START
 from tvq.models.transformer_vq import TransformerVQ
 
 

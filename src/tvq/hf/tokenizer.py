@@ -15,7 +15,8 @@ import shutil
 from transformers import PreTrainedTokenizer
 
 from tvq.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from tvq.hf.config import DOC_START, MAX_LENGTH
+from tvq.data.tokenizer import DOC_START
+from tvq.hf.config import MAX_LENGTH
 
 
 class TVQByteTokenizer(PreTrainedTokenizer):

@@ -6,9 +6,8 @@ import numpy as np
 import torch
 
 from tvq.data.corpus import Split
+from tvq.data.tokenizer import DOC_START
 from tvq.training.config import TrainConfig
-
-DOC_START = 0  # the input token that stands before the first token of every document
 
 
 def shifted_inputs(tokens: np.ndarray, label_starts: np.ndarray, length: int, doc_start: np.ndarray) -> np.ndarray:

@@ -15,9 +15,7 @@ Checkpoints of older tvq versions (``train_state.pt``, a pickle) are read with
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tvq.config import TransformerVQConfig
+from tvq.files import write_dir_atomic
 from tvq.models.transformer_vq import TransformerVQ
 from tvq.state import LayerState, TransformerVQState
 from tvq.training import safestate
@@ -41,26 +40,6 @@ TEMP_PREFIXES = (".tmp-", ".old-")  # partial saves; removed by clean_stale_save
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or does not match the config."""
-
-
-def _write_atomic_dir(final: Path, write) -> None:
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(run_dir: Path, step: int, model: TransformerVQ, train_state: dict, meta: dict,
@@ -78,10 +57,10 @@ def save_checkpoint(run_dir: Path, step: int, model: TransformerVQ, train_state:
         (d / "meta.json").write_text(json.dumps(meta, indent=2))
 
     final = ckpt_root / f"step_{step:08d}"
-    _write_atomic_dir(final, write)
+    write_dir_atomic(final, write)
     if is_best:
         best = ckpt_root / f"{BEST_PREFIX}{final.name}"
-        _write_atomic_dir(best, lambda d: [shutil.copy2(f, d / f.name) for f in final.iterdir()])
+        write_dir_atomic(best, lambda d: [shutil.copy2(f, d / f.name) for f in final.iterdir()])
         for old in _best_copies(ckpt_root) + [ckpt_root / BEST]:  # only now: the new one is in place
             if old != best and old.is_dir():
                 shutil.rmtree(old)

@@ -7,7 +7,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvq.config import DictConfig, TransformerVQConfig, check_type
+from tvq.config import DictConfig, TransformerVQConfig
+from tvq.overrides import parse_value
 
 OPTIMIZERS = ("adamw", "adafactor")
 PARALLEL = ("ddp", "fsdp")
@@ -115,7 +116,7 @@ def _paper(model: dict, **train) -> dict:
     return dict(model=model, **train)
 
 
-# SPEC section 7. enwik8: 24 layers x 2 GAUs, ~190M parameters. The paper's runs used the official
+# docs/spec.md section 7. enwik8: 24 layers x 2 GAUs, ~190M parameters. The paper's runs used the official
 # code's straight-through rule ("block").
 PRESETS: dict[str, dict] = {
     "enwik8": _paper(
@@ -191,48 +192,6 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
     return keys + [f"model.{k}" for k in da["model"] if da["model"][k] != db["model"].get(k)]
 
 
-def _parse(value: str, typ, key: str):
-    """The value of ``--set key=value`` for a field annotated ``typ`` (``X | None``: ``none`` or an X)."""
-    options = [t for t in typing.get_args(typ) if t is not type(None)]
-    if options and len(options) < len(typing.get_args(typ)):  # an optional field
-        if value.lower() in ("none", "null"):
-            return None
-        typ = options[0]
-    if typ is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--set {key}={value}: expected true or false")
-    try:
-        if typ is int:  # 1e6 and 1_000_000 are integers too
-            number = float(value) if "e" in value.lower() and not value.lower().startswith("0x") else None
-            parsed = int(number) if number is not None and number.is_integer() else int(value)
-        else:
-            parsed = typ(value)
-    except (ValueError, OverflowError):
-        raise ValueError(f"--set {key}={value}: expected a value of type {typ.__name__}") from None
-    check_type(f"--set {key}", parsed, typ)
-    return parsed
-
-
-def parse_model_overrides(items: list[str], flag: str = "--set") -> dict:
-    """``model.NAME=VALUE`` (or ``NAME=VALUE``) strings -> {field: value} of TransformerVQConfig fields,
-    each typed as the field is annotated; ValueError names the first bad item."""
-    types = typing.get_type_hints(TransformerVQConfig)
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        name = key.removeprefix("model.")
-        if not sep:
-            raise ValueError(f"{flag} expects model.KEY=VALUE, got {item!r}")
-        if name not in types:
-            raise ValueError(f"{flag} {item!r}: unknown model config key {name!r}")
-        out[name] = _parse(value, types[name], key)
-    return out
-
-
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` strings; model fields are ``model.NAME`` (or just ``NAME`` if unambiguous)."""
     train_types = typing.get_type_hints(TrainConfig)
@@ -247,9 +206,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if key.startswith("model.") or (key not in train_types and key in model_types):
             if name not in model_types:
                 raise ValueError(f"--set {key}: unknown model config key {name!r}")
-            model[name] = _parse(value, model_types[name], key)
+            model[name] = parse_value(value, model_types[name], key)
         elif key in train_types and key != "model":
-            train[key] = _parse(value, train_types[key], key)
+            train[key] = parse_value(value, train_types[key], key)
         else:
             raise ValueError(f"--set {key}: unknown config key")
     train["model"] = model

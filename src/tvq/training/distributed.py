@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tvq.runtime import env_rank
 from tvq.state import LayerState, TransformerVQState
 
 
@@ -178,11 +179,6 @@ def select_rows(blocks: list[TransformerVQState], start: int, stop: int) -> Tran
     if offset < stop:
         raise ValueError(f"the checkpoint's attention state has {offset} rows; rows {start}:{stop} were asked for")
     return combine(parts, torch.cat)
-
-
-def env_rank() -> int:
-    """This process's rank as set by torchrun (0 when not launched by it)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 @contextlib.contextmanager

@@ -1,17 +1,22 @@
-"""Long-context evaluation: stream a split through the model with the state carried."""
+"""Long-context evaluation: stream a split through the model with the state carried (``evaluate``),
+or a checkpoint of a run on a split of its data (``evaluate_run``, the ``tvq eval`` command)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from tvq.data.corpus import Split
+from tvq.data import ByteTokenizer, Split, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
+from tvq.training import checkpoint as ckpt
 from tvq.training.batches import shifted_inputs
+from tvq.training.rundir import read_config, run_tokenizer
+from tvq.usage import UsageError, check_device
 
 
 @torch.no_grad()
@@ -92,6 +97,29 @@ def evaluate(
         result["ppl"] = math.exp(total / done)
         if done == n_total and split.n_words:
             result["word_ppl"] = math.exp(total / split.n_words)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "validation", checkpoint: str = "latest",
+                 data: str | None = None, max_tokens: int = 0, device: str | None = None,
+                 progress: bool = False) -> dict:
+    """Score checkpoint ``checkpoint`` (latest, best or a step number) of a run on ``split`` of
+    ``data`` (default: the data it was trained on) in segments of the run's ``update_len``:
+    :func:`evaluate`'s result plus the ``split``, ``data`` and checkpoint ``step``."""
+    if data is not None and not data.strip():
+        raise UsageError("--data is empty; name a source, or leave it out to use the run's")
+    path = ckpt.find_checkpoint(run_dir, checkpoint)
+    device = check_device(device)
+    run_cfg = read_config(run_dir)
+    model, meta = ckpt.load_model(path, device)
+    data = data or meta.get("data") or run_cfg.data
+    corpus = load_corpus(data, tokenizer=run_tokenizer(run_dir, model.config.vocab_size))
+    if corpus.vocab_size != model.config.vocab_size:
+        raise UsageError(f"data {data!r} has vocabulary {corpus.vocab_size} but the checkpoint's model has "
+                         f"{model.config.vocab_size}; evaluate on the data it was trained on")
+    result = evaluate(model, corpus.split(split), segment_len=run_cfg.update_len, max_tokens=max_tokens,
+                      byte_level=isinstance(corpus.tokenizer, ByteTokenizer), device=device, progress=progress)
+    result.update(split=split, data=data, step=meta["step"])
     return result
 
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from tvq.config import TransformerVQConfig
+from tvq.config import INT64_MAX, TransformerVQConfig
 from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 
@@ -43,7 +43,7 @@ def device_memory(device: torch.device) -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
-        return 2**63 - 1
+        return INT64_MAX
 
 
 def _gib(n: float) -> str:

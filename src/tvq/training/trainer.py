@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from tvq.data import ByteTokenizer, SentencePieceTokenizer, load_corpus
+from tvq.data import ByteTokenizer, SentencePieceTokenizer, Split, load_corpus
 from tvq.models.transformer_vq import TransformerVQ
+from tvq.schedule import lr_at
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
 from tvq.training.config import TrainConfig
@@ -24,22 +25,13 @@ from tvq.training.distributed import Cluster, cluster, select_rows
 from tvq.training.evaluate import evaluate
 from tvq.training.memory import check_fits
 from tvq.training.rundir import (
-    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, absolute_source, resume_config, run_tokenizer,
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, TOKENIZER_FILE, RunLock, check_new_run_dir, resolve_config, run_tokenizer,
     truncate_metrics, write_config)
 
 
 class TrainingDiverged(ValueError):
     """The loss or the gradient norm of a step is not finite: training stops before that step's
     update, so no checkpoint ever holds non-finite weights."""
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(cfg: TrainConfig, model: TransformerVQ) -> torch.optim.Optimizer:
@@ -99,20 +91,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def new_run_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its data source and tokenizer as paths any later command can use, from any folder."""
-    tokenizer = os.path.abspath(os.path.expanduser(cfg.tokenizer)) if cfg.tokenizer else ""
-    return TrainConfig.from_dict(dict(cfg.to_dict(), data=absolute_source(cfg.data), tokenizer=tokenizer))
-
-
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a new run where one already is, or where no folder can be."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file; give a folder for the run")
-    if (run_dir / CONFIG_FILE).exists() or ckpt.latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-
-
 def create_run_dir(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     """Create RUN_DIR for a new run and save its config; never touch an existing run. Returns
     what is the new run's to remove should its start fail: the config, the outputs a run writes
@@ -145,11 +123,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
     :mod:`tvq.training.distributed`); only rank 0 logs, shows progress and writes the run.
     """
     run_dir = Path(run_dir)
-    if resume:
-        cfg = resume_config(cfg, run_dir)
-    else:
-        cfg = new_run_config(cfg)
-        check_new_run_dir(run_dir)  # fail fast, before loading data
+    cfg = resolve_config(cfg, run_dir, resume)  # fail fast, before loading data
     with cluster(cfg.parallel, cfg.batch_size, cfg.grad_accum, cfg.dist_timeout, device) as cl:
         if not cl.is_main:
             log, progress = (lambda *a, **k: None), False
@@ -176,19 +150,39 @@ def _seed_rank(cfg: TrainConfig, rank: int, step: int) -> None:
     random.seed(seed)
 
 
+@dataclass
+class _Session:
+    """What the steps of a run work with, made by :func:`_setup` before the first step."""
+
+    model: TransformerVQ
+    net: torch.nn.Module  # what a step calls: the model (FSDP shards it in place), or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    sampler: SegmentSampler
+    val_split: Split
+    byte_level: bool
+    bytes_per_token: float  # of the training split: bits per token -> bits per byte
+    amp: bool  # bfloat16 autocast
+    start_step: int
+    best_loss: float  # the lowest validation loss of a saved checkpoint
+    rows: slice  # this rank's rows of the global batch
+    micro: int  # rows per micro-batch
+    states: list  # states[m]: the attention state carried into micro-batch m (None: empty)
+
+
 def _train(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, progress: bool, log, lock: RunLock) -> dict:
     created: list[Path] = []
     try:
-        setup = _setup(cfg, run_dir, cl, resume, log, lock, created)
+        session = _setup(cfg, run_dir, cl, resume, log, lock, created)
     except BaseException:
         if created:  # a new run whose start failed leaves nothing behind
             lock.release()
             _remove_new_run(created)
         raise
-    return _loop(cfg, run_dir, cl, progress, log, *setup)
+    return _loop(cfg, run_dir, cl, progress, log, session)
 
 
-def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock: RunLock, created: list):
+def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock: RunLock,
+           created: list) -> _Session:
     """Everything before the first step: data, run directory, model, optimizer, resumed state."""
     device = cl.device
     torch.manual_seed(cfg.seed)  # the same on every rank: FSDP shards identically initialised weights
@@ -259,33 +253,34 @@ def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock
         f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)"
         + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else ""))
 
-    return (model, net, optimizer, sampler, val_split, byte_level, bytes_per_token, amp, start_step, best_loss,
-            rows, micro, states)
+    return _Session(model, net, optimizer, sampler, val_split, byte_level, bytes_per_token, amp, start_step,
+                    best_loss, rows, micro, states)
 
 
-def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, model, net, optimizer, sampler,
-          val_split, byte_level, bytes_per_token, amp, start_step, best_loss, rows, micro, states) -> dict:
-    """The training steps from ``start_step``, with evaluation, logging and checkpoints."""
+def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: _Session) -> dict:
+    """The training steps from ``s.start_step``, with evaluation, logging and checkpoints."""
     device = cl.device
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if amp and not cl.fsdp else contextlib.nullcontext
+    model, net, optimizer, sampler, rows, micro = s.model, s.net, s.optimizer, s.sampler, s.rows, s.micro
+    states, best_loss = s.states, s.best_loss
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if s.amp and not cl.fsdp else contextlib.nullcontext
 
     def validate() -> dict:
-        return evaluate(model, val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
-                        byte_level=byte_level, device=device, rank=cl.rank, world_size=cl.world_size,
+        return evaluate(model, s.val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
+                        byte_level=s.byte_level, device=device, rank=cl.rank, world_size=cl.world_size,
                         lockstep=cl.fsdp)
 
     tokens_per_step = cfg.batch_size * cfg.update_len
     metrics_log = MetricsLog(run_dir, enabled=cl.is_main)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=s.start_step, disable=not progress, unit="step", dynamic_ncols=True)
     val = {}
     train_time, model_steps = 0.0, 0  # since the last log record; excludes evaluation and saving
     model.train()
-    for step in range(start_step, cfg.max_steps):
+    for step in range(s.start_step, cfg.max_steps):
         t0 = time.perf_counter()
         if sampler.is_sequence_start(step):
             states = [None] * cfg.grad_accum
         inputs, labels = (t[rows] for t in sampler.batch(step))
-        lr = lr_at(cfg, step)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = lm_sum = 0.0
@@ -311,7 +306,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, mod
         train_time += time.perf_counter() - t0
         model_steps += 1
         done = step + 1
-        bpb = lm_sum / math.log(2) / bytes_per_token
+        bpb = lm_sum / math.log(2) / s.bytes_per_token
         tokens_per_s = tokens_per_step * model_steps / train_time
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{bpb:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -332,7 +327,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, mod
     bar.close()
     metrics_log.close()
     if not val:  # resumed a run that had already reached max_steps
-        log(f"{run_dir} is already trained to step {start_step}; evaluating it")
+        log(f"{run_dir} is already trained to step {s.start_step}; evaluating it")
         val = validate()
     return val
 
