@@ -1,5 +1,5 @@
-import os
-import subprocess
+import functools
+import random
 from pathlib import Path
 
 import pytest
@@ -12,23 +12,51 @@ torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shared_data() -> Path:
-    """The real data directory: ``$TVQ_SHARED_DATA``, else ``shared/data`` beside the project, else
-    beside the checkout this one was cloned from (a CI clone in a scratch directory)."""
-    if os.environ.get("TVQ_SHARED_DATA"):
-        return Path(os.environ["TVQ_SHARED_DATA"])
-    here = ROOT.parent / "shared" / "data"
-    if here.is_dir():
-        return here
-    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
-                            capture_output=True, text=True).stdout.strip()
-    if origin and Path(origin).is_dir():
-        return Path(origin).resolve().parent / "shared" / "data"
-    return here
+# Text for the tests that train or load a corpus: play-like English generated here, so that the
+# tests need nothing beside the repository. Speakers, then lines of Zipf-distributed common words.
+_SPEAKERS = ("ROMEO", "JULIET", "KING RICHARD", "QUEEN", "First Citizen", "Second Citizen", "MENENIUS",
+             "DUKE", "NURSE", "FRIAR", "GLOUCESTER", "LADY ANNE", "HAMLET", "BRUTUS", "CORIOLANUS")
+_WORDS = """the and to of I you my a that in is not with me it for be his your this but he have as thou so
+him will what by all do no shall if are we thee on our lord now good from at they her sir more then well
+would come let which how there here love or she make know than say man them their may upon am yet one
+like go king should see must an too did such some why can these were when hath speak us who most had
+much day life time heart death tell never doth give mine hear night father first nor both fair sweet great
+true old out up away god blood name world hand till eyes poor honour noble done where house way mind call
+those fear thus again word peace brother grace hope power gentle friend son mother heaven earth stay think
+leave being bear live still better though whose take ever since any nothing lady dead head place back
+stand against youth soul fortune crown sword horse winter summer light window breaks proceed further
+queen duke citizen people city gates war battle honest virtue shame woe joy tears grief sorrow bloody
+heavy merry young little long proud quick answer bring keep send show swear weep fight kill die sleep
+dream wake rise fall""".split()
 
 
-SHARED_DATA = _shared_data()
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+_TEXT_BYTES = 200_000
+
+
+@functools.cache
+def _play() -> bytes:
+    rng = random.Random(0)
+    weights = [1.0 / (rank + 1) for rank in range(len(_WORDS))]
+    parts, size = [], 0
+    while size < _TEXT_BYTES:
+        block = [rng.choice(_SPEAKERS) + ":"]
+        for _ in range(1 + int(rng.random() * 4)):
+            words = rng.choices(_WORDS, weights, k=3 + int(rng.random() * 9))
+            line = " ".join(words)
+            block.append(line[0].upper() + line[1:] + rng.choice(",,,.;:!?"))
+        block[-1] = block[-1][:-1] + rng.choice("..!?")
+        text = "\n".join(block) + "\n\n"
+        parts.append(text)
+        size += len(text)
+    return "".join(parts).encode("ascii")
+
+
+def sample_text(n_bytes: int = _TEXT_BYTES) -> bytes:
+    """The first n_bytes (at most 200,000) of a fixed play-like English ASCII text (speaker lines such as
+    "ROMEO:", sentences of common words): made here, the same on every run and every machine."""
+    if not 0 < n_bytes <= _TEXT_BYTES:
+        raise ValueError(f"sample_text gives 1 to {_TEXT_BYTES:,} bytes, not {n_bytes}")
+    return _play()[:n_bytes]
 
 
 def tiny_config(**overrides) -> TransformerVQConfig:
@@ -44,7 +72,7 @@ def make_model(seed: int = 0, dtype=torch.float64, **overrides) -> TransformerVQ
     model = TransformerVQ(tiny_config(**overrides)).to(dtype)
     # spread the codebook so that keys use many codes and the cache holds several entries
     with torch.no_grad():
-        for gau in model.gaus:
+        for gau in model.attns:
             if gau.quantizer is not None:
                 gau.quantizer.c_sum.normal_(0.0, gau.config.d_k**-0.25)
     return model

@@ -14,7 +14,7 @@ import pytest
 
 from tvq.training.config import apply_overrides, preset
 from tvq.training.trainer import train
-from conftest import ROOT, SHAKESPEARE
+from conftest import ROOT, sample_text
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def work(tmp_path_factory):
     """A folder with a text file, a tiny trained run, a plain file and bad config files."""
     root = tmp_path_factory.mktemp("work")
-    (root / "text.txt").write_bytes(SHAKESPEARE.read_bytes()[:60_000])
+    (root / "text.txt").write_bytes(sample_text(60_000))
     cfg = apply_overrides(preset("tiny"), [f"data={root / 'text.txt'}", "max_steps=2", "sample_tokens=0"])
     train(cfg, root / "run", progress=False, log=lambda *a: None)
     (root / "file").write_text("not a folder")

@@ -26,14 +26,7 @@ from tvq.data import (
 )
 from tvq.data import enwik8 as enwik8_module
 from tvq.data.textfiles import STDLIB_EXCLUDED_DIRS, stdlib_files
-from conftest import SHAKESPEARE
-
-
-
-def shakespeare_bytes() -> bytes:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not available")
-    return SHAKESPEARE.read_bytes()
+from conftest import sample_text
 
 
 def split_documents(split: Split) -> list[bytes]:
@@ -86,7 +79,7 @@ def test_token_dtype():
 def test_count_words_matches_bytes_split():
     for raw in [b"", b"   ", b"one", b" two  words\n", b"a\tb\x0bc\x0cd\re\nf", b"\xc3\xa9t\xc3\xa9  caf\xc3\xa9\xa0x"]:
         assert count_words(raw) == len(raw.split()), raw
-    raw = shakespeare_bytes()
+    raw = sample_text()
     assert count_words(raw) == len(raw.split())
 
 
@@ -189,12 +182,13 @@ def test_assign_splits_needs_three_files():
 # ---------------------------------------------------------------- text file and folder
 
 
-def test_text_file_90_5_5():
-    raw = shakespeare_bytes()
-    corpus = load_corpus(str(SHAKESPEARE))
+def test_text_file_90_5_5(tmp_path):
+    raw = sample_text()
+    (tmp_path / "text.txt").write_bytes(raw)
+    corpus = load_corpus(str(tmp_path / "text.txt"))
     n = len(raw)
     n_train, n_validation = n * 90 // 100, n * 5 // 100
-    assert corpus.name == "tinyshakespeare.txt"
+    assert corpus.name == "text.txt"
     assert corpus.split("train").tokens.tobytes() == raw[:n_train]
     assert corpus.split("validation").tokens.tobytes() == raw[n_train : n_train + n_validation]
     assert corpus.split("test").tokens.tobytes() == raw[n_train + n_validation :]
@@ -358,7 +352,7 @@ def test_enwik8_download_from_url(tmp_path):
 @pytest.fixture(scope="module")
 def pg19_dir(tmp_path_factory):
     pytest.importorskip("sentencepiece")
-    raw = shakespeare_bytes()
+    raw = sample_text(118_000)
     root = tmp_path_factory.mktemp("pg19")
     books = {
         "train": [raw[:30_000], raw[30_000:60_000], raw[60_000:100_000]],
@@ -377,7 +371,7 @@ def test_sentencepiece_train_round_trip_deterministic(tmp_path):
     from tvq.data import train_sentencepiece
 
     corpus_file = tmp_path / "text.txt"
-    corpus_file.write_bytes(shakespeare_bytes()[:100_000])
+    corpus_file.write_bytes(sample_text(100_000))
     tok = train_sentencepiece([corpus_file], tmp_path / "a", 400, max_sentences=2000)
     again = train_sentencepiece([corpus_file], tmp_path / "b", 400, max_sentences=2000)
     # same pieces and scores (the .model file itself also records the output prefix)
@@ -551,3 +545,25 @@ def test_save_image_grid_without_pillow_gives_install_hint(monkeypatch, tmp_path
         save_image_grid(pixel_values(1, 0), tmp_path / "grid.png")
     with pytest.raises(ValueError, match="uint8 images"):
         save_image_grid(np.zeros((2, 64, 64), dtype=np.uint8), tmp_path / "grid.png")
+
+
+def test_source_info_has_a_line_per_split(tmp_path):
+    from tvq.data import source_info
+
+    raw = sample_text()
+    (tmp_path / "text.txt").write_bytes(raw)
+    lines = source_info(str(tmp_path / "text.txt"))
+    assert [line.split(":")[0] for line in lines] == list(SPLITS)
+    assert lines[0] == f"train: {len(raw) * 90 // 100:,} tokens, 1 documents, {len(raw) * 90 // 100:,} bytes"
+
+
+def test_train_vocab_refuses_before_training(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from tvq.data import train_vocab
+
+    with pytest.raises(ValueError, match="needs a text source"):
+        train_vocab("imagenet64:x")
+    with pytest.raises(ValueError, match="must end in .model"):
+        train_vocab("stdlib", 300, str(tmp_path / "v.txt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        train_vocab("stdlib", 300, str(tmp_path / "no" / "v.model"))

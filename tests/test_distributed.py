@@ -26,7 +26,7 @@ from tvq.training.config import apply_overrides, preset
 from tvq.training.adafactor import Adafactor
 from tvq.training.distributed import Cluster, combine, leave_process_group, select_rows
 from tvq.training.trainer import train
-from conftest import SHAKESPEARE
+from conftest import sample_text
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
@@ -162,9 +162,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """~200 KB of Shakespeare: one training file, three validation files of unequal length (so
+    """~200 KB of text: one training file, three validation files of unequal length (so
     evaluation shares documents unevenly over the ranks), one test file."""
-    raw = SHAKESPEARE.read_bytes()[:200_000]
+    raw = sample_text(200_000)
     root = tmp_path_factory.mktemp("data")
     files = {"train/a.txt": raw[:190_000], "validation/a.txt": raw[190_000:190_700],
              "validation/b.txt": raw[191_000:191_900], "validation/c.txt": raw[192_000:193_200],

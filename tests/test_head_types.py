@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tvq import TransformerVQ, TransformerVQConfig
-from conftest import SHAKESPEARE, clone_with, make_model, tiny_config
+from conftest import clone_with, make_model, sample_text, tiny_config
 
 ATOL = 1e-10
 HEAD_TYPES = ["mha", "mqa"]
@@ -32,10 +32,10 @@ def test_structure(head_type):
     cfg = tiny_config(head_type=head_type, d_model=16, d_k=4, n_layer=2)
     model = TransformerVQ(cfg)
     Hkv = 4 if head_type == "mha" else 1
-    assert (cfg.n_q_head, cfg.n_kv_head, cfg.head_d_v, cfg.n_gau) == (4, Hkv, 4, 2)
-    assert len(model.gaus) == len(model.mlps) == 2
-    attn, mlp = model.gaus[0], model.mlps[0]
-    assert attn.w_q.weight.shape == (16, 16) and attn.w_kv.weight.shape == (2 * Hkv * 4, 16)
+    assert (cfg.n_q_head, cfg.n_kv_head, cfg.head_d_v, cfg.n_attn) == (4, Hkv, 4, 2)
+    assert len(model.attns) == len(model.mlps) == 2
+    attn, mlp = model.attns[0], model.mlps[0]
+    assert attn.w_q.weight.shape == (16, 16) and attn.w_kvg.weight.shape == (2 * Hkv * 4, 16)
     assert attn.w_o.weight.shape == (16, 16) and attn.w_r.weight.shape == (Hkv * 4, 16)
     assert attn.quantizer.c_sum.shape == (Hkv, cfg.n_code, 4)
     assert mlp.w_1.weight.shape == ({"mha": 4, "mqa": 5}[head_type] * 16, 16)
@@ -147,7 +147,7 @@ def test_cli_train_with_head_type_mqa_then_sample(tmp_path, capsys):
     from tvq.training import checkpoint as ckpt
 
     text = tmp_path / "text.txt"
-    text.write_bytes(SHAKESPEARE.read_bytes()[:50_000])
+    text.write_bytes(sample_text(50_000))
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--data", str(text), "--out", str(run), "--no-progress",
                  "--set", "model.head_type=mqa", "--set", "max_steps=4", "--set", "sample_tokens=0"]) == 0

@@ -15,15 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from tvq.cli import main  # noqa: E402
 from tvq.data import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
 from tvq.training import checkpoint as ckpt  # noqa: E402
-from conftest import ROOT, SHAKESPEARE  # noqa: E402
+from conftest import ROOT, sample_text  # noqa: E402
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks? — é"
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
-    path.write_bytes(SHAKESPEARE.read_bytes()[:100_000])
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(sample_text(100_000))
     return str(path)
 
 
@@ -86,7 +86,7 @@ def test_export_loads_in_a_fresh_process_without_importing_tvq(byte_run, tmp_pat
 
 def test_export_sentencepiece_run(text_file, tmp_path, capsys):
     pytest.importorskip("sentencepiece")
-    model_file = tmp_path / "shakes.model"
+    model_file = tmp_path / "text.model"
     assert main(["data", "train-vocab", text_file, "--vocab-size", "400", "--out", str(model_file)]) == 0
     run = tmp_path / "run"
     train_tiny(text_file, run, "--set", f"tokenizer={model_file}", "--set", "model.vocab_size=400")

@@ -24,7 +24,7 @@ from tvq.data.corpus import split_from_documents  # noqa: E402
 from tvq.hf.scoring import loglikelihood, loglikelihood_rolling  # noqa: E402
 from tvq.training import checkpoint as ckpt  # noqa: E402
 from tvq.training.evaluate import evaluate  # noqa: E402
-from conftest import ROOT, SHAKESPEARE  # noqa: E402
+from conftest import ROOT, sample_text  # noqa: E402
 
 QUESTIONS = [
     {"question": "ROMEO: What light through yonder", "choices": ["window breaks", "door opens", "sky"], "answer": 0},
@@ -93,7 +93,7 @@ PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me", "
 def setup(tmp_path_factory):
     """A tiny trained run exported to HF, a multiple-choice task and a perplexity task of long documents."""
     root = tmp_path_factory.mktemp("lm_eval")
-    text = SHAKESPEARE.read_bytes()[:100_000]
+    text = sample_text(100_000)
     (root / "train.txt").write_bytes(text)
     run, out = root / "run", root / "hf"
     assert main(["train", "--preset", "tiny", "--data", str(root / "train.txt"), "--out", str(run),

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvq.cli import main, printable
+from tvq.cli import main
 from tvq.training import checkpoint as ckpt
 from tvq.training import safestate
 from tvq.training.config import apply_overrides, preset
 from tvq.training.rundir import read_config
+from tvq.training.sample import printable
 from tvq.training.trainer import train
-from conftest import SHAKESPEARE
+from conftest import sample_text
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_bytes(SHAKESPEARE.read_bytes()[:100_000])
+    path.write_bytes(sample_text(100_000))
     return path
 
 
@@ -386,3 +387,34 @@ def test_memory_estimate_is_a_lower_bound_of_the_real_model(overrides):
     real_codebooks = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("c_sum", "c_count")))
     assert 0.9 * model.num_parameters() <= params <= model.num_parameters()
     assert codebooks == real_codebooks
+
+
+# ------------------------------------------------------------------ the commands' library functions, called directly
+
+def test_config_from_options_resolves_new_and_resumed_runs(trained, tmp_path):
+    from tvq.training.rundir import config_from_options
+
+    cfg, run_dir = config_from_options(preset_name="tiny", data="stdlib", max_steps=3, out=str(tmp_path / "new"))
+    assert run_dir == tmp_path / "new" and (cfg.data, cfg.max_steps) == ("stdlib", 3) and not run_dir.exists()
+    run = copy(trained, tmp_path)
+    resumed, _ = config_from_options(out=str(run), resume=True, max_steps=9, overrides=["log_every=3"])
+    assert resumed.to_dict() == dict(read_config(run).to_dict(), max_steps=9, log_every=3)
+    with pytest.raises(ValueError, match="--resume: lr is"):
+        config_from_options(out=str(run), resume=True, overrides=["lr=1e-2"])
+    with pytest.raises(ValueError, match="already holds a run"):
+        config_from_options(preset_name="tiny", out=str(run))
+    with pytest.raises(ValueError, match="--max-steps 3 and --set max_steps=4 disagree"):
+        config_from_options(max_steps=3, overrides=["max_steps=4"], out=str(tmp_path / "other"))
+
+
+def test_evaluate_and_sample_a_run_directly(trained, capsys):
+    from tvq.training.evaluate import evaluate_run
+    from tvq.training.sample import sample_run
+
+    result = evaluate_run(trained / "run", checkpoint="2", max_tokens=64)
+    assert (result["tokens"], result["step"], result["split"]) == (64, 2, "validation")
+    sample_run(trained / "run", prompt="ab", max_new_tokens=5, temperature=0)
+    out = capsys.readouterr().out
+    assert out.startswith("ab") and out.endswith("\n")
+    with pytest.raises(ValueError, match="--out is for image models"):
+        sample_run(trained / "run", out="x.png")

@@ -12,15 +12,16 @@ from tvq.cli import main
 from tvq.training import checkpoint as ckpt
 from tvq.training.batches import SegmentSampler
 from tvq.training.config import apply_overrides, preset
-from tvq.training.trainer import lr_at, train
-from conftest import SHAKESPEARE
+from tvq.schedule import lr_at
+from tvq.training.trainer import train
+from conftest import sample_text
 
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
-    path.write_bytes(SHAKESPEARE.read_bytes()[:200_000])
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(sample_text(200_000))
     return str(path)
 
 
@@ -34,10 +35,12 @@ def losses(run_dir):
 
 
 def test_lr_schedule():
-    cfg = apply_overrides(preset("tiny"), ["max_steps=100", "warmup_steps=10", "lr=1.0"])
-    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
-    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
-    assert lr_at(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    def at(step):  # 100 steps, 10 of warmup, peak 1, down to 0.1
+        return lr_at(step, 100, 1.0, 10, 0.1)
+
+    assert at(0) == pytest.approx(0.1) and at(9) == pytest.approx(1.0)
+    assert at(10) == pytest.approx(1.0) and at(100) == pytest.approx(0.1)
+    assert at(55) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def make_split(doc_lengths=None, docs=None):
@@ -199,7 +202,7 @@ def test_interrupted_save_keeps_previous_checkpoint(text_file, tmp_path, monkeyp
 def test_pg19_end_to_end_word_perplexity(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sentencepiece")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    raw = SHAKESPEARE.read_bytes()
+    raw = sample_text(90_000)
     books = {"train": [raw[:40_000], raw[40_000:80_000]], "validation": [raw[80_000:86_000]],
              "test": [raw[86_000:90_000]]}
     for split, texts in books.items():
@@ -231,7 +234,7 @@ def test_pg19_end_to_end_word_perplexity(tmp_path, capsys, monkeypatch):
 
 def test_imagenet64_train_and_sample_png(tmp_path, capsys, monkeypatch):
     pytest.importorskip("PIL")
-    import tvq.data
+    from tvq.training import sample
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -244,8 +247,8 @@ def test_imagenet64_train_and_sample_png(tmp_path, capsys, monkeypatch):
                  "--set", "update_len=1536", "--set", "eval_tokens=3000"]) == 0
     capsys.readouterr()
     # sample tiny 4x4 images: the full 12288-token loop is the same code, 256x longer
-    monkeypatch.setattr(tvq.data, "TOKENS_PER_IMAGE", 48)
-    monkeypatch.setattr(tvq.data, "tokens_to_image", lambda t: t.reshape(4, 4, 3).astype(np.uint8))
+    monkeypatch.setattr(sample, "TOKENS_PER_IMAGE", 48)
+    monkeypatch.setattr(sample, "tokens_to_image", lambda t: t.reshape(4, 4, 3).astype(np.uint8))
     assert main(["sample", str(run), "--num-images", "3", "--seed", "0", "--top-p", "0.999"]) == 0
     assert "3 images written" in capsys.readouterr().out
     from PIL import Image
@@ -265,7 +268,7 @@ def test_plot_writes_png(text_file, tmp_path, capsys):
 
 def test_sentencepiece_vocabulary_for_a_text_file(text_file, tmp_path, capsys):
     pytest.importorskip("sentencepiece")
-    model_file = tmp_path / "shakes.model"
+    model_file = tmp_path / "text.model"
     assert main(["data", "train-vocab", text_file, "--vocab-size", "500", "--out", str(model_file)]) == 0
     assert f"--set tokenizer={model_file}" in capsys.readouterr().out
     run = tmp_path / "run"
@@ -284,3 +287,17 @@ def test_sentencepiece_vocabulary_for_a_text_file(text_file, tmp_path, capsys):
     assert result["tokens"] == 300 and "ppl" in result
     assert main(["sample", str(run), "--prompt", "First", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("First")
+
+
+def test_plot_run_draws_a_metrics_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from tvq.training.plot import plot_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "bpb": 3.0}\nnot json\n'
+                                            '{"step": 2, "loss": 1.5, "bpb": 2.0}\n{"step": 2, "val/bpb": 2.5}\n')
+    assert plot_run(tmp_path) == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_run(tmp_path, tmp_path / "c.svg").read_text().startswith("<?xml")
+    assert "skipped 1 damaged line(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="image type"):
+        plot_run(tmp_path, tmp_path / "c.xyz")
