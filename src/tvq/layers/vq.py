@@ -79,12 +79,15 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, k: Tensor, token_mask: Tensor | None = None) -> Quantized:
         """Quantize keys k (B, H, T, D_k); token_mask (B, T) bool excludes padding from stats."""
-        c = self.codebook().to(k.dtype)  # (H, S, D_k)
-        with torch.no_grad():
-            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), one fused product per (b, h)
+        c_full = self.codebook()  # (H, S, D_k), in the parameters' dtype
+        c = c_full.to(k.dtype)
+        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), one fused product per (b, h);
+            # in at least fp32 (under autocast too) so the codes are the fp32 argmin
+            dd = torch.promote_types(torch.promote_types(k.dtype, c_full.dtype), torch.float32)
             B, H, T, K = k.shape
-            cb = c.expand(B, H, -1, K).reshape(B * H, -1, K)  # (B H, S, D_k)
-            dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2), k.reshape(B * H, T, K),
+            cb = c_full.to(dd).expand(B, H, -1, K).reshape(B * H, -1, K)  # (B H, S, D_k)
+            dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2), k.to(dd).reshape(B * H, T, K),
                                  cb.transpose(1, 2), alpha=-2)  # (B H, T, S)
             codes = dist.argmin(-1).view(B, H, T)
         heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
