@@ -9,7 +9,7 @@ codebook and the cache means, so one product scores the window and the cache and
 A step is a pure function of plain tensors (the weights, fixed in eval mode, and the state),
 which is what ``compile=True`` compiles: it returns the logits and, per sublayer, the new key, value
 and code and the cache entry the leaving key changes. The decoder then writes those few rows
-in place, for all sublayers at once. (Writes inside a compiled graph cost a copy of every buffer.)
+in place, for all sublayers at once, in the same function (:func:`_decode_step_`, one CUDA graph with ``cuda_graph=True``).
 It computes exactly what the blockwise path computes for a one-token chunk.
 """
 
@@ -78,7 +78,7 @@ class _Weights:
 class VQDecoder:
     """One-token steps from a :class:`TransformerVQState` (``attention="vq"`` models, eval mode)."""
 
-    def __init__(self, model, state: TransformerVQState, compile: bool = False):
+    def __init__(self, model, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False):
         if model.config.attention != "vq":
             raise ValueError("VQDecoder needs attention='vq'; the dense baseline decodes with model(ids, state=...)")
         cfg = model.config
@@ -127,30 +127,44 @@ class VQDecoder:
         self.codes = torch.stack(codes)      # (G, B, H, M)
         self.count = torch.stack(counts)     # (G, B, H, S)
         self.log_count = cache_log_count(self.count)  # (G, B, H, S)
+        self._graph = None
+        if cuda_graph:  # untested here (no GPU): captures _decode_step_ once; step() then replays it
+            if device.type != "cuda":
+                raise ValueError("cuda_graph=True needs the model on a CUDA device")
+            self._capture(torch.zeros(B, dtype=torch.long, device=device))
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (B,) at position ``self.pos`` -> next-token logits (B, V); advances the state."""
-        logits, *update = self._step(self._dims, self._weights, self.keys, self.values, self.codes, self.count,
-                                     self.log_count, tokens, self._pos, self.start)
-        self._write(*update)
-        self._pos += 1
+        if self._graph is not None:
+            self._tokens.copy_(tokens)
+            self._graph.replay()
+            self.pos += 1
+            return self._logits.clone()
+        logits = _decode_step_(self._step, self._dims, self._weights, self.keys, self.values, self.codes, self.count,
+                               self.log_count, tokens, self._pos, self.start)
         self.pos += 1
         return logits
 
-    def _write(self, k_hat, v, z, z_old, count, log_count, mean) -> None:
-        """Put position pos's key (G, B, H, D_k), value (G, B, H, D_v) and code (G, B, H) into ring
-        slot pos % M, and the cache entry of the key that leaves it (code z_old, count, log count
-        (G, B, H, 1), mean (G, B, H, 1, D_v)) into the cache."""
-        M = self.config.mem_len
-        j = self.pos % M
-        if self.config.agg_cache and self.pos >= M:  # before that, no key leaves
-            self.count.scatter_(-1, z_old, count)
-            self.log_count.scatter_(-1, z_old, log_count)
-            self.values[..., M:, :].scatter_(3, z_old[..., None].expand_as(mean), mean)
-        self.keys[..., j, :] = k_hat
-        self.values[..., j, :] = v
-        self.codes[..., j] = z
+    def _capture(self, tokens: Tensor) -> None:
+        """Capture one step (model step, state write, position advance) in a CUDA graph: every tensor it
+        touches has a fixed address (the buffers, the weights, ``self._pos``, the token buffer)."""
+        self._tokens = tokens.clone()
+        args = (self._dims, self._weights, self.keys, self.values, self.codes, self.count, self.log_count)
+        snapshot = [t.clone() for t in (self.keys, self.values, self.codes, self.count, self.log_count, self._pos)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # warm-up (allocator, lazy init) off the capture
+            for _ in range(2):
+                _decode_step_(self._step, *args, self._tokens, self._pos, self.start)
+        torch.cuda.current_stream().wait_stream(stream)
+        for buf, old in zip((self.keys, self.values, self.codes, self.count, self.log_count, self._pos), snapshot):
+            buf.copy_(old)  # undo the warm-up steps
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph), torch.no_grad():
+            self._logits = _decode_step_(self._step, *args, self._tokens, self._pos, self.start)
+        for buf, old in zip((self.keys, self.values, self.codes, self.count, self.log_count, self._pos), snapshot):
+            buf.copy_(old)  # capture does not run the kernels, but keep the state exact either way
 
     def state(self) -> TransformerVQState:
         """The decoder's state as an ordinary (ordered) :class:`TransformerVQState`."""
@@ -164,10 +178,31 @@ class VQDecoder:
         ], self.pos, self.start)
 
 
+def _decode_step_(model_step, dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
+                  log_count: Tensor, tokens: Tensor, pos: Tensor, start: Tensor | None = None) -> Tensor:
+    """One decode step that mutates the state in place: logits (B, V) of ``tokens`` at ``pos`` (0-d),
+    then the new key, value and code into ring slot pos % M, the leaving key's cache entry, and pos + 1.
+    Only index_copy_/scatter_ with tensor indices: no Python value changes per step and no host sync,
+    so a CUDA graph can capture it (``model_step`` is :func:`_model_step`, possibly compiled)."""
+    logits, k_hat, v, z, z_old, n, log_n, mean = model_step(dims, w, keys, values, codes, count, log_count, tokens,
+                                                            pos, start)
+    M = dims.mem_len
+    j = (pos % M).view(1)
+    if dims.agg_cache:  # before a real key leaves, the entry written back is the unchanged one
+        count.scatter_(-1, z_old, n)
+        log_count.scatter_(-1, z_old, log_n)
+        values[..., M:, :].scatter_(3, z_old[..., None].expand_as(mean), mean)
+    keys.index_copy_(3, j, k_hat[..., None, :].to(keys.dtype))
+    values.index_copy_(3, j, v[..., None, :].to(values.dtype))
+    codes.index_copy_(3, j, z[..., None].to(codes.dtype))
+    pos.add_(1)
+    return logits
+
+
 def _model_step(dims: _Dims, w: _Weights, keys: Tensor, values: Tensor, codes: Tensor, count: Tensor,
                 log_count: Tensor, tokens: Tensor, pos: Tensor, start: Tensor | None = None) -> tuple[Tensor, ...]:
     """Logits (B, V) of ``tokens`` (B,) at ``pos`` (0-d), and each attention sublayer's updates, stacked (see
-    :meth:`VQDecoder._write`); ``start`` (B,): each row's first real position, or None. Reads the state,
+    :func:`_decode_step_`); ``start`` (B,): each row's first real position, or None. Reads the state,
     writes nothing."""
     x = w.embed[tokens]  # (B, D)
     updates = []

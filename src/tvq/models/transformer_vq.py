@@ -304,14 +304,15 @@ class TransformerVQ(nn.Module):
         return metrics
 
     # -------------------------------------------------------------- generation
-    def decoder(self, state: TransformerVQState, compile: bool = False):
+    def decoder(self, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False):
         """A :class:`~tvq.models.decoding.VQDecoder` continuing ``state`` one token at a time
         (``attention="vq"``; put the model in eval mode). ``compile=True`` fuses the step with
-        torch.compile: 15-20 s to compile on a CPU, then about 4x faster per token."""
+        torch.compile: 15-20 s to compile on a CPU, then about 4x faster per token. ``cuda_graph=True``
+        (CUDA only) captures the whole step, state write included, in one CUDA graph replayed per token."""
         from tvq.models.decoding import VQDecoder
 
         self._check_state(state, state.batch_size)
-        return VQDecoder(self, state, compile=compile)
+        return VQDecoder(self, state, compile=compile, cuda_graph=cuda_graph)
 
     @torch.no_grad()
     def stream(
