@@ -5,14 +5,20 @@
 #   small      bench-small, bfloat16, batch 1: train + forward of vq, full and sdpa, 2k..131k tokens
 #   compiled   the same for vq with torch.compile
 #   decode     bench-small decode at positions 1024 and 65536 (eager and compiled vq; full; sdpa)
-#   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 8: train of vq, full and sdpa at 8k, 32k, 131k,
-#              every model recomputing each layer in backward (without it the activations of 48 GAUs x 8 x 8k
-#              tokens come to ~200 GB, scaling bench-small's measured ~38 KB per token and GAU)
+#   enwik8     the paper's 190M enwik8 shape, bfloat16, batch 1: train of vq, full and sdpa at 8k, 32k, 131k,
+#              every model recomputing each layer in backward (B = 8 at 131k could not fit: ~38 KB per token
+#              and GAU x 48 GAUs x 8 x 131k; at B = 1 with checkpointing it fits 80-140 GB)
+# Runs from the checkout with nothing installed (PYTHONPATH=src python -m tvq); every stage is wrapped in
+# `timeout $STAGE_BUDGET` (default 540 s) so it ends inside a 10-minute run. For a first look on a lent GPU
+# run benchmarks/gpu_first.py instead (~5 minutes, all parts).
 #   recall     tvq recall at larger sizes on the GPU: the CPU default (window 32, 256 tokens) trained to a
 #              plateau with and without benchmarks/recall_config.json, then window 128 over 1024-token
 #              sequences (d_model 256, n_code 256): answers up to 8 windows back
 # Lengths a baseline cannot run come out as oom / timeout, not dropped.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+budget=${STAGE_BUDGET:-540}
+tvq() { timeout --signal=INT --kill-after=20 "$budget" env PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} python -m tvq "$@"; }
 stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8|recall [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
@@ -32,9 +38,9 @@ case "$stage" in
     tvq bench "${common[@]}" --mode decode --impl vq --decode-positions 1024,65536 --decode-steps 256 \
       --compile --json "$out/cuda_bench_small_decode_compiled.json" ;;
   enwik8)
-    tvq bench "${common[@]}" --preset enwik8 --batch-size 8 --mode train --impl vq,full,sdpa --grad-checkpoint \
+    tvq bench "${common[@]}" --preset enwik8 --batch-size 1 --mode train --impl vq,full,sdpa --grad-checkpoint \
       --seq-lens 8192,32768,131072 --repeats 3 --warmup 1 --time-budget 150 \
-      --json "$out/cuda_enwik8_b8.json" --plot "$out/cuda_enwik8_b8.png" ;;
+      --json "$out/cuda_enwik8_b1.json" --plot "$out/cuda_enwik8_b1.png" ;;
   recall)
     mkdir -p "$out/recall"
     tvq recall --device cuda --steps 3000 --no-progress \
