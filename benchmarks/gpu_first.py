@@ -380,6 +380,9 @@ def main(argv=None):
     path = args.json or (os.path.join(os.environ["OUT"], "gpu_first.json") if os.environ.get("OUT") else "gpu_first.json")
     rep = Report(path)
     want = args.parts.split(",")
+    unknown = [n for n in want if n not in {name for name, _, _ in PARTS}]
+    if unknown:
+        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(n for n, _, _ in PARTS)}")
     for name, fn, secs in PARTS:
         if name not in want:
             continue

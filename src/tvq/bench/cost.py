@@ -76,6 +76,7 @@ from pathlib import Path
 
 import torch
 
+from tvq.usage import int_range
 from tvq.config import TransformerVQConfig
 
 MODES = ("train", "decode")
@@ -932,14 +933,14 @@ def main(argv: list[str] | None = None) -> int:
         "of one training or decode step on fake CUDA tensors under bf16 autocast (counts, not timings)."))
     p.add_argument("--preset", default="bench-small", choices=sorted(PRESETS))
     p.add_argument("--mode", default="train", choices=MODES)
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=int_range(1), default=None,
                    help="train: tokens per row (default 8192); decode: the context position (default 65536)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--decode-steps", type=int, default=2, help="decode: steps counted (their mean is reported)")
+    p.add_argument("--batch-size", type=int_range(1), default=1)
+    p.add_argument("--decode-steps", type=int_range(1), default=2, help="decode: steps counted (their mean is reported)")
     p.add_argument("--no-amp", action="store_true", help="no autocast: the float32 model as it is")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model config field")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
-    p.add_argument("--top", type=int, default=40, help="rows of the op histograms in the JSON")
+    p.add_argument("--top", type=int_range(1), default=40, help="rows of the op histograms in the JSON")
     args = p.parse_args(argv)
     overrides = {}
     for item in args.set:
