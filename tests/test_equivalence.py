@@ -147,7 +147,7 @@ def test_cpu_inference_in_segments_equals_one_pass(monkeypatch, ids, train):
     one = model(ids, labels=labels, token_mask=mask)  # autograd on: one pass
     one_stats = [q.pending_stats().clone() for q in model._quantizers()]
     for q in model._quantizers():
-        q._stats = None
+        q.clear_stats()
     monkeypatch.setattr(TransformerVQ, "CPU_SEGMENT_TOKENS", 100)  # B = 2, T = 200: 4 segments, in whole blocks
     runs = []
     real_run = TransformerVQ._run
@@ -302,6 +302,41 @@ def test_cache_read_equals_the_one_hot_prefix_sum(nb, first_valid, fresh):
         torch.testing.assert_close(got.cpu(), want.detach(), atol=1e-12, rtol=0)
         for a, b in zip(torch.autograd.grad((got * w.cuda()).sum(), args), g_want):
             torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 1000])
+def test_cache_read_sums_in_start_dtype_and_multiplies_in_weights_dtype(chunk):
+    """Under autocast the read's products run in bf16 (weights, values) while its sums stay float32 (start):
+    300 blocks of a value 1 under one code read back as means of 1 (bf16 sums would stall at 256)."""
+    from tvq.ops import cache
+
+    nb, Dv = 300, 4
+    codes = torch.zeros(1, nb, 1, dtype=torch.long)
+    values = torch.ones(1, nb, 1, Dv, dtype=torch.bfloat16)
+    n = torch.arange(nb, dtype=torch.float32).clamp_min(1.0)  # keys before block n
+    weights = (1.0 / n).view(1, nb, 1, 1).to(torch.bfloat16)  # (P, nb, L, S): p_s / count_s with p_s = 1
+    start = torch.zeros(1, 1, Dv)
+    if chunk is None:
+        out = cache._read_running(weights, codes, values, start, 0)
+    else:
+        out = cache._read_chunked(weights, codes, values, start, 0, chunk)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0, 1:, 0].float(), torch.ones(nb - 1, Dv), atol=1e-2, rtol=0)
+    grad = torch.ones_like(out)
+    g = (cache._grad_running(grad, weights, codes, values, start, 0, True) if chunk is None
+         else cache._grad_chunked(grad, weights, codes, values, start, 0, True, chunk))
+    assert [t.dtype for t in g] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    # key n's value reaches every later block's read: the sum of their weights, in float32 before the cast
+    want = torch.flip(torch.cumsum(torch.flip(weights[0, :, 0, 0].float(), [0]), 0), [0])  # sum over n' >= n
+    torch.testing.assert_close(g[1][0, :-1, 0, 0].float(), want[1:], atol=0, rtol=1e-2)
+
+
+def test_cache_read_rejects_a_start_narrower_than_weights():
+    from tvq.ops.cache import cache_read
+
+    with pytest.raises(ValueError, match="start .* must be at least as wide as weights"):
+        cache_read(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 3, 5),
+                   torch.zeros(1, 4, 5, dtype=torch.bfloat16))
 
 
 def test_cache_read_rejects_mismatched_shapes():

@@ -45,7 +45,7 @@ def test_left_padding_with_gradients_and_codebook_statistics():
     grad_batch = model.attns[0].w_kvg.weight.grad.clone()
     model.zero_grad()
     for q in model._quantizers():
-        q._stats = None
+        q.clear_stats()
     n_real = [T - p for p in PADS]
     commit, lm = 0.0, 0.0
     for p, row in zip(PADS, rows):
@@ -100,7 +100,7 @@ def test_right_padding_keeps_real_logits_and_statistics(attn_impl):
     out = model(ids, token_mask=mask)
     stats = model.codebook_stats().clone()
     for q in model._quantizers():
-        q._stats = None
+        q.clear_stats()
     commit = 0.0
     for b, n in enumerate(lengths):
         alone = model(ids[b: b + 1, :n])

@@ -35,7 +35,11 @@ def sample_next(
         sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold >= top_p of the mass
-        drop = probs.cumsum(-1) - probs >= top_p
+        if probs.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+            mass = probs.cpu().cumsum(-1).to(probs.device)  # no deterministic float cumsum off a CPU
+        else:
+            mass = probs.cumsum(-1)  # (B, V)
+        drop = mass - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -66,9 +66,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
+import warnings
 import tempfile
 import time
 from collections import Counter
@@ -127,6 +129,7 @@ SPARSE_WRITES = frozenset({"aten.scatter_", "aten.scatter_add_", "aten.scatter_r
                            "aten.index_put_", "aten.index_copy_", "aten._index_put_impl_"})
 SCALAR_READS = frozenset({"item", "__int__", "__bool__", "__float__", "__index__", "__complex__", "tolist"})
 
+NONDETERMINISTIC_CUMSUM = "aten.cumsum of floats (no deterministic CUDA kernel: raises in deterministic mode)"
 INDUCTOR_NOTE = ("skipped: inductor generates Triton kernels for CUDA tensors, which needs a GPU (and Triton) "
                  "to compile; run the cost model's train mode under torch.compile on a GPU machine")
 
@@ -270,7 +273,10 @@ def measure(config: TransformerVQConfig | dict, seq_len: int, batch_size: int = 
     mode ``"train"``: forward with labels over ``seq_len`` tokens per row, backward, then
     ``model.update_codebooks()``; ``"decode"``: one-token steps of :meth:`tvq.TransformerVQ.decoder` from a
     state at position ``seq_len``. Options: ``amp`` (default True: bfloat16 autocast), ``decode_steps``
-    (default 2), ``top`` (histogram rows, default 40). Runs in a fresh child process."""
+    (default 2), ``top`` (histogram rows, default 40), ``log_step`` (train: also read the codebook metrics,
+    as a logging step does), ``deterministic`` (under ``torch.use_deterministic_algorithms(True)``; the
+    meta's special cases count the float cumsums, which have no deterministic CUDA kernel). Runs in a fresh
+    child process."""
     return measure_many([dict(config=config, seq_len=seq_len, batch_size=batch_size, mode=mode, **options)])[0]
 
 
@@ -360,8 +366,13 @@ def _placeholder(dtype: torch.dtype):
     return 0.0 if (dtype.is_floating_point or dtype.is_complex) else 0
 
 
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
 def _site() -> str:
-    """The innermost line of tvq (outside this module) on the Python stack."""
+    """The innermost line of tvq (outside this module) on the Python stack; in the autograd engine, the
+    innermost tvq line of the forward that made the node being run, as "backward of <site> (<node>)"
+    (recorded by anomaly mode during the measured forward)."""
     here = os.path.abspath(__file__)
     pkg = os.path.dirname(os.path.dirname(here))  # .../tvq
     f = sys._getframe(1)
@@ -370,7 +381,14 @@ def _site() -> str:
         if fn.startswith(pkg + os.sep) and fn != here:
             return f"tvq/{os.path.relpath(fn, pkg)}:{f.f_lineno} ({f.f_code.co_name})"
         f = f.f_back
-    return "outside tvq (autograd engine)"
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return "outside tvq (autograd engine)"
+    for entry in reversed(node.metadata.get("traceback_") or []):
+        m = _FRAME.search(entry)
+        if m and os.path.abspath(m[1]).startswith(pkg + os.sep) and os.path.abspath(m[1]) != here:
+            return f"backward of tvq/{os.path.relpath(os.path.abspath(m[1]), pkg)}:{m[2]} ({m[3]}) [{node.name()}]"
+    return f"outside tvq (autograd engine) [{node.name()}]"
 
 
 class _Stats:
@@ -425,6 +443,7 @@ def _make_recorder():
             self.non_kernels = Counter()  # ops that return no tensor (prim.device, promote_types)
             self.gemms: Counter = Counter()  # (phase, op, shape a, shape b, dtype) -> calls
             self.gemm_flops: Counter = Counter()
+            self.byte_sites: Counter = Counter()  # (phase, op, site) -> operand bytes
 
         def _stats(self) -> list[_Stats]:
             out = [self.phases.setdefault(self.phase, _Stats())]
@@ -440,6 +459,7 @@ def _make_recorder():
         def kernel(self, name: str, inputs: list, outputs: list, flops: tuple | None = None, args=None) -> None:
             nbytes = sum(_unique_bytes(t) for t in inputs) + sum(_unique_bytes(t) for t in outputs)
             traffic = nbytes if args is None else _traffic(name, args, inputs, outputs)
+            self.byte_sites[(self.phase, name, _site())] += nbytes
             for s in self._stats():
                 s.kernels += 1
                 s.bytes += nbytes
@@ -500,6 +520,8 @@ def _make_recorder():
                 dtype = str(a.dtype).removeprefix("torch.")
                 flops = (dtype, 2 * a.numel() * (b.shape[-1] if b.dim() >= 2 else 1))
                 self.gemms[(self.phase, name, tuple(a.shape), tuple(b.shape), dtype)] += 1
+            if name == "aten.cumsum" and (outputs[0].is_floating_point() or outputs[0].is_complex()):
+                self.special[NONDETERMINISTIC_CUMSUM] += 1
             self.kernel(name, inputs, outputs, flops, args)
             return out
 
@@ -625,7 +647,26 @@ def _fake_model(cfg: TransformerVQConfig, fake_mode, device):
 
 
 def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "train", amp: bool = True,
-                  decode_steps: int = 2, top: int = 40, meta: dict | None = None) -> dict:
+                  decode_steps: int = 2, top: int = 40, meta: dict | None = None, log_step: bool = False,
+                  deterministic: bool = False) -> dict:
+    with _deterministic(deterministic):
+        return _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode_steps, top, meta,
+                                             log_step, deterministic)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """torch.use_deterministic_algorithms(on) for the measurement, restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode_steps, top, meta, log_step,
+                                  deterministic) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg = TransformerVQConfig.from_dict(config)
@@ -696,7 +737,10 @@ def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "
             ids = fake(torch.empty(B, T, dtype=torch.long))
             labels = fake(torch.empty(B, T, dtype=torch.long))
             rec.phase = "forward"
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), amp_ctx():
+            # anomaly mode keeps each autograd node's forward stack, so backward ops are attributed to sites
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), amp_ctx(), warnings.catch_warnings(), \
+                    torch.autograd.detect_anomaly(check_nan=False):
+                warnings.simplefilter("ignore", UserWarning)
                 out = model(ids, labels=labels)
             rec.scope = None
             logits_dtype = str(out.logits.dtype).removeprefix("torch.")
@@ -704,7 +748,9 @@ def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "
             out.loss.backward()
             rec.scope = None
             rec.phase = "update"
-            model.update_codebooks()
+            metrics = model.update_codebooks()
+            if log_step:  # a logging step also reads the codebook metrics
+                dict(metrics)
             result_extra["logits_dtype"] = logits_dtype
             phases = ("forward", "backward", "update")
             tokens = B * T
@@ -812,12 +858,14 @@ def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "
             **(meta or {}),
             "tool": "tvq.bench.cost",
             "what": "counts of the eager CUDA code path on fake tensors (nothing computed): not timings",
-            "mode": mode, "seq_len": T, "batch_size": B, "decode_steps": decode_steps if mode == "decode" else None,
+            "mode": mode, "seq_len": T, "batch_size": B, "deterministic": deterministic,
+            "decode_steps": decode_steps if mode == "decode" else None,
             "position": T if mode == "decode" else None,
             "amp": "bfloat16 autocast (cuda)" if amp else "none (float32)",
             "device": "fake cuda:0", "torch": torch.__version__, "config": cfg.to_dict(),
             "n_attn": n_attn, "parameters": sum(p.numel() for p in model.parameters()),
-            "step": ("forward with labels (autocast), loss.backward(), model.update_codebooks()" if mode == "train"
+            "step": ("forward with labels (autocast), loss.backward(), model.update_codebooks()"
+                     + (", its metrics read (a logging step)" if log_step else "") if mode == "train"
                      else f"{decode_steps} x VQDecoder.step(tokens) under autocast, eval, no grad, B={B}; "
                           "per-token figures are their mean"),
             "excluded_views": sorted(VIEW_LIKE) + ["any op whose schema returns a view (OpOverload.is_view)"],
@@ -846,6 +894,8 @@ def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "
         "allocations": sum(v for (p, _), v in rec.allocations.items() if p in phases),
         "ops_by_count": table(total.ops, total.op_bytes),
         "ops_by_bytes": [[name, total.ops[name], b] for name, b in total.op_bytes.most_common(top)],
+        "bytes_by_site": [[phase, name, site, b] for (phase, name, site), b in rec.byte_sites.most_common()
+                          if phase in phases][:top],
         "sublayer_ops_by_count": [[name, n / n_attn / steps, attn_stats.op_bytes[name] / n_attn / steps]
                                   for name, n in attn_stats.ops.most_common(top)],
         "gemms": gemms[:top],
@@ -938,6 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int_range(1), default=1)
     p.add_argument("--decode-steps", type=int_range(1), default=2, help="decode: steps counted (their mean is reported)")
     p.add_argument("--no-amp", action="store_true", help="no autocast: the float32 model as it is")
+    p.add_argument("--log-step", action="store_true", help="train: also read the codebook metrics (a logging step)")
+    p.add_argument("--deterministic", action="store_true", help="under torch.use_deterministic_algorithms(True)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model config field")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.add_argument("--top", type=int_range(1), default=40, help="rows of the op histograms in the JSON")
@@ -957,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tvq.bench.cost " + " ".join(shlex.quote(a) for a in given)
     meta = {"preset": args.preset, "overrides": overrides, "command": command, "load_before": _load()}
     result = measure(cfg, seq_len, args.batch_size, args.mode, amp=not args.no_amp, decode_steps=args.decode_steps,
-                     top=args.top, meta=meta)
+                     top=args.top, meta=meta, log_step=args.log_step, deterministic=args.deterministic)
     result["meta"]["load_after"] = _load()
     print(format_table(result))
     if args.json is not None:

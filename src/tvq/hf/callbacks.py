@@ -65,7 +65,7 @@ class CodebookUpdateCallback(TrainerCallback):
         self.process_group = process_group
         self._model: nn.Module | None = None
         self._cores: list[TransformerVQ] = []
-        self._metrics: dict[str, float] = {}
+        self._metrics: list = []  # the latest update's CodebookMetrics per core model, read only when logged
 
     def _all_reduce(self):
         """A sum over the data-parallel ranks for ``update_codebooks(all_reduce=...)``; None for one rank."""
@@ -80,20 +80,20 @@ class CodebookUpdateCallback(TrainerCallback):
         if model is not self._model:  # found once per model, not searched at every step
             self._model, self._cores = model, core_models(model)
         all_reduce = self._all_reduce()
-        metrics: dict[str, float] = {}
-        for core in self._cores:
-            for key, value in core.update_codebooks(all_reduce=all_reduce).items():
-                metrics[f"codebook/{key}"] = metrics.get(f"codebook/{key}", 0.0) + value / len(self._cores)
-        self._metrics = metrics
+        self._metrics = [m for m in (core.update_codebooks(all_reduce=all_reduce) for core in self._cores) if m]
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         # a training log (it has the loss; evaluation logs have eval_loss) gets the latest update's health
         if not (self.log_metrics and self._metrics and logs is not None and "loss" in logs):
             return
-        logs.update(self._metrics)
+        metrics: dict[str, float] = {}
+        for core_metrics in self._metrics:  # the mean over core models
+            for key, value in core_metrics.items():
+                metrics[f"codebook/{key}"] = metrics.get(f"codebook/{key}", 0.0) + value / len(self._metrics)
+        logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self._metrics)  # the Trainer stored a copy before calling us
-        self._metrics = {}
+            state.log_history[-1].update(metrics)  # the Trainer stored a copy before calling us
+        self._metrics = []
 
 
 __all__ = ["CodebookUpdateCallback", "core_models"]

@@ -148,16 +148,18 @@ class Attention(nn.Module):
 
         if self.quantizer is None:
             commit = x.new_zeros(())
-            keys = torch.cat([state.keys, k], 2)  # (B, H_kv, pos + T, D_k)
-            values = torch.cat([state.values, v], 2)  # (B, H_kv, pos + T, D_v)
+            keys = torch.cat([state.keys.to(k.dtype), k], 2)  # (B, H_kv, pos + T, D_k)
+            values = torch.cat([state.values.to(v.dtype), v], 2)  # (B, H_kv, pos + T, D_v)
             attn = dense_attention(q, per_query_head(keys, Hq), per_query_head(values, Hq), rel=rel, u=u, v=vb,
                                    mem_len=M, chunk=cfg.block_len, start=start)
             new_state = LayerState(keys, values)
         else:
             quant = self.quantizer(k, token_mask)
             commit = quant.commit
-            keys = torch.cat([state.keys, quant.keys], 2)  # (B, H_kv, M + T, D_k)
-            values = torch.cat([state.values, v], 2)  # (B, H_kv, M + T, D_v)
+            # the window in the compute dtype (a carried state may be wider: an fp32 state under autocast
+            # would promote the window's products to fp32)
+            keys = torch.cat([state.keys.to(quant.keys.dtype), quant.keys], 2)  # (B, H_kv, M + T, D_k)
+            values = torch.cat([state.values.to(v.dtype), v], 2)  # (B, H_kv, M + T, D_v)
             codes = torch.cat([state.codes, quant.codes], 2)  # (B, H_kv, M + T)
             n_invalid = empty_slots(M, pos, start)  # int or (B,)
             cache = (per_query_head(self.quantizer.codebook(), Hq, 0),  # (H_q, S, D_k)

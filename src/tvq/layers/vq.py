@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +35,53 @@ class Quantized:
     commit: Tensor  # () mean over tokens of sum over heads ||k - sg(c_z)||^2
 
 
+class CodebookMetrics(Mapping):
+    """Codebook health metrics (name -> float), computed and read from the device only when first looked
+    at: a training step that does not log them neither launches their kernels nor waits for the device;
+    the first read is one transfer for all of them. ``compute`` returns them as one (len(names),) tensor."""
+
+    def __init__(self, names: tuple[str, ...], compute: Callable[[], Tensor]):
+        self.names, self._compute = names, compute
+        self._floats: dict[str, float] | None = None
+
+    @classmethod
+    def mean(cls, metrics: list["CodebookMetrics"]) -> "CodebookMetrics":
+        """The mean over sublayers (all with the same names)."""
+        return cls(metrics[0].names, lambda: torch.stack([m.values() for m in metrics]).mean(0))
+
+    def values(self) -> Tensor:
+        """The metrics as one tensor (len(names),), on the device."""
+        return self._compute()
+
+    def _read(self) -> dict[str, float]:
+        if self._floats is None:
+            self._floats = dict(zip(self.names, self.values().tolist()))
+        return self._floats
+
+    def __getitem__(self, name: str) -> float:
+        return self._read()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"CodebookMetrics({self._read()})"
+
+
 class VectorQuantizer(nn.Module):
     """Per-head codebooks kept as EMA sums and counts; never trained by gradient.
 
     In training mode every forward adds its assignment statistics to an accumulator;
     :meth:`apply_update` folds them into the EMA buffers. Calling it once per optimizer step
     makes gradient accumulation (and data-parallel ranks, through the ``all_reduce`` hook)
-    give exactly the update of one big batch. The accumulator is not a buffer: it is not
-    saved, not broadcast by DDP, and follows the codebook's device and dtype.
+    give exactly the update of one big batch. The accumulator is a non-persistent buffer
+    (``_stats``: not saved, follows the codebook's device and dtype, at a fixed address so that a
+    compiled step can be captured in a CUDA graph; tvq's DDP does not sync buffers in forward).
+    Neither a forward nor an update reads anything back to the host: flags that control Python
+    branches (k-means pending, the update count) have host copies, refreshed when a state dict loads.
     """
 
     # layout of the flat statistics vector: per head [sum (S*D_k) | count (S)] then 3 scalars
@@ -59,15 +98,25 @@ class VectorQuantizer(nn.Module):
         # std (H S)^-1/2; with c_count = 1 these are the initial codewords
         self.register_buffer("c_sum", torch.randn(n_head, n_code, d_k) * (n_head * n_code) ** -0.5)  # (H, S, D_k)
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
-        self._stats: Tensor | None = None
+        self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
+        self._kmeans_pending, self._n_updates = init == "kmeans", 0  # host copies of the buffers below
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
             self.register_buffer("kmeans_pending", torch.tensor(True))
-            self._init_keys: list[Tensor] = []  # per forward (H, N, D_k): keys for k-means
+            self._init_keys: list[tuple[Tensor, Tensor | None]] = []  # per forward: keys (H, N, D_k), mask (N,)
         elif init != "random":
             raise ValueError(f"codebook init must be 'random' or 'kmeans', got {init!r}")
         if revive > 0:  # updates so far: seeds the revival offsets, the same on every rank (saved)
             self.register_buffer("n_updates", torch.tensor(0))
+        self.register_load_state_dict_post_hook(VectorQuantizer._refresh_host_copies)
+
+    @staticmethod
+    def _refresh_host_copies(module: "VectorQuantizer", incompatible_keys) -> None:
+        """After a state dict loads: the host copies of the flags (read once, here)."""
+        if module.init == "kmeans":
+            module._kmeans_pending = bool(module.kmeans_pending)
+        if module.revive > 0:
+            module._n_updates = int(module.n_updates)
 
     def codebook(self) -> Tensor:
         """The codewords C = c_sum / max(c_count, 0.01) -> (H, S, D_k)."""
@@ -102,18 +151,18 @@ class VectorQuantizer(nn.Module):
         # a compiled graph recomputes inside itself, never through here (and dynamo cannot read a ContextVar)
         if self.training and (torch.compiler.is_compiling() or not _RECOMPUTING.get()):
             self._accumulate(k.detach(), codes, err.detach(), token_mask)
-            if self.init == "kmeans" and bool(self.kmeans_pending):
+            if self._kmeans_pending:
                 self._keep_keys(k.detach(), token_mask)
         return Quantized(k_st, codes, commit)
 
     def _keep_keys(self, k: Tensor, token_mask: Tensor | None) -> None:
-        """Keep (up to a cap) the keys k (B, H, T, D_k) of this step's forwards for k-means."""
-        room = self.KMEANS_KEYS_PER_CODE * self.n_code - sum(x.shape[1] for x in self._init_keys)
+        """Keep (up to a cap of slots, padding included: shapes stay static) the keys k (B, H, T, D_k) of
+        this step's forwards for k-means, with their token mask; padding is dropped at the update."""
+        room = self.KMEANS_KEYS_PER_CODE * self.n_code - sum(x.shape[1] for x, _ in self._init_keys)
         keys = k.transpose(0, 1).flatten(1, 2)  # (H, B T, D_k)
-        if token_mask is not None:
-            keys = keys[:, token_mask.flatten()]
+        mask = None if token_mask is None else token_mask.flatten()[:room]  # (B T,)
         if room > 0 and keys.shape[1]:
-            self._init_keys.append(keys[:, :room].to(self.c_sum.dtype))
+            self._init_keys.append((keys[:, :room].to(self.c_sum.dtype), mask))
 
     @torch.no_grad()
     def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None) -> None:
@@ -129,83 +178,96 @@ class VectorQuantizer(nn.Module):
             (err.to(acc_dtype) * w).sum(),
             (k.to(acc_dtype).square().sum((1, 3)) * w).sum(),
         ])
-        flat = torch.cat([k_sum.flatten(), count.flatten(), scalars])
-        if self._stats is None or self._stats.dtype != acc_dtype or self._stats.device != flat.device:
-            self._stats = torch.zeros_like(flat)
-        self._stats += flat
+        self._stats += torch.cat([k_sum.flatten(), count.flatten(), scalars])
 
     def pending_stats(self) -> Tensor:
         """The statistics accumulated since the last update, as one flat vector (zeros if none)."""
-        if self._stats is None or self._stats.device != self.c_sum.device or self._stats.dtype != self.c_sum.dtype:
-            self._stats = torch.zeros(self.stats_numel, dtype=self.c_sum.dtype, device=self.c_sum.device)
         return self._stats
+
+    def clear_stats(self) -> None:
+        """Forget the statistics gathered since the last update (and the keys kept for k-means)."""
+        self._stats.zero_()
+        if self.init == "kmeans":
+            self._init_keys = []
 
     @torch.no_grad()
     def apply_update(self, stats: Tensor | None = None,
-                     all_reduce: Callable[[Tensor], object] | None = None) -> dict[str, float]:
+                     all_reduce: Callable[[Tensor], object] | None = None) -> CodebookMetrics:
         """EMA step c <- decay * c + (1 - decay) * stats, then clear the accumulator.
 
         ``stats`` defaults to :meth:`pending_stats`; pass an all-reduced copy for data-parallel
-        training. Returns codebook health metrics of the statistics just applied.
+        training. Returns codebook health metrics of the statistics just applied (read lazily: the update
+        itself never waits for the device, except k-means, once).
 
         Tools not in the paper (off by default): with ``init="kmeans"`` the first update replaces the
         codebook by k-means over that step's keys instead (``all_reduce`` then sums its statistics
         across ranks); with ``revive > 0`` codes whose EMA count falls below it are re-seeded after
         each update (``metrics["revived"]``: the fraction of codes).
         """
-        stats = self.pending_stats() if stats is None else stats
+        stats = (self.pending_stats() if stats is None else stats).clone()  # the accumulator is cleared next
         H, S, K = self.n_head, self.n_code, self.d_k
         k_sum = stats[: H * S * K].view(H, S, K)
         count = stats[H * S * K: H * S * (K + 1)].view(H, S)
-        tokens, err, norm = stats[H * S * (K + 1):].tolist()
-        self._stats = None
-        if self.init == "kmeans" and bool(self.kmeans_pending):
+        tokens, err, norm = stats[H * S * (K + 1):].unbind()
+        self._stats.zero_()
+        if self._kmeans_pending:
             self._kmeans_init(all_reduce)
             return self._metrics(count, tokens, err, norm)
         self.c_sum.mul_(self.decay).add_(k_sum, alpha=1 - self.decay)
         self.c_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
         metrics = self._metrics(count, tokens, err, norm)
         if self.revive > 0:
-            metrics["revived"] = self._revive(k_sum, count, err / max(tokens * H, 1.0))
+            revived = self._revive(k_sum, count, err / (tokens * H).clamp_min(1.0))
+            metrics = CodebookMetrics(metrics.names + ("revived",),
+                                      lambda m=metrics: torch.cat([m.values(), revived[None]]))
         return metrics
 
     # ------------------------------------------------------------ codebook tools (not in the paper)
     def _offsets(self, seed: int, shape, scale: Tensor) -> Tensor:
-        """Random offsets (..., D_k) of RMS ``scale`` (...,) per row, from a generator seeded with
-        ``seed``: the same on every rank."""
+        """Random offsets (..., D_k) of RMS ``scale`` (...,) per row, from a host generator seeded with
+        ``seed``: the same on every rank (drawn on the host and copied over: no read-back)."""
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(*shape, self.d_k, generator=g, dtype=torch.float64)
-        return (z * (scale.double().cpu()[..., None] / math.sqrt(self.d_k))).to(self.c_sum)
+        z = torch.randn(*shape, self.d_k, generator=g, dtype=torch.float64).to(self.c_sum)
+        return z * (scale.to(z.dtype)[..., None] / math.sqrt(self.d_k))
 
-    def _revive(self, k_sum: Tensor, count: Tensor, mse: float) -> float:
+    def _revive(self, k_sum: Tensor, count: Tensor, mse: Tensor) -> Tensor:
         """Re-seed the codes whose EMA count fell below ``revive``: each takes half of one of the codes
         this step's keys used most among those with an EMA count of at least twice ``revive`` (most
-        used first; one dead code per such code and step), both halves placed at the mean of that
-        code's keys this step, one plus and one minus a random offset of half the RMS quantization
-        error (a split of a busy code, as in LBG codebook design). Everything comes from the
+        used first; one dead code per such code and step; dead codes in index order), both halves placed
+        at the mean of that code's keys this step, one plus and one minus a random offset of half the RMS
+        quantization error (a split of a busy code, as in LBG codebook design). Everything comes from the
         (all-reduced) statistics of the step and a generator seeded with the update count, so every
-        rank revives the same codes identically.
-        Returns the fraction of codes revived."""
+        rank revives the same codes identically. All heads at once, in fixed shapes: no read-back.
+        Returns the fraction of codes revived (a 0-dim tensor)."""
+        H, S = self.n_head, self.n_code
         self.n_updates += 1
+        self._n_updates += 1
         dead = self.c_count < self.revive  # (H, S)
-        revived = 0
-        for h in range(self.n_head):
-            order = count[h].argsort(descending=True, stable=True)  # (S,) most used first
-            donors = order[((count[h] > 0) & (self.c_count[h] >= 2 * self.revive))[order]]  # both halves live
-            targets = dead[h].nonzero().flatten()[: len(donors)]
-            if not len(targets):
-                continue
-            donors = donors[: len(targets)]
-            mean = k_sum[h, donors] / count[h, donors, None]  # (n, D_k)
-            step = int(self.n_updates) * self.n_head + h
-            delta = self._offsets(step, (len(targets),), torch.full((len(targets),), 0.5 * math.sqrt(mse)))
-            half = self.c_count[h, donors] / 2  # (n,)
-            self.c_count[h, donors] = half
-            self.c_count[h, targets] = half
-            self.c_sum[h, donors] = (mean - delta) * half[:, None]
-            self.c_sum[h, targets] = (mean + delta) * half[:, None]
-            revived += len(targets)
-        return revived / (self.n_head * self.n_code)
+        order = count.argsort(dim=-1, descending=True, stable=True)  # (H, S) most used first
+        donor = ((count > 0) & (self.c_count >= 2 * self.revive)).gather(1, order)  # (H, S) in that order: both halves live
+        n_pairs = torch.minimum(donor.sum(-1), dead.sum(-1))  # (H,)
+        # pair r of head h: donor donors[h, r] and target targets[h, r] for r < n_pairs[h]; S: no pair
+        spare = torch.full((H, S + 1), S, dtype=torch.long, device=count.device)
+        donors = spare.scatter(1, torch.where(donor, donor.long().cumsum(-1) - 1, S), order)[:, :S]  # (H, S)
+        codes = torch.arange(S, device=count.device).expand(H, S)
+        targets = spare.scatter(1, torch.where(dead, dead.long().cumsum(-1) - 1, S), codes)[:, :S]  # (H, S)
+        paired = codes < n_pairs[:, None]  # (H, S)
+        donors, targets = torch.where(paired, donors, S), torch.where(paired, targets, S)
+        # on copies with a spare code S that absorbs the unpaired rows
+        c_count = torch.cat([self.c_count, self.c_count.new_zeros(H, 1)], 1)  # (H, S + 1)
+        c_sum = torch.cat([self.c_sum, self.c_sum.new_zeros(H, 1, self.d_k)], 1)  # (H, S + 1, D_k)
+        heads = torch.arange(H, device=count.device)[:, None]  # (H, 1)
+        d = donors.clamp_max(S - 1)
+        mean = k_sum[heads, d] / count[heads, d].clamp_min(1.0)[..., None]  # (H, S, D_k)
+        delta = self._offsets(self._n_updates, (H, S), (0.5 * mse.sqrt()).expand(H, S))  # (H, S, D_k)
+        half = c_count[heads, donors] / 2  # (H, S)
+        c_count[heads, donors] = half
+        c_count[heads, targets] = half
+        c_sum[heads, donors] = (mean - delta) * half[..., None]
+        c_sum[heads, targets] = (mean + delta) * half[..., None]
+        self.c_count.copy_(c_count[:, :S])
+        self.c_sum.copy_(c_sum[:, :S])
+        return n_pairs.sum() / (H * S)
 
     def _kmeans_init(self, all_reduce: Callable[[Tensor], object] | None) -> None:
         """Codebooks by k-means over the keys kept from this step's forwards: bisecting k-means (start
@@ -216,7 +278,8 @@ class VectorQuantizer(nn.Module):
         seeds, so every rank builds the same codebook from the global batch. Afterwards c_sum / c_count
         hold the clusters' sums and counts (count >= 1), as if the EMA had settled on them."""
         H, S, K = self.n_head, self.n_code, self.d_k
-        keys = torch.cat(self._init_keys, 1) if self._init_keys else self.c_sum.new_zeros(H, 0, K)  # (H, N, D_k)
+        kept = [keys if mask is None else keys[:, mask] for keys, mask in self._init_keys]  # padding dropped
+        keys = torch.cat(kept, 1) if kept else self.c_sum.new_zeros(H, 0, K)  # (H, N, D_k)
         self._init_keys = []
         heads = torch.arange(H, device=keys.device)
         codes = keys.new_zeros(keys.shape[:2], dtype=torch.long)  # (H, N) every key in cluster 0
@@ -246,6 +309,7 @@ class VectorQuantizer(nn.Module):
         self.c_count.copy_(counts.clamp_min(1.0))
         self.c_sum.copy_(cent * self.c_count[..., None])
         self.kmeans_pending.fill_(False)
+        self._kmeans_pending = False
 
     def _lloyd_stats(self, keys: Tensor, codes: Tensor, n: int, all_reduce) -> tuple[Tensor, Tensor, Tensor]:
         """Per-cluster statistics of keys (H, N, D_k) in clusters ``codes`` (H, N) in [0, n), summed over
@@ -262,14 +326,20 @@ class VectorQuantizer(nn.Module):
         sq = (second - sums.square().sum(-1) / counts.clamp_min(1.0)).clamp_min(0.0)  # sum ||k - mean||^2
         return sums, counts, sq
 
-    def _metrics(self, count: Tensor, tokens: float, err: float, norm: float) -> dict[str, float]:
-        total = count.sum(-1, keepdim=True)  # (H, 1)
-        p = count / total.clamp_min(1e-12)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (H,) nats
-        return {
-            "usage": (count > 0).float().mean().item(),            # fraction of codes hit this step
-            "dead": (self.c_count < 1.0).float().mean().item(),     # fraction with EMA count < 1
-            "entropy": (entropy.mean() / math.log(self.n_code)).item() if self.n_code > 1 else 1.0,
-            "rel_err": math.sqrt(err / norm) if norm > 0 else 0.0,  # ||k - k_hat|| / ||k||
-            "tokens": tokens,
-        }
+    def _metrics(self, count: Tensor, tokens: Tensor, err: Tensor, norm: Tensor) -> CodebookMetrics:
+        """Health of the statistics just applied (count (H, S), tokens, err, norm 0-dim: views of a copy
+        of them) and of the EMA counts now (copied: later updates change them)."""
+        dead = (self.c_count < 1.0).to(count.dtype).mean()  # fraction with EMA count < 1
+        S = self.n_code
+
+        def compute() -> Tensor:
+            p = count / count.sum(-1, keepdim=True).clamp_min(1e-12)  # (H, S)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()  # nats, mean over heads
+            return torch.stack([
+                (count > 0).to(count.dtype).mean(),  # usage: fraction of codes hit this step
+                dead,
+                entropy / math.log(S) if S > 1 else torch.ones_like(entropy),
+                torch.where(norm > 0, (err / norm.clamp_min(1e-30)).sqrt(), 0.0),  # rel_err: ||k - k_hat|| / ||k||
+                tokens,
+            ])
+        return CodebookMetrics(("usage", "dead", "entropy", "rel_err", "tokens"), compute)

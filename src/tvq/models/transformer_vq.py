@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
-from tvq.layers.vq import recomputing
+from tvq.layers.vq import CodebookMetrics, recomputing
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState
 
@@ -112,9 +112,12 @@ class TransformerVQ(nn.Module):
 
     # ------------------------------------------------------------------ state
     def initial_state(self, batch_size: int) -> TransformerVQState:
-        """The empty state: nothing seen yet."""
+        """The empty state: nothing seen yet. Keys and values in the compute dtype (the autocast dtype where
+        autocast is on, else the parameters'), the cache in float32 or wider."""
         p = self.embed.weight
-        return TransformerVQState([a.initial_state(batch_size, p.dtype, p.device) for a in self.attns], 0)
+        dev = p.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else p.dtype
+        return TransformerVQState([a.initial_state(batch_size, dtype, p.device) for a in self.attns], 0)
 
     def _check_left_pad(self, left_pad, batch_size: int) -> Tensor | None:
         """left_pad as the state's per-row starts: (B,) long, or None when no row is padded."""
@@ -124,6 +127,9 @@ class TransformerVQ(nn.Module):
                 or left_pad.is_floating_point() or left_pad.is_complex()):
             raise ValueError(f"left_pad must be an integer tensor of shape ({batch_size},), one count per row")
         if torch.compiler.is_compiling():
+            return left_pad.long().to(self.embed.weight.device)
+        if left_pad.device.type != "cpu":  # checked on the device without waiting for it; no shortcut
+            torch._assert_async((left_pad >= 0).all(), "left_pad must be >= 0")
             return left_pad.long().to(self.embed.weight.device)
         if left_pad.numel() and int(left_pad.min()) < 0:
             raise ValueError(f"left_pad must be >= 0, got {left_pad.tolist()}")
@@ -265,8 +271,13 @@ class TransformerVQ(nn.Module):
             raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {shape}")
         if torch.compiler.is_compiling():  # value checks need the data: they would break the graph
             return ids.long()
-        check = ids[ids != IGNORE_INDEX] if allow_ignore else ids
-        if check.numel() and (int(check.min()) < 0 or int(check.max()) >= V):
+        bad = (ids < 0) | (ids >= V)  # (B, T)
+        if allow_ignore:
+            bad &= ids != IGNORE_INDEX
+        if ids.device.type != "cpu":  # checked on the device, without waiting for it (a device-side assert)
+            torch._assert_async(~bad.any(), f"{name} has ids outside [0, {V})")
+        elif bad.any():
+            check = ids[ids != IGNORE_INDEX] if allow_ignore else ids
             raise ValueError(f"{name} has ids outside [0, {V}): min {int(check.min())}, max {int(check.max())}")
         return ids.long()
 
@@ -282,14 +293,16 @@ class TransformerVQ(nn.Module):
         return torch.cat([q.pending_stats() for q in quantizers])
 
     @torch.no_grad()
-    def update_codebooks(self, all_reduce: Callable[[Tensor], object] | None = None) -> dict[str, float]:
+    def update_codebooks(self, all_reduce: Callable[[Tensor], object] | None = None) -> Mapping[str, float]:
         """Apply the accumulated codebook statistics: one EMA step per optimizer step.
 
         ``all_reduce`` receives one flat tensor of every sublayer's statistics and must sum it in
         place across data-parallel ranks (e.g. ``torch.distributed.all_reduce``), so that all
         ranks apply the update of the global batch. Returns health metrics averaged over sublayers:
         ``usage`` (fraction of codes assigned this step), ``dead`` (fraction with EMA count < 1),
-        ``entropy`` (of code usage, divided by log S), ``rel_err`` (||k - k_hat|| / ||k||).
+        ``entropy`` (of code usage, divided by log S), ``rel_err`` (||k - k_hat|| / ||k||), as a
+        :class:`~tvq.layers.vq.CodebookMetrics` that reads them from the device when first looked at:
+        the update itself never waits for the device (k-means initialisation aside, once).
         """
         quantizers = self._quantizers()
         if not quantizers:
@@ -297,11 +310,8 @@ class TransformerVQ(nn.Module):
         flat = self.codebook_stats()
         if all_reduce is not None:
             all_reduce(flat)
-        metrics: dict[str, float] = {}
-        for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers])):
-            for key, value in q.apply_update(stats, all_reduce).items():
-                metrics[key] = metrics.get(key, 0.0) + value / len(quantizers)
-        return metrics
+        return CodebookMetrics.mean([q.apply_update(stats, all_reduce)
+                                     for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers]))])
 
     # -------------------------------------------------------------- generation
     def decoder(self, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False):

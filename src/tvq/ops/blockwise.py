@@ -2,9 +2,11 @@
 
 All blocks are computed at once. Queries are split into blocks of L; block n attends to a
 window of the M + L keys ending at its last query, and to the cache of every key before that
-window. The cache's share of the output is read from running per-code value sums (in float32 or
-wider, :func:`tvq.ops.cache.cache_read`); everything else is batched over blocks, and there is no
-(T, T) tensor: time O(T (M + L + S)) and memory O(T (M + L + S)).
+window. The cache's share of the output is read from running per-code value sums (summed in float32 or
+wider, read by products in the values' dtype: :func:`tvq.ops.cache.cache_read`); everything else is
+batched over blocks, and there is no (T, T) tensor: time O(T (M + L + S)) and memory O(T (M + L + S)).
+Under autocast every product runs in the compute dtype; scores, the softmax and the cache's sums and
+counts stay in float32.
 """
 
 from __future__ import annotations
@@ -195,10 +197,11 @@ def blockwise_attention(
             valid = (torch.arange(nb * L, device=dev) >= n_invalid[:, None]).view(B, 1, nb, L)
         else:
             valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
-        n_blk = torch.zeros(B, H, nb, S, dtype=acc, device=dev).scatter_add_(
-            3, blk_codes, valid.to(acc).expand(B, H, nb, L))
+        # counted in integers: exact, and an integer cumsum is deterministic on CUDA (a float one is not)
+        n_blk = torch.zeros(B, H, nb, S, dtype=torch.long, device=dev).scatter_add_(
+            3, blk_codes, valid.long().expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
-        count = c0[:, :, None] + n_blk.cumsum(2) - n_blk  # (B, H, nb, S); exact: whole numbers
+        count = c0[:, :, None] + (n_blk.cumsum(2) - n_blk).to(acc)  # (B, H, nb, S)
         cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
         cache_scores = cache_scores + cache_log_count(count)[..., None, :]
         if cache_bias is not None:
@@ -211,15 +214,20 @@ def blockwise_attention(
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
 
-    p_mean = p[..., W:] / count.clamp_min(1.0)[..., None, :]  # (B, H, nb, L, S): p_s / count_s
-    cache_vals = vals[:, :, : nb * L].to(acc).unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
+    # the cache read's products run in the values' dtype; its sums in acc
+    p_mean = (p[..., W:] / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
+    cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
-    if per_row:  # the read skips the slots empty in every row; zeros stand for the others
+    if per_row:  # zeros stand for empty slots
         cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
+    if per_row:  # skipping the slots empty in every row only saves work: on a CPU, where reading the count is free
+        first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
+    else:
+        first_valid = n_invalid
     out = cache_read(
         p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-        (c0[..., None] * mean0.to(acc)).flatten(0, 1), int(n_invalid.min()) if per_row else n_invalid,
+        (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     if value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient

@@ -92,9 +92,15 @@ def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, fi
 
     C_n (P, S, D_v) is the cache of block n: C_n[s] = start[s] + the sum of the values of the keys of
     blocks 0..n-1 with code s. weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v) and
-    start (P, S, D_v), all but codes in one dtype; keys before position ``first_valid`` (empty slots)
-    are skipped. The nb caches are never all held at once (they would be (P, nb, S, D_v), S / L times
-    the size of the values): on a CPU one running sum, updated by a scatter of L keys per block, feeds
+    start (P, S, D_v); keys before position ``first_valid`` (empty slots) are skipped.
+
+    Dtypes: the sums C_n accumulate in ``start``'s dtype (float32 or wider: whole-sequence sums stay
+    exact enough), the products read them in ``weights``' dtype (the compute dtype: bf16 under autocast,
+    so no GEMM runs in float32), and the output has ``weights``' dtype. ``values`` may be in either.
+
+    The nb caches are never all held at once (they would be (P, nb, S, D_v), S / L times the size of the
+    values): on a CPU, and in deterministic mode (``torch.use_deterministic_algorithms``: a float cumsum
+    has no deterministic CUDA kernel), one running sum, updated by a scatter of L keys per block, feeds
     one product per block; elsewhere chunks of blocks (at most 256 MiB of caches) come from one scatter
     and a cumsum. Backward recomputes them the same way.
     """
@@ -103,6 +109,8 @@ def cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, fi
         raise ValueError(f"cache_read: weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v) and "
                          f"start (P, S, D_v) expected, got {tuple(weights.shape)}, {tuple(codes.shape)}, "
                          f"{tuple(values.shape)} and {tuple(start.shape)}")
+    if torch.promote_types(start.dtype, weights.dtype) != start.dtype:
+        raise ValueError(f"cache_read: start ({start.dtype}) must be at least as wide as weights ({weights.dtype})")
     return _cache_read(weights, codes, values, start, first_valid)
 
 
@@ -128,11 +136,11 @@ def _chunk_caches(codes: Tensor, values: Tensor, start: Tensor, first_valid: int
     P, c, L = codes.shape
     S, Dv = start.shape[1:]
     dev = codes.device
-    sums = values.new_zeros(P, c + 2, S, Dv)  # block c + 1: the empty slots, dropped
+    sums = start.new_zeros(P, c + 2, S, Dv)  # block c + 1: the empty slots, dropped
     keep = torch.arange(c * L, device=dev).view(c, L) >= first_valid  # (c, L)
     block = torch.where(keep, torch.arange(1, c + 1, device=dev)[:, None], c + 1)  # (c, L)
     rows = (torch.arange(P, device=dev)[:, None, None] * (c + 2) + block) * S + codes  # (P, c, L)
-    sums.view(-1, Dv).index_add_(0, rows.flatten(), values.reshape(-1, Dv))
+    sums.view(-1, Dv).index_add_(0, rows.flatten(), values.reshape(-1, Dv).to(sums.dtype))
     sums[:, 0] = start
     return sums[:, : c + 1].cumsum(1)
 
@@ -143,8 +151,8 @@ def _key_rows(codes: Tensor, n_code: int) -> Tensor:
 
 
 def _running_caches(codes, values, start, first_valid):
-    """Yield (n, C_n) for n = 0..nb-1: one (P, S, D_v) running sum, a scatter of L keys per block
-    (C_n is overwritten by the next step)."""
+    """Yield (n, C_n) for n = 0..nb-1: one (P, S, D_v) running sum in ``start``'s dtype, a scatter of L keys
+    per block (C_n is overwritten by the next step)."""
     _, nb, L = codes.shape
     Dv = values.shape[-1]
     run = start.clone()
@@ -155,7 +163,7 @@ def _running_caches(codes, values, start, first_valid):
         yield n, run
         lo = _valid_from(first_valid, n, L)
         if n + 1 < nb and lo < L:
-            flat.index_add_(0, rows[n, :, lo:].flatten(), vals[n, :, lo:].reshape(-1, Dv))
+            flat.index_add_(0, rows[n, :, lo:].flatten(), vals[n, :, lo:].reshape(-1, Dv).to(flat.dtype))
 
 
 def _chunked_caches(codes, values, start, first_valid, size):
@@ -174,7 +182,10 @@ def _n_empty(start: Tensor, first_valid: int, L: int, nb: int) -> int:
     0..first_valid // L, whose caches hold only empty slots. Their products are skipped: at the start of
     a sequence that is the first two blocks (M = L), half the cache read of a 512-token forward.
     (``aminmax`` tests for zeros in one vectorised pass, ~4x faster than ``any`` on a CPU; a NaN
-    counts as non-zero.)"""
+    counts as non-zero.) Off a CPU (the deterministic path) nothing is skipped: reading ``start`` would wait
+    for the device."""
+    if start.device.type != "cpu":
+        return 0
     if start.numel():
         lo, hi = torch.aminmax(start)
         if lo.item() != 0 or hi.item() != 0:
@@ -183,35 +194,41 @@ def _n_empty(start: Tensor, first_valid: int, L: int, nb: int) -> int:
 
 
 def _read_running(weights, codes, values, start, first_valid):
-    """cache_read on a CPU: per block one product with the running cache."""
-    out = values.new_empty(values.shape)
+    """cache_read on a CPU (or deterministic): per block one product with the running cache."""
+    out = weights.new_empty(values.shape)
     n_empty = _n_empty(start, first_valid, codes.shape[2], codes.shape[1])
     out[:, :n_empty] = 0
     w_blocks, out_blocks = weights.unbind(1), out.unbind(1)  # views made at once: the loop only multiplies
     for n, cache in _running_caches(codes, values, start, first_valid):
         if n >= n_empty:
-            torch.bmm(w_blocks[n], cache, out=out_blocks[n])
+            torch.bmm(w_blocks[n], cache.to(weights.dtype), out=out_blocks[n])
     return out
 
 
 def _read_chunked(weights, codes, values, start, first_valid, size):
     """cache_read in chunks of ``size`` blocks: one product per chunk."""
-    out = values.new_empty(values.shape)
+    out = weights.new_empty(values.shape)
     for c0, c1, caches in _chunked_caches(codes, values, start, first_valid, size):
-        torch.matmul(weights[:, c0:c1], caches, out=out[:, c0:c1])
+        torch.matmul(weights[:, c0:c1], caches.to(weights.dtype), out=out[:, c0:c1])
     return out
+
+
+def _running(values: Tensor) -> bool:
+    """Whether to read block by block: on a CPU (a cumsum along a leading dim is slow there) and in
+    deterministic mode (CUDA has no deterministic float cumsum; its scatter-adds are deterministic then)."""
+    return values.device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
 
 
 @torch.library.custom_op("tvq::cache_read", mutates_args=())
 def _cache_read(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, first_valid: int) -> Tensor:
-    if values.device.type == "cpu":  # a cumsum along a leading dim is slow on a CPU
+    if _running(values):
         return _read_running(weights, codes, values, start, first_valid)
     return _read_chunked(weights, codes, values, start, first_valid, _blocks_per_chunk(start))
 
 
 @_cache_read.register_fake
 def _(weights, codes, values, start, first_valid):
-    return values.new_empty(values.shape)
+    return weights.new_empty(values.shape)
 
 
 # Backward. With G_n = sum over n' >= n of weights[:, n']^T grad[:, n'] (P, S, D_v), the gradient that
@@ -226,17 +243,20 @@ def _grad_running(grad, weights, codes, values, start, first_valid, keys_too):
     g_weights[:, :n_empty] = 0
     for n, cache in _running_caches(codes, values, start, first_valid):
         if n >= n_empty:
-            torch.bmm(grad[:, n], cache.transpose(1, 2), out=g_weights[:, n])
+            torch.bmm(grad[:, n], cache.to(grad.dtype).transpose(1, 2), out=g_weights[:, n])
     if not keys_too:
         return g_weights, values.new_empty(0), start.new_empty(0)
     rows = _key_rows(codes, S)  # (P, nb, L)
     g_values = values.new_zeros(P, nb, L, Dv)
-    g_cache = start.new_zeros(P, S, Dv)  # G_{n + 1}
+    g_cache = start.new_zeros(P, S, Dv)  # G_{n + 1}, in start's dtype
     for n in range(nb - 1, -1, -1):
         lo = _valid_from(first_valid, n, L)
         if n + 1 < nb and lo < L:
             g_values[:, n, lo:] = g_cache.view(-1, Dv)[rows[:, n, lo:]]
-        g_cache.baddbmm_(weights[:, n].transpose(1, 2), grad[:, n])
+        if weights.dtype == g_cache.dtype:
+            g_cache.baddbmm_(weights[:, n].transpose(1, 2), grad[:, n])
+        else:  # the product in the compute dtype, the running sum wider
+            g_cache += torch.bmm(weights[:, n].transpose(1, 2), grad[:, n])
     return g_weights, g_values, g_cache
 
 
@@ -246,7 +266,7 @@ def _grad_chunked(grad, weights, codes, values, start, first_valid, keys_too, si
     dev = codes.device
     g_weights = torch.empty_like(weights)
     for c0, c1, caches in _chunked_caches(codes, values, start, first_valid, size):
-        torch.matmul(grad[:, c0:c1], caches.transpose(-1, -2), out=g_weights[:, c0:c1])
+        torch.matmul(grad[:, c0:c1], caches.to(grad.dtype).transpose(-1, -2), out=g_weights[:, c0:c1])
     if not keys_too:
         return g_weights, values.new_empty(0), start.new_empty(0)
     g_values = values.new_empty(P, nb, L, Dv)
@@ -255,7 +275,7 @@ def _grad_chunked(grad, weights, codes, values, start, first_valid, keys_too, si
     for c0, c1 in reversed(_chunks(nb, size)):
         c = c1 - c0
         per_block = weights[:, c0:c1].transpose(-1, -2) @ grad[:, c0:c1]  # (P, c, S, D_v)
-        after = torch.cat([per_block, g_cache[:, None]], 1).flip(1).cumsum(1).flip(1)  # G_{c0 + j}, j = 0..c
+        after = torch.cat([per_block.to(g_cache.dtype), g_cache[:, None]], 1).flip(1).cumsum(1).flip(1)  # G_{c0 + j}
         keep = torch.arange(c0 * L, c1 * L, device=dev).view(c, L, 1) >= first_valid  # (c, L, 1)
         blocks = torch.arange(1, c + 1, device=dev)[:, None]  # key of block j reads G_{j + 1}
         g_values[:, c0:c1] = after[heads, blocks, codes[:, c0:c1]] * keep
@@ -268,7 +288,7 @@ def _cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: T
                          first_valid: int, keys_too: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`cache_read` for weights, values and start (the last two empty unless ``keys_too``)."""
     args = (grad, weights, codes, values, start, first_valid, keys_too)
-    if values.device.type == "cpu":
+    if _running(values):
         return _grad_running(*args)
     return _grad_chunked(*args, _blocks_per_chunk(start))
 

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from tvq.runtime import env_rank
 from tvq.state import LayerState, TransformerVQState
@@ -77,13 +77,13 @@ class Cluster:
         """The sum over ranks for ``update_codebooks(all_reduce=...)``; None when single-process."""
         return dist.all_reduce if self.distributed else None
 
-    def mean(self, *values: float) -> list[float]:
-        """The mean of each value over ranks (the values themselves when single-process)."""
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+    def mean(self, *values: Tensor) -> Tensor:
+        """The mean over ranks of each 0-dim value, stacked (float64, on the values' device; no read-back)."""
+        t = torch.stack([v.double() for v in values])  # (n,)
+        if self.distributed:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
 
     def wrap(self, model: nn.Module, bf16: bool) -> nn.Module:
         """The module to call for training: ``DistributedDataParallel(model)``; or ``model`` itself,

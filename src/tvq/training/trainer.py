@@ -283,7 +283,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: 
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = lm_sum = 0.0
+        loss_sum = lm_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
             mb = slice(m * micro, (m + 1) * micro)
             with cl.grad_sync(net, m == cfg.grad_accum - 1):  # gradients all-reduced on the last only
@@ -291,10 +291,13 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: 
                     out = net(inputs[mb].to(device), state=states[m], labels=labels[mb].to(device))
                 (out.loss / cfg.grad_accum).backward()
             states[m] = out.state.detach()
-            loss_sum += out.loss.item() / cfg.grad_accum
-            lm_sum += out.lm_loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        loss_sum, lm_sum = cl.mean(loss_sum, lm_sum)  # the same on every rank, so all ranks stop together
+            loss_sum = loss_sum + out.loss.detach().float() / cfg.grad_accum
+            lm_sum = lm_sum + out.lm_loss.detach().float() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        # the step's one read-back (the divergence check needs the figures before the update); the losses are
+        # the same on every rank, so all ranks stop together
+        loss_sum, lm_sum, grad_norm = torch.cat([cl.mean(loss_sum, lm_sum), grad_norm.double()[None]]).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             last = ckpt.latest_checkpoint(run_dir)
             kept = f"the latest checkpoint, {last.name}, is intact" if last else "no checkpoint was saved yet"

@@ -95,7 +95,8 @@ def run_case(model: TransformerVQ, overrides: dict) -> dict[str, torch.Tensor]:
         rec[f"grad/{i:03d}"] = p.grad
     rec["codebook_stats"] = model.codebook_stats()
     model.update_codebooks()
-    for i, b in enumerate(model.buffers()):
+    # the buffers, but the statistics accumulator (a buffer since issue 24: it is recorded above)
+    for i, b in enumerate(b for name, b in model.named_buffers() if not name.endswith("quantizer._stats")):
         rec[f"buffer/{i:03d}"] = b
     for i, layer in enumerate(out2.state.layers):
         for name in ("keys", "values", "codes", "cache_count", "cache_mean"):
