@@ -121,3 +121,18 @@ def test_fused_cpu_inference_matches_the_plain_path(monkeypatch, head_type):
     for a, b in zip(fast.state.layers, plain.state.layers):
         for x, y in zip(a._tensors(), b._tensors()):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_rms_norm_of_the_cuda_path_equals_the_formula():
+    """rms_norm runs PyTorch's _fused_rms_norm on CUDA; its value and gradient are the CPU formula's (float64,
+    here on the CPU, where the op is PyTorch's own composite)."""
+    from tvq.layers.norm import rms_norm
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    fused = torch.ops.aten._fused_rms_norm(x, [16], None, 1e-6)[0]
+    plain = rms_norm(x, 1e-6)
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    w = torch.randn_like(plain)
+    g_fused, = torch.autograd.grad((fused * w).sum(), x)
+    g_plain, = torch.autograd.grad((plain * w).sum(), x)
+    torch.testing.assert_close(g_fused, g_plain, atol=1e-12, rtol=0)

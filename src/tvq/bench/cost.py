@@ -318,11 +318,34 @@ def _normalise(spec: dict) -> dict:
     return spec
 
 
+# ops with a CUDA kernel of their own in a CUDA build (silu_backward_out, _fused_rms_norm_cuda and its
+# backward), but only a CompositeImplicitAutograd fallback in a CPU wheel, which autograd would run op by op
+# above the fake tensors (silu_backward as 7 kernels)
+NATIVE_CUDA_KERNELS = ("silu_backward", "_fused_rms_norm", "_fused_rms_norm_backward")
+
+
+def _register_native_cuda_kernels():
+    """In the child: give those ops a CUDA kernel, so they reach the fake tensors (and the recorder) whole,
+    as on a GPU. The kernel never runs: fake tensors answer from the op's meta function."""
+    lib = torch.library.Library("aten", "IMPL")
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("the cost model's stand-in CUDA kernel ran on real data")
+
+    for name in NATIVE_CUDA_KERNELS:
+        lib.impl(name, unreachable, "CUDA")
+    return lib
+
+
 def _run_specs(specs: list[dict]) -> list[dict]:
     """In the child: measure each spec."""
     if needs_fake_cuda() and torch._C._accelerator_getAccelerator() != torch.device("cuda"):
         raise RuntimeError("the fake CUDA runtime is not loaded: run through tvq.bench.cost.measure")
-    return [_measure_here(**s) for s in specs]
+    lib = _register_native_cuda_kernels()  # kept alive while measuring
+    try:
+        return [_measure_here(**s) for s in specs]
+    finally:
+        lib._destroy()
 
 
 # --------------------------------------------------------------------------------- the recorder
@@ -481,8 +504,8 @@ def _make_recorder():
                     with self:
                         return opdef._init_fn(*args, **kwargs)
             if func.namespace == "aten" and func.has_kernel_for_dispatch_key(
-                    torch._C.DispatchKey.CompositeImplicitAutograd) and any(
-                    "Tensor" in str(r.type) for r in func._schema.returns):
+                    torch._C.DispatchKey.CompositeImplicitAutograd) and not func.has_kernel_for_dispatch_key(
+                    torch._C.DispatchKey.CUDA) and any("Tensor" in str(r.type) for r in func._schema.returns):
                 # reached us below autograd (inside a custom op): run its decomposition, as a device would
                 self.special[f"{name} decomposed (CompositeImplicitAutograd)"] += 1
                 with self:

@@ -196,7 +196,8 @@ class Attention(nn.Module):
             q = self.w_q(h)
             k, vg = self.w_kvg(h).split([n_k, self.w_kvg.out_features - n_k], -1)
             vg = F.silu(vg) if act else vg
-        v, g = (vg[..., :n_v], vg[..., n_v:]) if cfg.gated else (vg, None)
+        # split, not sliced: backward joins the two gradients in one pass
+        v, g = vg.split([n_v, vg.shape[-1] - n_v], -1) if cfg.gated else (vg, None)
         return q, k, v, g, fused
 
     def _plain_projections(self) -> bool:

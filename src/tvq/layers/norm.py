@@ -24,7 +24,11 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """:class:`RMSNorm` as a function (the decoder calls it on plain tensors)."""
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """:class:`RMSNorm` as a function (the decoder calls it on plain tensors). On CUDA, PyTorch's fused kernels
+    (one forward, one backward: statistics in float32, output in x's dtype); elsewhere the same formula op by op."""
+    if x.device.type == "cuda":
+        h = torch.ops.aten._fused_rms_norm(x, list(x.shape[-1:]), None, eps)[0]
+    else:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
     return h if weight is None else h * weight + bias

@@ -63,7 +63,8 @@ class _Windows(torch.autograd.Function):
         g = grad.new_zeros(B, H, N + L, D)  # L spare rows: a last partial piece may start past N - nb L
         for lo in range(0, W, L):  # rows lo..lo+w of every window are rows lo + n L + (0..w) of x
             w = min(L, W - lo)
-            g[:, :, lo: lo + nb * L].unflatten(2, (nb, L))[..., :w, :] += grad[:, :, :, lo: lo + w]
+            # add_ on the view (``view[...] += x`` would write the sum back with a second, full copy)
+            g[:, :, lo: lo + nb * L].unflatten(2, (nb, L))[..., :w, :].add_(grad[:, :, :, lo: lo + w])
         return g[:, :, :N], None, None
 
 
@@ -209,13 +210,15 @@ def blockwise_attention(
 
     # one softmax over the window and the cache (a fused kernel, forward and backward)
     p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
-    p_win = p[..., :W].to(v_win.dtype)  # (B, H, nb, L, W)
+    # split, not sliced: backward joins the two gradients in one pass (slices would each pad to the full width)
+    p_win, p_cache = p.split([W, p.shape[-1] - W], -1)  # (B, H, nb, L, W), (B, H, nb, L, S or 0)
+    p_win = p_win.to(v_win.dtype)
     if not agg_cache:
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
 
     # the cache read's products run in the values' dtype; its sums in acc
-    p_mean = (p[..., W:] / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
+    p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
@@ -231,8 +234,10 @@ def blockwise_attention(
     ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     if value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient
-    elif out.dtype == v_win.dtype:  # accumulate into the fresh product: no extra pass (backward does not need it)
+    elif out.dtype == v_win.dtype and not torch.is_grad_enabled():  # accumulate into the fresh product in place
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))
+    elif out.dtype == v_win.dtype:  # not in place: autograd would copy the whole gradient back (CopySlices)
+        out = torch.baddbmm(out.flatten(0, 2), p_win.flatten(0, 2), v_win.flatten(0, 2)).view(out.shape)
     else:
         out = out + p_win @ v_win
     return out.flatten(2, 3)[:, :, :T].to(q.dtype)

@@ -275,11 +275,16 @@ def _grad_chunked(grad, weights, codes, values, start, first_valid, keys_too, si
     for c0, c1 in reversed(_chunks(nb, size)):
         c = c1 - c0
         per_block = weights[:, c0:c1].transpose(-1, -2) @ grad[:, c0:c1]  # (P, c, S, D_v)
-        after = torch.cat([per_block.to(g_cache.dtype), g_cache[:, None]], 1).flip(1).cumsum(1).flip(1)  # G_{c0 + j}
+        # G_{c0 + j} = G_{c0} - (sum of per_block[:j]), G_{c0} = G_{c1} + all of them: one forward cumsum, and only
+        # the rows the keys read are gathered (no reversed copies)
+        run = per_block.to(g_cache.dtype).cumsum(1)  # (P, c, S, D_v) inclusive: G_{c0 + j + 1} = G_{c0} - run[:, j]
+        g_cache = g_cache + run[:, -1]  # G_{c0}
         keep = torch.arange(c0 * L, c1 * L, device=dev).view(c, L, 1) >= first_valid  # (c, L, 1)
-        blocks = torch.arange(1, c + 1, device=dev)[:, None]  # key of block j reads G_{j + 1}
-        g_values[:, c0:c1] = after[heads, blocks, codes[:, c0:c1]] * keep
-        g_cache = after[:, 0]
+        blocks = torch.arange(c, device=dev)[:, None]  # key of block j reads G_{c0 + j + 1}
+        code = codes[:, c0:c1]  # (P, c, L)
+        g_chunk = torch.sub(g_cache[heads, code], run[heads, blocks, code], out=g_values[:, c0:c1])  # (P, c, L, D_v)
+        if first_valid > c0 * L:  # empty slots in this chunk get no gradient
+            g_chunk.mul_(keep)
     return g_weights, g_values, g_cache
 
 
