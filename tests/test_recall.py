@@ -8,7 +8,8 @@ import torch
 
 from tvq import cli
 from tvq.bench import recall
-from tvq.models.transformer_vq import IGNORE_INDEX
+from tvq.config import TransformerVQConfig
+from tvq.models.transformer_vq import IGNORE_INDEX, TransformerVQ
 
 TINY = ["--steps", "3", "--batch-size", "2", "--eval-seqs", "4", "--seq-len", "64", "--n-pairs", "4",
         "--max-dist", "60", "--log-every", "2", "--threads", "1", "--no-progress",
@@ -61,8 +62,8 @@ def test_bad_task_is_a_value_error(bad, match):
 
 
 def test_collision_rate_counts_pairs_sharing_a_code():
-    model = recall.TransformerVQ(recall.TransformerVQConfig(vocab_size=10, d_model=8, d_k=4, d_v=8, n_layer=1,
-                                                            n_code=4, block_len=4, mem_len=4))
+    model = TransformerVQ(TransformerVQConfig(vocab_size=10, d_model=8, d_k=4, d_v=8, n_layer=1, n_code=4,
+                                              block_len=4, mem_len=4))
     rec = recall.CodeRecorder(model)
     rec._parts = [[torch.tensor([[[0, 1, 1, 2, 1]]])], [torch.tensor([[[3, 3, 3, 3, 3]]])]]  # (B, H, T) per GAU
     written = torch.tensor([[1, 2, 3]])  # codes 1, 1, 2: one pair of three collides
@@ -114,8 +115,6 @@ def test_shipped_recall_config_is_valid_and_keeps_the_parameter_count():
     """benchmarks/recall_config.json (read by other tools) holds model config keys that change the vq
     variants only, within the target's 2% of the paper model's parameters."""
     from pathlib import Path
-
-    from tvq.models.transformer_vq import TransformerVQ
 
     path = Path(__file__).parents[1] / "benchmarks" / "recall_config.json"
     overrides = json.loads(path.read_text())

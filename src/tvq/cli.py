@@ -190,8 +190,8 @@ COMMANDS: dict[str, Command] = {
     "data": Command("data utilities", _data_options, cmd_data),
     "bench": Command("speed and memory of vq vs quadratic attention (see tvq bench --help)", bench_options,
                      run_bench, own_help=True),
-    "recall": Command("long-context associative recall: vq vs window-only vs dense (see tvq recall --help)",
-                      _recall_options, cmd_recall, own_help=True),
+    "recall": Command("long-context associative recall on a family of tasks: vq vs window-only vs dense "
+                      "(--suite, --diagnose; see tvq recall --help)", _recall_options, cmd_recall, own_help=True),
     "export": Command("write a run as a Hugging Face model folder (needs tvq[hf])", _export_options, cmd_export),
     "plot": Command("draw loss and bpb curves of a run to PNG (needs tvq[plot])", _plot_options, cmd_plot),
 }
