@@ -129,6 +129,7 @@ SPARSE_WRITES = frozenset({"aten.scatter_", "aten.scatter_add_", "aten.scatter_r
                            "aten.index_put_", "aten.index_copy_", "aten._index_put_impl_"})
 SCALAR_READS = frozenset({"item", "__int__", "__bool__", "__float__", "__index__", "__complex__", "tolist"})
 
+ATTENTION_MODULES = ("tvq/ops/", "tvq/layers/vq.py")  # the VQ attention core, for the "parts" split
 NONDETERMINISTIC_CUMSUM = "aten.cumsum of floats (no deterministic CUDA kernel: raises in deterministic mode)"
 INDUCTOR_NOTE = ("skipped: inductor generates Triton kernels for CUDA tensors, which needs a GPU (and Triton) "
                  "to compile; run the cost model's train mode under torch.compile on a GPU machine")
@@ -467,6 +468,7 @@ def _make_recorder():
             self.gemms: Counter = Counter()  # (phase, op, shape a, shape b, dtype) -> calls
             self.gemm_flops: Counter = Counter()
             self.byte_sites: Counter = Counter()  # (phase, op, site) -> operand bytes
+            self.parts: dict[tuple, _Stats] = {}  # (phase, "attention" or "rest") -> stats
 
         def _stats(self) -> list[_Stats]:
             out = [self.phases.setdefault(self.phase, _Stats())]
@@ -482,8 +484,10 @@ def _make_recorder():
         def kernel(self, name: str, inputs: list, outputs: list, flops: tuple | None = None, args=None) -> None:
             nbytes = sum(_unique_bytes(t) for t in inputs) + sum(_unique_bytes(t) for t in outputs)
             traffic = nbytes if args is None else _traffic(name, args, inputs, outputs)
-            self.byte_sites[(self.phase, name, _site())] += nbytes
-            for s in self._stats():
+            site = _site()
+            self.byte_sites[(self.phase, name, site)] += nbytes
+            part = "attention" if any(m in site for m in ATTENTION_MODULES) else "rest"
+            for s in [*self._stats(), self.parts.setdefault((self.phase, part), _Stats())]:
                 s.kernels += 1
                 s.bytes += nbytes
                 s.traffic += traffic
@@ -919,11 +923,24 @@ def _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode
         "ops_by_bytes": [[name, total.ops[name], b] for name, b in total.op_bytes.most_common(top)],
         "bytes_by_site": [[phase, name, site, b] for (phase, name, site), b in rec.byte_sites.most_common()
                           if phase in phases][:top],
+        "parts": {
+            "what": "the step split by where its ops come from: 'attention' = " + ", ".join(ATTENTION_MODULES)
+                    + " (the VQ attention core that a dense model replaces by its attention kernel; backward ops "
+                      "by the forward line that made them), 'rest' = everything else",
+            **{part: _sum_stats(s for (phase, p), s in rec.parts.items() if p == part and phase in phases)
+               .summary(tokens) for part in ("attention", "rest")}},
         "sublayer_ops_by_count": [[name, n / n_attn / steps, attn_stats.op_bytes[name] / n_attn / steps]
                                   for name, n in attn_stats.ops.most_common(top)],
         "gemms": gemms[:top],
     }
     return result
+
+
+def _sum_stats(stats) -> _Stats:
+    total = _Stats()
+    for s in stats:
+        total.add(s)
+    return total
 
 
 def _outside(total: _Stats, *parts: _Stats) -> _Stats:
