@@ -89,7 +89,8 @@ def test_generate_shapes_seed_and_mode():
 def test_generate_passes_compile_to_the_decoder(monkeypatch):
     model = make_model(dtype=torch.float32).eval()
     seen, decoder = [], model.decoder
-    monkeypatch.setattr(model, "decoder", lambda state, compile=False: seen.append(compile) or decoder(state))
+    monkeypatch.setattr(model, "decoder",
+                        lambda state, compile=False, **kw: seen.append(compile) or decoder(state, **kw))
     prompt = torch.randint(0, 50, (1, 4))
     assert torch.equal(model.generate(prompt, 5, seed=1, compile=True), model.generate(prompt, 5, seed=1))
     assert seen == [True, False]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from tvq.models.decoding import VQDecoder
+from tvq.models.decoding import VQDecoder, default_cuda_graph
 from tvq.state import LayerState, TransformerVQState
 
 
@@ -40,17 +40,19 @@ class TransformerVQCache(Cache):
     def state(self, state: TransformerVQState) -> None:
         self._state, self._decoder = state, None
 
-    def decoder(self, model) -> VQDecoder:
-        """The state as a one-token decoder of ``model`` (a :class:`~tvq.TransformerVQ` in eval mode)."""
+    def decoder(self, model, cuda_graph: bool | None = None) -> VQDecoder:
+        """The state as a one-token decoder of ``model`` (a :class:`~tvq.TransformerVQ` in eval mode), made
+        at the first decode step and kept while generating; ``cuda_graph``: capture its step in a CUDA graph
+        (None: where the model is on a CUDA device)."""
         if self._decoder is None:
-            self._decoder, self._state = model.decoder(self._state), None
+            graph = default_cuda_graph(model.embed.weight.device) if cuda_graph is None else cuda_graph
+            self._decoder, self._state = model.decoder(self._state, cuda_graph=graph), None
         return self._decoder
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache holds (to measure its size)."""
         if self._decoder is not None:
-            d = self._decoder
-            return [d.keys, d.values, d.codes, d.count, d.log_count] + ([] if d.start is None else [d.start])
+            return self._decoder.buffers()
         if self._state is None:
             return []
         out = [t for layer in self._state.layers for t in layer._tensors() if t is not None]
@@ -71,8 +73,9 @@ class TransformerVQCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        state = self.state
-        return -1 if state is None else state.batch_size
+        if self._decoder is not None:
+            return self._decoder.batch_size
+        return -1 if self._state is None else self._state.batch_size
 
     @property
     def is_compileable(self) -> bool:
@@ -115,7 +118,13 @@ class TransformerVQCache(Cache):
                          .repeat_interleave(repeats))
 
     def _select(self, rows: Tensor) -> None:
-        """Keep (or repeat) the state's rows ``rows`` (long, any length)."""
+        """Keep (or repeat) the state's rows ``rows`` (long, any length); a reordering (a beam search's, one per
+        step) is done in place in the decoder's buffers, which keeps its CUDA graph."""
+        if self._decoder is not None and rows.shape == (self._decoder.batch_size,):
+            self._decoder.select_rows_(rows)
+            if self.ended is not None:
+                self.ended = self.ended.index_select(0, rows.to(self.ended.device))
+            return
         state = self.state
         if state is None:
             return

@@ -56,6 +56,11 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
     ``callbacks=[CodebookUpdateCallback()]`` (:class:`tvq.hf.CodebookUpdateCallback`), or have a training
     loop of its own call ``model.model.update_codebooks()`` after each optimizer step; otherwise they stay as
     loaded.
+
+    ``generate`` decodes one token per step with a :class:`~tvq.models.decoding.VQDecoder` held by the cache;
+    on a CUDA device each step is one CUDA graph replay (captured at the first step, kept through beam
+    reorderings). ``model.generate(..., cuda_graph=False)`` turns that off (``True`` off CUDA: a ValueError).
+    The step computes in the parameters' dtype, or the autocast dtype when generating under autocast.
     """
 
     config_class = TransformerVQHFConfig
@@ -113,6 +118,7 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cuda_graph: bool | None = None,
         **kwargs,
     ) -> TransformerVQCausalLMOutput | tuple:
         if past_key_values is not None and cache is not None:
@@ -148,7 +154,7 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
                   and not torch.is_grad_enabled() and self.config.attention == "vq")
         loss = commit = None
         if decode:  # one token from the in-place decoder: O(mem_len + n_code), nothing allocated
-            logits = cache.decoder(self.model).step(input_ids[:, 0])[:, None]  # (B, 1, V)
+            logits = cache.decoder(self.model, cuda_graph).step(input_ids[:, 0])[:, None]  # (B, 1, V)
         else:
             out = self.model(input_ids, state=None if cache is None else cache.state, labels=shifted,
                              token_mask=token_mask, left_pad=left_pad)
@@ -167,12 +173,12 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: Tensor, cache: TransformerVQCache | None = None,
                                       past_key_values: TransformerVQCache | None = None,
                                       attention_mask: Tensor | None = None, use_cache: bool | None = None,
-                                      **kwargs) -> dict:
+                                      cuda_graph: bool | None = None, **kwargs) -> dict:
         """Only the tokens the cache has not seen (once it exists: one per step), with the full mask."""
         cache = cache if cache is not None else past_key_values
         seen = 0 if cache is None else cache.get_seq_length()
         inputs = {"input_ids": input_ids[:, seen:].contiguous(), "attention_mask": attention_mask,
-                  "use_cache": use_cache}
+                  "use_cache": use_cache, "cuda_graph": cuda_graph}
         if cache is not None:
             inputs["cache"] = cache
         return inputs

@@ -314,15 +314,18 @@ class TransformerVQ(nn.Module):
                                      for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers]))])
 
     # -------------------------------------------------------------- generation
-    def decoder(self, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False):
+    def decoder(self, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False,
+                dtype: torch.dtype | None = None):
         """A :class:`~tvq.models.decoding.VQDecoder` continuing ``state`` one token at a time
         (``attention="vq"``; put the model in eval mode). ``compile=True`` fuses the step with
-        torch.compile: 15-20 s to compile on a CPU, then about 4x faster per token. ``cuda_graph=True``
-        (CUDA only) captures the whole step, state write included, in one CUDA graph replayed per token."""
+        torch.compile: 15-60 s to compile on a CPU, then about 4x faster per token. ``cuda_graph=True`` (CUDA
+        only, else a ValueError) captures the whole step, state write included, in one CUDA graph replayed per
+        token. ``dtype``: the step's compute dtype (None: the autocast dtype under autocast, else the
+        parameters')."""
         from tvq.models.decoding import VQDecoder
 
         self._check_state(state, state.batch_size)
-        return VQDecoder(self, state, compile=compile, cuda_graph=cuda_graph)
+        return VQDecoder(self, state, compile=compile, cuda_graph=cuda_graph, dtype=dtype)
 
     @torch.no_grad()
     def stream(
@@ -336,6 +339,8 @@ class TransformerVQ(nn.Module):
         state: TransformerVQState | None = None,
         compile: bool = False,
         left_pad: Tensor | None = None,
+        cuda_graph: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[Tensor]:
         """Yield sampled tokens (B,) one at a time; the state has constant size per step.
 
@@ -343,8 +348,12 @@ class TransformerVQ(nn.Module):
         :class:`~tvq.models.decoding.VQDecoder` (O(mem_len + n_code), in-place state).
         Runs in eval mode (no dropout, no codebook statistics). ``compile=True`` compiles the
         decode step (worth it for long samples: 15-20 s once, then about 4x faster per token on a CPU).
-        ``left_pad`` (B,): left-padded prompts of different lengths (see :meth:`forward`).
+        ``left_pad`` (B,): left-padded prompts of different lengths (see :meth:`forward`). ``cuda_graph``:
+        each token one CUDA graph replay (None: on where the model is on a CUDA device); ``dtype``: the decode
+        step's compute dtype (see :meth:`decoder`).
         """
+        if cuda_graph and self.config.attention != "vq":
+            raise ValueError("cuda_graph=True needs attention='vq' (the dense baseline decodes with the forward)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         was_training = self.training
@@ -355,7 +364,12 @@ class TransformerVQ(nn.Module):
                 generator = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
             out = self(input_ids, state=state, left_pad=left_pad)
             logits, state = out.logits[:, -1], out.state
-            decoder = self.decoder(state, compile=compile) if self.config.attention == "vq" else None
+            decoder = None
+            if self.config.attention == "vq":
+                from tvq.models.decoding import default_cuda_graph
+
+                graph = default_cuda_graph(self.embed.weight.device) if cuda_graph is None else cuda_graph
+                decoder = self.decoder(state, compile=compile, cuda_graph=graph, dtype=dtype)
             for i in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
                 yield token
@@ -380,10 +394,12 @@ class TransformerVQ(nn.Module):
         seed: int | None = None,
         compile: bool = False,
         left_pad: Tensor | None = None,
+        cuda_graph: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Sample ``max_new_tokens`` continuations -> (B, T + max_new_tokens) token ids (``compile``,
-        ``left_pad``: see :meth:`stream`)."""
+        ``left_pad``, ``cuda_graph``, ``dtype``: see :meth:`stream`)."""
         tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, compile=compile,
-                                  left_pad=left_pad))
+                                  left_pad=left_pad, cuda_graph=cuda_graph, dtype=dtype))
         new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
         return torch.cat([input_ids.long(), new], 1)
