@@ -17,7 +17,7 @@ LAYERS = {
     "tvq.overrides": 0, "tvq.schedule": 0, "tvq.files": 0,
     "tvq.ops": 1,
     "tvq.layers": 2,
-    "tvq.models": 3,
+    "tvq.models": 3, "tvq.parallel": 3,
     "tvq.training": 4, "tvq.bench": 4, "tvq.hf": 4, "tvq": 4,
     "tvq.cli": 5, "tvq.__main__": 5,
 }

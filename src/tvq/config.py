@@ -238,6 +238,18 @@ class TransformerVQConfig(DictConfig):
         """Hidden width of the MLP sublayers (mha, mqa)."""
         return self.d_ff or {"shga": 0, "mha": 4, "mqa": 5}[self.head_type] * self.d_model
 
+    def check_context_chunk(self, chunk_len: int) -> None:
+        """ValueError unless one rank's chunk of ``chunk_len`` tokens of a segment split over ranks (context
+        parallelism, :mod:`tvq.parallel`) can be computed exactly."""
+        if self.attention != "vq":
+            raise ValueError(f"context parallelism needs attention='vq', not {self.attention!r}")
+        if chunk_len < self.mem_len:
+            raise ValueError(f"context parallelism: a chunk of {chunk_len} tokens per rank is shorter than "
+                             f"mem_len = {self.mem_len}; use fewer ranks or longer segments")
+        if self.straight_through == "block" and chunk_len % self.block_len:
+            raise ValueError(f"context parallelism with straight_through='block': a chunk of {chunk_len} tokens "
+                             f"per rank is not a multiple of block_len = {self.block_len}")
+
     def replace(self, **changes) -> "TransformerVQConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)

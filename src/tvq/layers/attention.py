@@ -127,12 +127,14 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
-        start: Tensor | None = None,
+        start: Tensor | None = None, context=None,
     ) -> tuple[Tensor, LayerState, Tensor]:
         """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss).
 
         ``token_mask`` (B, T) bool: False for padding (kept out of the codebook statistics); ``start`` (B,)
-        long: each row's first real position (left padding before it), or None (0)."""
+        long: each row's first real position (left padding before it), or None (0). ``context``: a
+        :class:`tvq.parallel.ContextParallel` when x is one rank's chunk of a sequence split over ranks (``state``
+        is then the segment's carried state, and the new state the whole segment's)."""
         cfg = self.config
         B, T, _ = x.shape
         Hq, Hkv, Dk, Dv, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len
@@ -156,6 +158,8 @@ class Attention(nn.Module):
         else:
             quant = self.quantizer(k, token_mask)
             commit = quant.commit
+            if context is not None:  # the state at the start of this rank's chunk, and after the segment
+                state, quant, v, segment_state = context.exchange(state, quant, v, pos, start, cfg)
             # the window in the compute dtype (a carried state may be wider: an fp32 state under autocast
             # would promote the window's products to fp32)
             keys = torch.cat([state.keys.to(quant.keys.dtype), quant.keys], 2)  # (B, H_kv, M + T, D_k)
@@ -170,8 +174,9 @@ class Attention(nn.Module):
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           block_len=cfg.block_len, agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
                           cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias)
-            new_state = advance_state(state, keys, values, codes, n_invalid, n_code=cfg.n_code,
-                                      agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache)
+            new_state = segment_state if context is not None else advance_state(
+                state, keys, values, codes, n_invalid, n_code=cfg.n_code, agg_cache=cfg.agg_cache,
+                grad_thru_cache=cfg.grad_thru_cache)
 
         out = attn.transpose(1, 2).reshape(B, T, Hq * Dv)  # (B, T, H_q D_v)
         if g is not None:

@@ -77,7 +77,10 @@ class TransformerVQ(nn.Module):
     - left_pad (B,) ints >= 0, with a new state only: row b's first ``left_pad[b]`` positions are
       padding. They are never attended, never enter the cache, the codebook statistics or the
       commitment loss, and their labels are ignored, so each row computes exactly what it computes
-      alone. The state keeps each row's start (:attr:`TransformerVQState.start`) for later calls.
+      alone. The state keeps each row's start (:attr:`TransformerVQState.start`) for later calls;
+    - context: a :class:`tvq.parallel.ContextParallel` when input_ids is this rank's chunk of segments split
+      over the ranks of a group (``state``: the segments' carried state, the same on every rank). The logits
+      are the chunk's, the losses and the returned state the whole segments', exactly as one process's.
 
     In training mode forwards accumulate codebook statistics; call :meth:`update_codebooks`
     once per optimizer step.
@@ -171,9 +174,14 @@ class TransformerVQ(nn.Module):
         labels: Tensor | None = None,
         token_mask: Tensor | None = None,
         left_pad: Tensor | None = None,
+        context=None,
     ) -> TransformerVQOutput:
         input_ids = self._check_ids(input_ids, "input_ids")
         B, T = input_ids.shape
+        offset = 0  # the position of this call's first token after the state's
+        if context is not None:
+            self.config.check_context_chunk(T)
+            offset = context.rank * T
         if left_pad is not None and state is not None:
             raise ValueError("left_pad starts new sequences: pass it without a state (the state keeps its rows' starts)")
         if state is None:
@@ -185,12 +193,13 @@ class TransformerVQ(nn.Module):
             if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool or token_mask.shape != (B, T):
                 raise ValueError(f"token_mask must be a bool tensor of shape {(B, T)}")
         if state.start is not None:  # left padding: no codebook statistics, commitment loss or labels there
-            real = torch.arange(state.pos, state.pos + T, device=input_ids.device) >= state.start[:, None]  # (B, T)
+            first = state.pos + offset
+            real = torch.arange(first, first + T, device=input_ids.device) >= state.start[:, None]  # (B, T)
             token_mask = real if token_mask is None else token_mask & real
             if labels is not None and isinstance(labels, Tensor) and labels.shape == (B, T):
                 labels = labels.masked_fill(~real, IGNORE_INDEX)
 
-        seg = self._segment_len(input_ids)
+        seg = T if context is not None else self._segment_len(input_ids)
         if seg < T:  # CPU inference: segment by segment through all layers, carrying the state
             logits, commit, weight = [], 0.0, 0
             for lo in range(0, T, seg):
@@ -201,17 +210,22 @@ class TransformerVQ(nn.Module):
                 commit, weight = commit + seg_commit * n, weight + n
             logits, commit = torch.cat(logits, 1), commit / max(weight, 1)
         else:
-            logits, state, commit = self._run(input_ids, state, token_mask)
+            logits, state, commit = self._run(input_ids, state, token_mask, context)
         out = TransformerVQOutput(logits, state, commit_loss=commit)
         if labels is not None:
             labels = self._check_ids(labels, "labels", shape=(B, T), allow_ignore=True)
+        if context is not None:  # the whole segments' losses: sums over the ranks
+            out.lm_loss, out.commit_loss = context.reduce_losses(logits, labels, commit, token_mask, IGNORE_INDEX)
+        elif labels is not None:
             out.lm_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-            out.loss = out.lm_loss + self.config.commit_weight * commit
+        if labels is not None:
+            out.loss = out.lm_loss + self.config.commit_weight * out.commit_loss
         return out
 
-    def _run(self, input_ids: Tensor, state: TransformerVQState, token_mask: Tensor | None):
+    def _run(self, input_ids: Tensor, state: TransformerVQState, token_mask: Tensor | None, context=None):
         """Embed, run the attention (and MLP) sublayers, read out: -> (logits (B, T, V), new state, commitment loss)."""
         x = self.drop_emb(self.embed(input_ids))  # (B, T, D)
+        pos = state.pos + (0 if context is None else context.rank * input_ids.shape[1])  # of the first token
         commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         layers = []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
@@ -221,14 +235,15 @@ class TransformerVQ(nn.Module):
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
                 quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
                 x, new_layer_state, layer_commit = checkpoint(
-                    attn, x, layer_state, state.pos, token_mask, state.start, use_reentrant=False, **quiet)
+                    attn, x, layer_state, pos, token_mask, state.start, context, use_reentrant=False, **quiet)
             else:
-                x, new_layer_state, layer_commit = attn(x, layer_state, state.pos, token_mask, state.start)
+                x, new_layer_state, layer_commit = attn(x, layer_state, pos, token_mask, state.start, context)
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
             commit = commit + layer_commit
-        return self._logits(x), TransformerVQState(layers, state.pos + input_ids.shape[1], state.start), commit
+        T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
+        return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
 
     def _segment_len(self, input_ids: Tensor) -> int:
         """Tokens per segment of a forward: all of them, except in CPU inference (no autograd) of a VQ

@@ -14,8 +14,8 @@ OPTIMIZERS = ("adamw", "adafactor")
 PARALLEL = ("ddp", "fsdp")
 # keys a resumed run may change: how long it trains (max_steps), how a step is split over devices
 # and micro-batches, and what is logged, saved and sampled; none changes the computed losses
-RESUMABLE_KEYS = ("max_steps", "grad_accum", "parallel", "dist_timeout", "log_every", "save_every",
-                  "keep_last", "sample_tokens", "top_p")
+RESUMABLE_KEYS = ("max_steps", "grad_accum", "parallel", "context_parallel", "dist_timeout", "log_every",
+                  "save_every", "keep_last", "sample_tokens", "top_p")
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds; longer waits are a mistake (and overflow some backends)
 
 
@@ -27,7 +27,9 @@ class TrainConfig(DictConfig):
     a sequence of ``sequence_len`` tokens is ``sequence_len / update_len`` consecutive steps with
     the attention state carried (detached) from one to the next, as in the paper.
     ``batch_size`` is the global batch: under torchrun each of N ranks takes ``batch_size / N``
-    rows, split into ``grad_accum`` micro-batches.
+    rows, split into ``grad_accum`` micro-batches. With ``context_parallel = C`` > 1 the ranks form N / C
+    data-parallel groups of C: each group takes ``batch_size C / N`` rows, and rank c of a group the c-th
+    ``update_len / C`` tokens of every update segment of them (:mod:`tvq.parallel`).
     """
 
     model: TransformerVQConfig = field(default_factory=TransformerVQConfig)
@@ -58,6 +60,7 @@ class TrainConfig(DictConfig):
     bf16: bool = True  # bfloat16 autocast where the device supports it (CUDA)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
     dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the job fails
+    context_parallel: int = 1  # under torchrun: ranks sharing each update segment (each a chunk of it)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -69,7 +72,7 @@ class TrainConfig(DictConfig):
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "sequence_len", "update_len", "max_steps", "log_every",
-                     "save_every", "keep_last", "dist_timeout"):
+                     "save_every", "keep_last", "dist_timeout", "context_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -91,6 +94,11 @@ class TrainConfig(DictConfig):
         if self.update_len % self.model.block_len:
             raise ValueError(f"update_len {self.update_len} is not divisible by model.block_len "
                              f"{self.model.block_len}")
+        if self.context_parallel > 1:
+            if self.update_len % self.context_parallel:
+                raise ValueError(f"update_len {self.update_len} is not divisible by context_parallel "
+                                 f"{self.context_parallel}")
+            self.model.check_context_chunk(self.update_len // self.context_parallel)
         if self.dist_timeout > MAX_DIST_TIMEOUT:
             raise ValueError(f"dist_timeout must be at most {MAX_DIST_TIMEOUT} seconds, got {self.dist_timeout}")
         for name in ("lr", "eps", "grad_clip"):

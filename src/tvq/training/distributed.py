@@ -8,6 +8,12 @@ of ``N`` takes rows ``[r * B/N, (r + 1) * B/N)``, and its micro-batch ``m`` of `
 is rows ``r * B/N + [m * b, (m + 1) * b)`` with ``b = B / (N * A)``. The carried attention state
 follows its rows, so a checkpoint stores it as row blocks in global row order (rank 0's
 micro-batches, then rank 1's, ...), and any ``(N, A)`` can slice its rows back out exactly.
+
+Context parallelism (``context_parallel = C``): ranks ``d C .. d C + C - 1`` form data-parallel group
+``d`` of ``N / C``; it takes rows as one rank does above, and its rank ``c`` the ``c``-th ``1/C`` of every
+update segment of them, exchanging per attention sublayer on a process group of its own
+(:class:`tvq.parallel.ContextParallel`). DDP and FSDP reduce over the whole world, the codebook statistics
+too; the carried state is the same on the ranks of a group, and a checkpoint keeps one copy of it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tvq.parallel import ContextParallel
 from tvq.runtime import env_rank
 from tvq.state import LayerState, TransformerVQState
 
@@ -41,6 +48,8 @@ class Cluster:
     local_rank: int
     device: torch.device
     mode: str
+    cp: int = 1  # ranks per context-parallel group
+    context: ContextParallel | None = None  # this rank's group, when cp > 1
 
     @property
     def is_main(self) -> bool:
@@ -55,9 +64,14 @@ class Cluster:
         return self.mode == "fsdp"
 
     def rows(self, batch_size: int) -> slice:
-        """This rank's contiguous slice of the global batch."""
-        n = batch_size // self.world_size
-        return slice(self.rank * n, (self.rank + 1) * n)
+        """This rank's contiguous slice of the global batch (that of its context-parallel group)."""
+        n, group = batch_size * self.cp // self.world_size, self.rank // self.cp
+        return slice(group * n, (group + 1) * n)
+
+    def chunk(self, update_len: int) -> slice:
+        """This rank's contiguous slice of an update segment: all of it unless context-parallel."""
+        n = update_len // self.cp
+        return slice(self.rank % self.cp * n, (self.rank % self.cp + 1) * n)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -155,7 +169,8 @@ class Cluster:
         gathered = [combine([s], gather) for s in states]  # fields: per-rank lists
         if not self.is_main:
             return None
-        return [combine([g], lambda per_rank, r=r: per_rank[0][r]) for r in range(self.world_size) for g in gathered]
+        return [combine([g], lambda per_rank, r=r: per_rank[0][r])  # one copy per context-parallel group
+                for r in range(0, self.world_size, self.cp) for g in gathered]
 
 
 def combine(states: list[TransformerVQState], fn) -> TransformerVQState:
@@ -182,13 +197,15 @@ def select_rows(blocks: list[TransformerVQState], start: int, stop: int) -> Tran
 
 
 @contextlib.contextmanager
-def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, device: str | None = None):
+def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, device: str | None = None,
+            context_parallel: int = 1):
     """Join the process group when launched by torchrun (``WORLD_SIZE`` set): nccl on CUDA,
     gloo on CPU, with collectives timing out after ``timeout_s`` seconds; leave it on exit.
 
     A process group that already exists (made by the caller) is used as it is. Yields the
-    :class:`Cluster`. Raises ``ValueError`` before joining when ``batch_size`` does not split
-    into ``world_size * grad_accum`` equal micro-batches.
+    :class:`Cluster`. Raises ``ValueError`` before joining when ``context_parallel`` does not divide
+    the world size, or ``batch_size`` does not split into ``world_size / context_parallel * grad_accum``
+    equal micro-batches.
     """
     launched = "WORLD_SIZE" in os.environ or dist.is_initialized()
     if dist.is_initialized():
@@ -196,9 +213,14 @@ def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, dev
     else:
         rank, world = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if batch_size % (world * grad_accum):
-        raise ValueError(f"batch_size {batch_size} does not split over {world} ranks x grad_accum {grad_accum}; "
-                         f"use a batch_size divisible by {world * grad_accum}")
+    if world % context_parallel:
+        raise ValueError(f"context_parallel {context_parallel} does not divide the {world} ranks; run a multiple "
+                         f"of {context_parallel} processes")
+    n_dp = world // context_parallel  # data-parallel groups
+    if batch_size % (n_dp * grad_accum):
+        where = f"{world} ranks" if context_parallel == 1 else f"{n_dp} groups of {context_parallel} ranks"
+        raise ValueError(f"batch_size {batch_size} does not split over {where} x grad_accum {grad_accum}; "
+                         f"use a batch_size divisible by {n_dp * grad_accum}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if launched and dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
@@ -214,7 +236,12 @@ def cluster(parallel: str, batch_size: int, grad_accum: int, timeout_s: int, dev
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     try:
-        yield Cluster(rank, world, local_rank, dev, parallel if launched else "single")
+        context = None
+        if context_parallel > 1:  # every rank makes every group; DDP and FSDP keep the world group
+            groups = [dist.new_group(list(range(d * context_parallel, (d + 1) * context_parallel)))
+                      for d in range(n_dp)]
+            context = ContextParallel(groups[rank // context_parallel])
+        yield Cluster(rank, world, local_rank, dev, parallel if launched else "single", context_parallel, context)
         if own_group:
             dist.barrier()  # every rank is done with its collectives before any leaves the group
     except RuntimeError as e:

@@ -124,10 +124,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, device
     """
     run_dir = Path(run_dir)
     cfg = resolve_config(cfg, run_dir, resume)  # fail fast, before loading data
-    with cluster(cfg.parallel, cfg.batch_size, cfg.grad_accum, cfg.dist_timeout, device) as cl:
+    with cluster(cfg.parallel, cfg.batch_size, cfg.grad_accum, cfg.dist_timeout, device, cfg.context_parallel) as cl:
         if not cl.is_main:
             log, progress = (lambda *a, **k: None), False
-        micro_tokens = cfg.batch_size // (cl.world_size * cfg.grad_accum) * cfg.update_len
+        micro_tokens = cfg.batch_size * cfg.update_len // (cl.world_size * cfg.grad_accum)
         check_fits(cfg.model, device=cl.device, what="this run", training=dict(
             tokens=micro_tokens, batch_tokens=cfg.batch_size * cfg.update_len, optimizer=cfg.optimizer,
             grad_checkpoint=cfg.model.grad_checkpoint))
@@ -251,7 +251,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, cl: Cluster, resume: bool, log, lock
     log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_attn} "
         f"{'GAUs' if cfg.model.head_type == 'shga' else 'attention + MLP layers'}; "
         f"data: {cfg.data} ({len(train_split.tokens):,} training tokens)"
-        + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else ""))
+        + (f"; {cl.mode} over {cl.world_size} ranks" if cl.distributed else "")
+        + (f", each update segment over {cl.cp}" if cl.cp > 1 else ""))
 
     return _Session(model, net, optimizer, sampler, val_split, byte_level, bytes_per_token, amp, start_step,
                     best_loss, rows, micro, states)
@@ -279,7 +280,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: 
         t0 = time.perf_counter()
         if sampler.is_sequence_start(step):
             states = [None] * cfg.grad_accum
-        inputs, labels = (t[rows] for t in sampler.batch(step))
+        inputs, labels = (t[rows, cl.chunk(cfg.update_len)] for t in sampler.batch(step))
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -288,7 +289,8 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: 
             mb = slice(m * micro, (m + 1) * micro)
             with cl.grad_sync(net, m == cfg.grad_accum - 1):  # gradients all-reduced on the last only
                 with autocast():
-                    out = net(inputs[mb].to(device), state=states[m], labels=labels[mb].to(device))
+                    out = net(inputs[mb].to(device), state=states[m], labels=labels[mb].to(device),
+                              context=cl.context)
                 (out.loss / cfg.grad_accum).backward()
             states[m] = out.state.detach()
             loss_sum = loss_sum + out.loss.detach().float() / cfg.grad_accum
