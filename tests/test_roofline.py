@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tvq.bench.roofline import Device, estimate, fa2_seconds, part_seconds
+from tvq.bench.roofline import SPREAD, Device, estimate, fa2_seconds, part_seconds, spread
 
 CONFIG = dict(head_type="shga", n_layer=1, n_head=1, d_model=8, d_k=2, d_v=6)
 DEV = Device(bf16_tflops=1e-12, fp32_tflops=0.5e-12, hbm_tbps=1e-12, launch_us=1e6, fa2_tflops=1e-12)  # 1 s units
@@ -47,3 +47,11 @@ def test_estimate_needs_two_training_lengths():
         estimate([result(100)])
     with pytest.raises(ValueError, match="two different"):
         estimate([result(100), result(100)])
+
+
+def test_spread_covers_every_combination_of_the_assumptions():
+    sp = spread([result(100), result(400)])
+    n = 1
+    for values in SPREAD.values():
+        n *= len(values)
+    assert sp["combinations"] == n and sp["never"] == 0 and sp["min"] <= sp["median"] <= sp["max"]

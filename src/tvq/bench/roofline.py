@@ -94,6 +94,24 @@ def estimate(results: list[dict], dev: Device = Device(), lengths=(8192, 32768, 
     }
 
 
+# the assumptions varied by :func:`spread`: each around its default
+SPREAD = {"launch_us": (2.0, 4.0, 8.0), "hbm_tbps": (2.0, 2.6, 3.0), "fa2_tflops": (300.0, 350.0, 450.0),
+          "bf16_tflops": (500.0, 650.0)}
+
+
+def spread(results: list[dict]) -> dict:
+    """The crossover over every combination of the :data:`SPREAD` assumptions: min, median, max (None: never)."""
+    import itertools
+
+    found = []
+    for values in itertools.product(*SPREAD.values()):
+        found.append(estimate(results, Device(**dict(zip(SPREAD, values))))["crossover_tokens"])
+    known = sorted(t for t in found if t is not None)
+    return {"assumptions": {k: list(v) for k, v in SPREAD.items()}, "combinations": len(found),
+            "never": len(found) - len(known), "min": known[0] if known else None,
+            "median": known[len(known) // 2] if known else None, "max": known[-1] if known else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     from tvq.bench.cost import PRESETS, measure_many, preset_config
 
@@ -110,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     results = measure_many([dict(config=cfg, seq_len=T, mode="train") for T in args.lengths])
     est = estimate(results)
     est["preset"] = args.preset
+    est["crossover_spread"] = spread(results)
     print(f"tvq vs FlashAttention-2 ({args.preset}, roofline from counts; assumptions: {est['device']})")
-    print(f"  crossover: {est['crossover_tokens'] or 'none below 16M'} tokens")
+    sp = est["crossover_spread"]
+    print(f"  crossover: {est['crossover_tokens'] or 'none below 16M'} tokens (over {sp['combinations']} variations "
+          f"of the assumptions: {sp['min']}-{sp['max']}, median {sp['median']}, never in {sp['never']})")
     for T, row in est["at"].items():
         print(f"  {int(T):>8,} tokens  tvq {row['tvq_ms']:9.1f} ms  dense {row['dense_fa2_ms']:9.1f} ms  "
               f"speedup {row['speedup']:.2f}x")

@@ -244,7 +244,8 @@ class VectorQuantizer(nn.Module):
         self._n_updates += 1
         dead = self.c_count < self.revive  # (H, S)
         order = count.argsort(dim=-1, descending=True, stable=True)  # (H, S) most used first
-        donor = ((count > 0) & (self.c_count >= 2 * self.revive)).gather(1, order)  # (H, S) in that order: both halves live
+        # (H, S) in that order: codes whose halves both stay live
+        donor = ((count > 0) & (self.c_count >= 2 * self.revive)).gather(1, order)
         n_pairs = torch.minimum(donor.sum(-1), dead.sum(-1))  # (H,)
         # pair r of head h: donor donors[h, r] and target targets[h, r] for r < n_pairs[h]; S: no pair
         spare = torch.full((H, S + 1), S, dtype=torch.long, device=count.device)
