@@ -10,12 +10,11 @@ the JSON is rewritten after every measurement, so a kill keeps what was done):
   train32k     enwik8 shape, B = 1, 32k tokens: vq vs SDPA training tokens/s and peak memory, eager and compiled
   crossover    the same at 8k and 131k (grad checkpointing at 131k; OOM recorded)
   profile      torch.profiler over one vq training step: top 15 kernels by device time, kernel count
-  decode       decode at position 65,536: tvq eager, tvq CUDA graph (if VQDecoder has cuda_graph), SDPA static KV cache
+  decode       decode at position 65,536: tvq eager, tvq CUDA graph, SDPA static KV cache
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -299,7 +298,6 @@ def _decode_rate(step, tok, n, deadline):
 
 def part_decode(rep, budget, args):
     from tvq.bench.runner import synthetic_state
-    from tvq.models.decoding import VQDecoder
     p = rep.part("decode")
     res = p["results"]
     pos = 512 if CPU else 65536
@@ -313,21 +311,13 @@ def part_decode(rep, budget, args):
         dec = model.decoder(st)
         res["tvq_eager_tokens_per_s"] = _decode_rate(dec.step, tok, n, budget)
         rep.save()
-        has_graph = "cuda_graph" in inspect.signature(VQDecoder.__init__).parameters
-        if not has_graph:
-            res["tvq_cuda_graph_tokens_per_s"] = "not available"
-        elif CPU:
+        if CPU:
             res["tvq_cuda_graph_tokens_per_s"] = "skipped: needs CUDA"
         elif time.time() > budget:
             res["tvq_cuda_graph_tokens_per_s"] = "skipped: budget"
         else:
             try:
-                st = synthetic_state(model, 1, pos, torch.float32)
-                kw = {"cuda_graph": True}
-                if "cuda_graph" in inspect.signature(model.decoder).parameters:
-                    dec = model.decoder(st, **kw)
-                else:
-                    dec = VQDecoder(model, st, **kw)
+                dec = model.decoder(synthetic_state(model, 1, pos, torch.float32), cuda_graph=True)
                 res["tvq_cuda_graph_tokens_per_s"] = _decode_rate(dec.step, tok, n, budget)
             except Exception as e:
                 res["tvq_cuda_graph_tokens_per_s"] = f"error: {type(e).__name__}: {str(e)[:300]}"
