@@ -1,24 +1,28 @@
 """Context parallelism (tvq.parallel) is exact: C gloo processes, each with one chunk of the segment, against
 one process on the whole segment, in float64: logits, losses, every parameter gradient (the mean over the
 ranks), the codebook statistics (their sum), the state after the segment, inference logits and loss; the
-bytes sent; under DDP with 2 x 2 ranks; and the trainer's ``context_parallel``."""
+bytes sent; under DDP with 2 x 2 ranks; long-context evaluation; and the trainer's ``context_parallel``
+(training and ``tvq eval``)."""
 
 import json
 import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tvq import parallel
+from tvq.data.corpus import split_from_documents
 from tvq.parallel import ContextParallel, traffic
 from tvq.state import TransformerVQState
 from tvq.training import checkpoint as ckpt
 from tvq.training.config import apply_overrides, preset
 from tvq.training.distributed import combine
+from tvq.training.evaluate import evaluate as evaluate_split, evaluate_run
 from tvq.training.trainer import train
 from conftest import make_model, sample_text
 
@@ -235,6 +239,57 @@ def test_chunks_shorter_than_mem_len_are_refused():
         model(torch.zeros(1, 8, dtype=torch.long), context=cp)
 
 
+# ---------------------------------------------------------------- evaluation: evaluate(..., context=cp)
+
+EVAL_SEGMENT = 24  # chunks of 12 on 2 ranks (mem_len 8)
+EVAL_RUNS = [dict(), dict(max_tokens=120), dict(reset_every=48)]  # keyword arguments of evaluate
+
+
+def eval_split():
+    """Documents of 100 tokens (4 whole segments, then one of 4 tokens), 30 and 7 (shorter than a segment)."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 50, n).astype(np.uint8) for n in (100, 30, 7)]
+    return split_from_documents(docs, np.uint8, n_bytes=137, n_words=20)
+
+
+def eval_rank(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cp = ContextParallel(dist.new_group([0, 1]))
+    model = make_model(seed=1, n_layer=2)
+    got = [evaluate_split(model, eval_split(), segment_len=EVAL_SEGMENT, byte_level=False, rank=rank, world_size=2,
+                          context=cp, **kwargs) for kwargs in EVAL_RUNS]
+    torch.save(got, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_evaluation_over_context_parallel_ranks_matches_one_process(tmp_path):
+    """2 ranks score each segment of the same documents (a chunk each), the state carried across segments."""
+    mp.spawn(eval_rank, args=(free_port(), tmp_path), nprocs=2)
+    model = make_model(seed=1, n_layer=2)
+    for i, kwargs in enumerate(EVAL_RUNS):
+        one = evaluate_split(model, eval_split(), segment_len=EVAL_SEGMENT, byte_level=False, **kwargs)
+        for r in range(2):
+            got = torch.load(tmp_path / f"rank{r}.pt")[i]
+            assert got.keys() == one.keys() and got["tokens"] == one["tokens"], kwargs
+            for key in ("loss", "bpb", "ppl"):
+                close(torch.tensor(got[key]), torch.tensor(one[key]), f"{key} {kwargs}")
+
+
+def test_evaluation_context_errors():
+    model, split = make_model(), eval_split()
+    cp = ContextParallel.__new__(ContextParallel)  # no group needed to check shapes
+    cp.rank, cp.size = 1, 2
+    with pytest.raises(ValueError, match="segment_len 25 is not divisible by context_parallel 2"):
+        evaluate_split(model, split, segment_len=25, rank=1, world_size=2, context=cp)
+    with pytest.raises(ValueError, match="shorter than mem_len = 8"):
+        evaluate_split(model, split, segment_len=12, rank=1, world_size=2, context=cp)
+    with pytest.raises(ValueError, match="must form group d"):
+        evaluate_split(model, split, segment_len=24, rank=0, world_size=2, context=cp)
+
+
 # ---------------------------------------------------------------- the trainer: --set context_parallel=C
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
@@ -251,6 +306,14 @@ def train_rank(rank: int, n_ranks: int, port: int, cfg, run_dir: Path) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n_ranks))
     torch.set_num_threads(1)
     train(cfg, run_dir, **QUIET)
+
+
+def eval_run_rank(rank: int, n_ranks: int, port: int, run_dir: Path, out: Path) -> None:
+    """``tvq eval`` under torchrun."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n_ranks),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n_ranks))
+    torch.set_num_threads(1)
+    (out / f"rank{rank}.json").write_text(json.dumps(evaluate_run(run_dir, device="cpu")))
 
 
 def run_losses(run_dir: Path) -> dict:
@@ -275,6 +338,11 @@ def test_trainer_context_parallel_matches_one_process_and_resumes_in_one(tmp_pat
         got = ckpt.load_model(tmp_path / run / "checkpoints" / "step_00000003")[0].state_dict()
         for key in one:
             torch.testing.assert_close(got[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{run}: {key}")
+    # tvq eval of the fsdp run (context_parallel = 2) on 2 ranks: each validation segment over both
+    mp.spawn(eval_run_rank, args=(2, free_port(), tmp_path / "fsdp", tmp_path), nprocs=2)
+    single = evaluate_run(tmp_path / "fsdp", device="cpu")  # not under torchrun: one process
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == pytest.approx(single, rel=1e-6)
     train(train_config(data, "max_steps=6"), tmp_path / "cp", resume=True, **QUIET)
     resumed, straight = run_losses(tmp_path / "cp"), run_losses(tmp_path / "straight")
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)

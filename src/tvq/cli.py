@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tvq.bench import run_bench
 from tvq.bench.args import add_arguments as bench_options
-from tvq.runtime import tune_cpu_allocator
+from tvq.runtime import env_rank, tune_cpu_allocator
 from tvq.training.config import DEFAULT_PRESET, PRESETS
 from tvq.usage import ArgumentParser, UsageError, checkpoint_name, device_name, float_range, int_range, run_command
 
@@ -84,6 +84,8 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, data=args.data,
                           max_tokens=args.max_tokens, device=args.device, progress=not args.no_progress)
+    if env_rank() != 0:  # under torchrun every rank has the result: rank 0 prints it
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

@@ -268,7 +268,7 @@ def _loop(cfg: TrainConfig, run_dir: Path, cl: Cluster, progress: bool, log, s: 
     def validate() -> dict:
         return evaluate(model, s.val_split, segment_len=cfg.update_len, max_tokens=cfg.eval_tokens,
                         byte_level=s.byte_level, device=device, rank=cl.rank, world_size=cl.world_size,
-                        lockstep=cl.fsdp)
+                        lockstep=cl.fsdp, context=cl.context)
 
     tokens_per_step = cfg.batch_size * cfg.update_len
     metrics_log = MetricsLog(run_dir, enabled=cl.is_main)
