@@ -341,8 +341,12 @@ def test_trainer_context_parallel_matches_one_process_and_resumes_in_one(tmp_pat
     # tvq eval of the fsdp run (context_parallel = 2) on 2 ranks: each validation segment over both
     mp.spawn(eval_run_rank, args=(2, free_port(), tmp_path / "fsdp", tmp_path), nprocs=2)
     single = evaluate_run(tmp_path / "fsdp", device="cpu")  # not under torchrun: one process
+    numbers = {k: v for k, v in single.items() if isinstance(v, (int, float))}
     for r in range(2):
-        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == pytest.approx(single, rel=1e-6)
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got.keys() == single.keys() and {k: got[k] for k in single if k not in numbers} == {
+            k: v for k, v in single.items() if k not in numbers}
+        assert {k: got[k] for k in numbers} == pytest.approx(numbers, rel=1e-6)
     train(train_config(data, "max_steps=6"), tmp_path / "cp", resume=True, **QUIET)
     resumed, straight = run_losses(tmp_path / "cp"), run_losses(tmp_path / "straight")
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-5)
