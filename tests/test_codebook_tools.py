@@ -242,3 +242,26 @@ def test_two_gloo_ranks_equal_one_batch(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, t in _codebooks(one).items():
             torch.testing.assert_close(got[name], t, atol=1e-9, rtol=0, msg=name)
+
+
+def test_flag_copies_follow_a_loaded_state_by_any_route():
+    """The host copies of kmeans_pending and n_updates (Python branches without read-back) follow a state
+    dict loaded with load_state_dict or written into the buffers directly (as Hugging Face's loader does)."""
+    keys, _ = clustered_keys()
+    trained = VectorQuantizer(2, 8, 4, 0.9, init="kmeans", revive=0.5).double().train()
+    for _ in range(3):  # k-means, then two EMA updates with revival
+        trained(keys)
+        trained.apply_update()
+    assert not bool(trained.kmeans_pending) and int(trained.n_updates) == 2
+    for route in ("load_state_dict", "assign"):
+        fresh = VectorQuantizer(2, 8, 4, 0.9, init="kmeans", revive=0.5).double().train()
+        if route == "load_state_dict":
+            fresh.load_state_dict(trained.state_dict())
+        else:
+            with torch.no_grad():
+                for name, buf in trained.named_buffers():
+                    getattr(fresh, name).copy_(buf)
+        assert not fresh._kmeans_pending and fresh._host("n_updates", int) == 2, route
+        fresh(keys)
+        fresh.apply_update()  # an EMA update with revival, not k-means again
+        assert int(fresh.n_updates) == 3 and fresh._host("n_updates", int) == 3, route

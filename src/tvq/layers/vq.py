@@ -81,7 +81,8 @@ class VectorQuantizer(nn.Module):
     (``_stats``: not saved, follows the codebook's device and dtype, at a fixed address so that a
     compiled step can be captured in a CUDA graph; tvq's DDP does not sync buffers in forward).
     Neither a forward nor an update reads anything back to the host: flags that control Python
-    branches (k-means pending, the update count) have host copies, refreshed when a state dict loads.
+    branches (k-means pending, the update count) have host copies, read again only when their buffers
+    change under them (a load).
     """
 
     # layout of the flat statistics vector: per head [sum (S*D_k) | count (S)] then 3 scalars
@@ -100,23 +101,35 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
-        self._kmeans_pending, self._n_updates = init == "kmeans", 0  # host copies of the buffers below
+        self._host_values: dict[str, bool | int] = {}  # host copies of the flag buffers below (see _host)
+        self._host_keys: dict[str, tuple[int, int]] = {}
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
             self.register_buffer("kmeans_pending", torch.tensor(True))
+            self._set_host("kmeans_pending", True)
             self._init_keys: list[tuple[Tensor, Tensor | None]] = []  # per forward: keys (H, N, D_k), mask (N,)
         elif init != "random":
             raise ValueError(f"codebook init must be 'random' or 'kmeans', got {init!r}")
         if revive > 0:  # updates so far: seeds the revival offsets, the same on every rank (saved)
             self.register_buffer("n_updates", torch.tensor(0))
-        self.register_load_state_dict_post_hook(VectorQuantizer._refresh_host_copies)
+            self._set_host("n_updates", 0)
 
-    @staticmethod
-    def _refresh_host_copies(module: "VectorQuantizer", incompatible_keys) -> None:
-        """After a state dict loads: the host copies of the flags (read once, here)."""
-        if module.init == "kmeans":
-            module._kmeans_pending = bool(module.kmeans_pending)
-        if module.revive > 0:
-            module._n_updates = int(module.n_updates)
+    def _host(self, name: str, read: Callable[[Tensor], bool | int]) -> bool | int:
+        """The host copy of flag buffer ``name``, so that Python branches need no read-back: read again (once)
+        only when the buffer was replaced or written by someone else since (a state dict loaded by any route,
+        a move to another device); a compiled graph uses the copy as it is."""
+        buf = getattr(self, name)
+        if not torch.compiler.is_compiling() and self._host_keys.get(name) != (id(buf), buf._version):
+            self._set_host(name, read(buf))
+        return self._host_values[name]
+
+    def _set_host(self, name: str, value: bool | int) -> None:
+        """Record ``value`` as the host copy of buffer ``name`` as it is now (after writing it ourselves)."""
+        buf = getattr(self, name)
+        self._host_values[name], self._host_keys[name] = value, (id(buf), buf._version)
+
+    @property
+    def _kmeans_pending(self) -> bool:
+        return self.init == "kmeans" and self._host("kmeans_pending", bool)
 
     def codebook(self) -> Tensor:
         """The codewords C = c_sum / max(c_count, 0.01) -> (H, S, D_k)."""
@@ -240,8 +253,9 @@ class VectorQuantizer(nn.Module):
         rank revives the same codes identically. All heads at once, in fixed shapes: no read-back.
         Returns the fraction of codes revived (a 0-dim tensor)."""
         H, S = self.n_head, self.n_code
+        n_updates = self._host("n_updates", int) + 1
         self.n_updates += 1
-        self._n_updates += 1
+        self._set_host("n_updates", n_updates)
         dead = self.c_count < self.revive  # (H, S)
         order = count.argsort(dim=-1, descending=True, stable=True)  # (H, S) most used first
         # (H, S) in that order: codes whose halves both stay live
@@ -260,7 +274,7 @@ class VectorQuantizer(nn.Module):
         heads = torch.arange(H, device=count.device)[:, None]  # (H, 1)
         d = donors.clamp_max(S - 1)
         mean = k_sum[heads, d] / count[heads, d].clamp_min(1.0)[..., None]  # (H, S, D_k)
-        delta = self._offsets(self._n_updates, (H, S), (0.5 * mse.sqrt()).expand(H, S))  # (H, S, D_k)
+        delta = self._offsets(n_updates, (H, S), (0.5 * mse.sqrt()).expand(H, S))  # (H, S, D_k)
         half = c_count[heads, donors] / 2  # (H, S)
         c_count[heads, donors] = half
         c_count[heads, targets] = half
@@ -310,7 +324,7 @@ class VectorQuantizer(nn.Module):
         self.c_count.copy_(counts.clamp_min(1.0))
         self.c_sum.copy_(cent * self.c_count[..., None])
         self.kmeans_pending.fill_(False)
-        self._kmeans_pending = False
+        self._set_host("kmeans_pending", False)
 
     def _lloyd_stats(self, keys: Tensor, codes: Tensor, n: int, all_reduce) -> tuple[Tensor, Tensor, Tensor]:
         """Per-cluster statistics of keys (H, N, D_k) in clusters ``codes`` (H, N) in [0, n), summed over
