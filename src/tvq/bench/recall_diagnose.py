@@ -121,18 +121,16 @@ def unit_terms(attn, x: Tensor) -> dict:
                 cache_bias=None if attn.cache_bias is None else attn.cache_bias.float())
 
 
-class InputRecorder:
-    """Keeps the input of each attention sublayer since :meth:`clear` (forward pre-hooks; a forward in
-    segments appends one piece per segment)."""
+class HookRecorder:
+    """Keeps, per module, the tensors its hook gave since :meth:`clear` (one piece per call); :meth:`close`
+    removes the hooks. Subclasses register the hooks with :meth:`_keep`."""
 
-    def __init__(self, model: TransformerVQ):
-        self._parts: list[list[Tensor]] = [[] for _ in model.attns]
-        self.handles = [a.register_forward_pre_hook(lambda m, args, i=i: self._parts[i].append(args[0].detach()))
-                        for i, a in enumerate(model.attns)]
+    def __init__(self, n: int):
+        self._parts: list[list[Tensor]] = [[] for _ in range(n)]
+        self.handles: list = []
 
-    def inputs(self) -> list[Tensor]:
-        """Per sublayer, its input (B, T, D)."""
-        return [torch.cat(parts, 1) for parts in self._parts]
+    def _keep(self, i: int, t: Tensor) -> None:
+        self._parts[i].append(t.detach())
 
     def clear(self) -> None:
         self._parts = [[] for _ in self._parts]
@@ -140,6 +138,20 @@ class InputRecorder:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class InputRecorder(HookRecorder):
+    """Keeps the input of each attention sublayer since :meth:`clear` (forward pre-hooks; a forward in
+    segments appends one piece per segment)."""
+
+    def __init__(self, model: TransformerVQ):
+        super().__init__(len(model.attns))
+        self.handles = [a.register_forward_pre_hook(lambda m, args, i=i: self._keep(i, args[0]))
+                        for i, a in enumerate(model.attns)]
+
+    def inputs(self) -> list[Tensor]:
+        """Per sublayer, its input (B, T, D)."""
+        return [torch.cat(parts, 1) for parts in self._parts]
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from tvq.bench.recall_diagnose import code_health, diagnose
+from tvq.bench.recall_diagnose import HookRecorder, code_health, diagnose
 from tvq.bench.recall_tasks import DEFAULT_TASK, TASKS, RecallTask, buckets
 from tvq.config import TransformerVQConfig
 from tvq.models.transformer_vq import IGNORE_INDEX, TransformerVQ
@@ -30,14 +30,14 @@ BASE_MODEL = dict(d_model=128, d_k=64, d_v=256, n_head=1, n_layer=2, n_code=128,
 STREAM_FIELDS = [f.name for f in fields(RecallTask) if f.name != "window"]  # set by the task and the options
 
 
-class CodeRecorder:
+class CodeRecorder(HookRecorder):
     """Keeps the codes each quantizer assigned since :meth:`clear` (forward hooks; a forward that runs
     in segments calls each quantizer once per segment)."""
 
     def __init__(self, model: TransformerVQ):
         quantizers = model._quantizers()
-        self._parts: list[list] = [[] for _ in quantizers]
-        self.handles = [q.register_forward_hook(lambda m, a, out, i=i: self._parts[i].append(out.codes.detach()))
+        super().__init__(len(quantizers))
+        self.handles = [q.register_forward_hook(lambda m, a, out, i=i: self._keep(i, out.codes))
                         for i, q in enumerate(quantizers)]
 
     @property
@@ -57,13 +57,6 @@ class CodeRecorder:
             same = at[..., :, None] == at[..., None, :]  # (B, H, P, P)
             rates.append(same[..., upper].float().mean().item())
         return rates
-
-    def clear(self) -> None:
-        self._parts = [[] for _ in self._parts]
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 @torch.no_grad()
