@@ -222,9 +222,9 @@ def blockwise_attention(
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
-    if per_row:  # zeros stand for empty slots
+    if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
+        # where reading the count is free
         cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
-    if per_row:  # skipping the slots empty in every row only saves work: on a CPU, where reading the count is free
         first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
     else:
         first_valid = n_invalid

@@ -279,12 +279,11 @@ def _grad_chunked(grad, weights, codes, values, start, first_valid, keys_too, si
         # the rows the keys read are gathered (no reversed copies)
         run = per_block.to(g_cache.dtype).cumsum(1)  # (P, c, S, D_v) inclusive: G_{c0 + j + 1} = G_{c0} - run[:, j]
         g_cache = g_cache + run[:, -1]  # G_{c0}
-        keep = torch.arange(c0 * L, c1 * L, device=dev).view(c, L, 1) >= first_valid  # (c, L, 1)
         blocks = torch.arange(c, device=dev)[:, None]  # key of block j reads G_{c0 + j + 1}
         code = codes[:, c0:c1]  # (P, c, L)
         g_chunk = torch.sub(g_cache[heads, code], run[heads, blocks, code], out=g_values[:, c0:c1])  # (P, c, L, D_v)
         if first_valid > c0 * L:  # empty slots in this chunk get no gradient
-            g_chunk.mul_(keep)
+            g_chunk.mul_(torch.arange(c0 * L, c1 * L, device=dev).view(c, L, 1) >= first_valid)
     return g_weights, g_values, g_cache
 
 
