@@ -110,7 +110,7 @@ class VQDecoder:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device.type}")
         param = model.embed.weight.dtype
         if dtype is None:
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param
+            dtype = model.compute_dtype()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.dtype = dtype

@@ -118,9 +118,13 @@ class TransformerVQ(nn.Module):
         """The empty state: nothing seen yet. Keys and values in the compute dtype (the autocast dtype where
         autocast is on, else the parameters'), the cache in float32 or wider."""
         p = self.embed.weight
-        dev = p.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else p.dtype
-        return TransformerVQState([a.initial_state(batch_size, dtype, p.device) for a in self.attns], 0)
+        return TransformerVQState([a.initial_state(batch_size, self.compute_dtype(), p.device) for a in self.attns], 0)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype products run in here and now: autocast's where it is on for the model's device, else the
+        parameters'."""
+        p = self.embed.weight
+        return torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
 
     def _check_left_pad(self, left_pad, batch_size: int) -> Tensor | None:
         """left_pad as the state's per-row starts: (B,) long, or None when no row is padded."""
