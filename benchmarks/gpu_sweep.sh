@@ -11,6 +11,9 @@
 # Runs from the checkout with nothing installed (PYTHONPATH=src python -m tvq); every stage is wrapped in
 # `timeout $STAGE_BUDGET` (default 540 s) so it ends inside a 10-minute run. For a first look on a lent GPU
 # run benchmarks/gpu_first.py instead (~5 minutes, all parts).
+#   context    context parallelism over every GPU of the machine (needs 2 or more): nccl, one GPU per rank,
+#              bench-small bfloat16 training steps of one sequence of 128k..1M tokens on 1, 2, 4, 8 ranks:
+#              tokens/s, peak memory per rank, bytes sent against ring attention (python -m tvq.bench.context)
 #   recall     tvq recall at larger sizes on the GPU: the CPU default (window 32, 256 tokens) trained to a
 #              plateau with and without benchmarks/recall_config.json, then window 128 over 1024-token
 #              sequences (d_model 256, n_code 256): answers up to 8 windows back
@@ -18,8 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 budget=${STAGE_BUDGET:-540}
-tvq() { timeout --signal=INT --kill-after=20 "$budget" env PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} python -m tvq "$@"; }
-stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8|recall [OUT_DIR]}
+py() { timeout --signal=INT --kill-after=20 "$budget" env PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} python "$@"; }
+tvq() { py -m tvq "$@"; }
+stage=${1:?usage: gpu_sweep.sh small|compiled|decode|enwik8|context|recall [OUT_DIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 common=(--device cuda --dtype bfloat16 --repeats 5 --warmup 2 --time-budget 120)
@@ -41,6 +45,16 @@ case "$stage" in
     tvq bench "${common[@]}" --preset enwik8 --batch-size 1 --mode train --impl vq,full,sdpa --grad-checkpoint \
       --seq-lens 8192,32768,131072 --repeats 3 --warmup 1 --time-budget 150 \
       --json "$out/cuda_enwik8_b1.json" --plot "$out/cuda_enwik8_b1.png" ;;
+  context)
+    n_gpu=$(env PYTHONPATH=src python -c "import torch; print(torch.cuda.device_count())")
+    if [ "$n_gpu" -lt 2 ]; then
+      echo "gpu_sweep.sh context: needs 2 or more GPUs, this machine has $n_gpu" >&2
+      exit 2
+    fi
+    ranks=1
+    for c in 2 4 8; do if [ "$c" -le "$n_gpu" ]; then ranks="$ranks,$c"; fi; done
+    py -m tvq.bench.context --device cuda --dtype bfloat16 --ranks "$ranks" --seq-lens 131072,524288,1048576 \
+      --steps 3 --warmup 1 --json "$out/cuda_context_parallel.json" ;;
   recall)
     mkdir -p "$out/recall"
     tvq recall --device cuda --steps 3000 --no-progress \
@@ -55,6 +69,6 @@ case "$stage" in
     tvq recall --device cuda "${big[@]}" --no-progress --variants vq --config benchmarks/recall_config.json \
       --json "$out/recall/cuda_window128_tuned.json" ;;
   *)
-    echo "gpu_sweep.sh: unknown stage '$stage' (small, compiled, decode, enwik8, recall)" >&2
+    echo "gpu_sweep.sh: unknown stage '$stage' (small, compiled, decode, enwik8, context, recall)" >&2
     exit 2 ;;
 esac

@@ -360,3 +360,24 @@ def test_trainer_context_parallel_errors(tmp_path):
     with pytest.raises(ValueError, match="context_parallel 2 does not divide the 1 ranks"):
         train(train_config(tmp_path, "context_parallel=2"), tmp_path / "r", **QUIET)
     assert not (tmp_path / "r").exists()
+
+
+def test_context_benchmark_counts_what_it_sends(tmp_path):
+    """``python -m tvq.bench.context``: each rank's bytes sent, counted as sent, equal the computed traffic,
+    and the losses of 1 and 2 processes on the same sequence agree (float32)."""
+    from tvq.bench import context
+
+    config = dict(vocab_size=64, d_model=32, d_k=8, d_v=16, n_head=1, n_layer=1, n_code=8, block_len=8, mem_len=8)
+    one, two = (context.run_case(config, C, 32, steps=1, warmup=0, threads=1) for C in (1, 2))
+    assert one["sent_bytes"] == [0] and two["sent_bytes"] == [two["sent_bytes_computed"]] * 2 > [0, 0]
+    assert two["ring_attention_bytes"] > 0 and two["tokens_per_rank"] == 16
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    assert all(m > 0 for m in two["peak_gib"])
+
+
+def test_context_benchmark_bad_lengths(capsys):
+    from tvq.bench import context
+    from tvq.usage import run_command
+
+    assert run_command(lambda: context.main(["--ranks", "3", "--seq-lens", "1024"])) == 2
+    assert "not a multiple of --ranks 3" in capsys.readouterr().err
