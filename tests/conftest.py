@@ -1,9 +1,15 @@
 import functools
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# without a GPU the Triton kernels (tvq.ops.kernels) run on CPU tensors through Triton's interpreter, which must
+# be chosen before triton is imported (importing torch or tvq does not import it)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tvq import TransformerVQ, TransformerVQConfig
 

@@ -23,12 +23,17 @@ def tiny(**changes) -> TransformerVQConfig:
 
 
 SPECS = {
-    "train1": dict(config=tiny(), seq_len=T, mode="train"),
-    "train1_again": dict(config=tiny(), seq_len=T, mode="train"),
+    "train1": dict(config=tiny(), seq_len=T, mode="train", top=100),
+    "train1_again": dict(config=tiny(), seq_len=T, mode="train", top=100),
     "train2": dict(config=tiny(n_layer=2), seq_len=T, mode="train"),
     "train1_fp32": dict(config=tiny(), seq_len=T, mode="train", amp=False),
     "train2_log": dict(config=tiny(n_layer=2), seq_len=T, mode="train", log_step=True),
     "train2_deterministic": dict(config=tiny(n_layer=2), seq_len=T, mode="train", deterministic=True),
+    # the PyTorch path (the others take the Triton kernels where Triton is installed, as on a GPU)
+    "train1_torch": dict(config=tiny(), seq_len=T, mode="train", kernels=False, top=100),
+    "train2_torch": dict(config=tiny(n_layer=2), seq_len=T, mode="train", kernels=False),
+    "train2_deterministic_torch": dict(config=tiny(n_layer=2), seq_len=T, mode="train", deterministic=True,
+                                       kernels=False),
     "decode1": dict(config=tiny(), seq_len=1000, mode="decode", decode_steps=2),
     "decode2": dict(config=tiny(n_layer=2), seq_len=1000, mode="decode", decode_steps=2),
 }
@@ -138,12 +143,15 @@ def test_under_autocast_only_the_vq_distance_is_float32_in_a_sublayer(results):
 def test_deterministic_mode_runs_no_float_cumsum(results):
     """CUDA has no deterministic float cumsum (torch raises in deterministic mode): the counts of the blockwise
     path are integers, and the cache read goes block by block (issue 24, item 5). The default path does use
-    a float cumsum (chunks of caches at once), so the count is live."""
+    a float cumsum (chunks of caches at once), so the count is live. The Triton scan needs none either."""
     special = {name: r["meta"]["special_cases"] for name, r in results.items()}
-    assert special["train2"].get(cost.NONDETERMINISTIC_CUMSUM, 0) > 0
-    assert special["train2_deterministic"].get(cost.NONDETERMINISTIC_CUMSUM, 0) == 0
+    assert special["train2_torch"].get(cost.NONDETERMINISTIC_CUMSUM, 0) > 0
+    names = ["train2_deterministic_torch", "train2_deterministic"] + (["train2"] if results["train2"]["meta"]["kernels"]
+                                                                      else [])
+    for name in names:
+        assert special[name].get(cost.NONDETERMINISTIC_CUMSUM, 0) == 0, name
+        assert results[name]["summary"]["syncs"] == 0, name
     assert results["train2_deterministic"]["meta"]["deterministic"] is True
-    assert results["train2_deterministic"]["summary"]["syncs"] == 0
 
 
 def test_a_training_step_never_waits_for_the_device(results):
@@ -170,9 +178,31 @@ def test_decode_step(results):
 
 
 def test_the_custom_ops_run_their_device_code(results):
-    special = results["train1"]["meta"]["special_cases"]
+    special = results["train1_torch"]["meta"]["special_cases"]
+    assert results["train1_torch"]["meta"]["kernels"] is False
     assert special.get("tvq.cache_read run op by op", 0) == 2
     assert special.get("tvq.cache_read_backward run op by op", 0) == 2
+
+
+def test_the_triton_kernels_count_as_one_kernel_each(results):
+    """With Triton installed a CUDA step takes the fused kernels (tvq.ops.kernels): each launch is one kernel with
+    its registered GEMM FLOPs, the step has fewer kernels and moves fewer bytes than the PyTorch path, and its
+    GEMM FLOPs are the same to within the positional product both paths run."""
+    from tvq.ops.kernels import HAVE_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    kern, torch_ = results["train1"], results["train1_torch"]
+    assert kern["meta"]["kernels"] is True
+    ops = {name: n for name, n, _ in kern["ops_by_count"]}  # rows: op, count, bytes
+    for op in ("tvq_kernels.window_scores", "tvq_kernels.window_scores_backward", "tvq_kernels.cache_scan",
+               "tvq_kernels.cache_scan_backward"):
+        assert ops.get(op, 0) >= 1, op
+    assert "tvq.cache_read run op by op" not in kern["meta"]["special_cases"]
+    a, b = kern["per_sublayer"]["total"], torch_["per_sublayer"]["total"]
+    assert a["kernels"] < b["kernels"] and a["operand_bytes"] < b["operand_bytes"]
+    fa, fb = sum(a["gemm_flops"].values()), sum(b["gemm_flops"].values())
+    assert 0.5 * fb < fa < 2 * fb
 
 
 def test_presets_match_the_training_and_bench_presets():

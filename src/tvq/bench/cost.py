@@ -42,7 +42,10 @@ Special cases (none edits library code; all live in this module):
 - tvq's custom ops (``tvq::cache_read``, ``tvq::cache_read_backward``, ``tvq::sum_rows``) would run their fake
   (shape-only) registration: the mode runs their Python implementations instead, op by op, so their CUDA
   branches are counted (the composite ops they call, such as ``matmul(out=...)`` and ``reshape``, reach the
-  mode undecomposed there and are decomposed as a device would).
+  mode undecomposed there and are decomposed as a device would). The fused Triton kernels of
+  :mod:`tvq.ops.kernels` (custom ops ``tvq_kernels::*``, chosen for CUDA tensors when Triton is installed, as on
+  a GPU; ``kernels=False`` or ``--no-kernels`` measures the PyTorch path) count as one kernel each: operand bytes are their inputs and
+  outputs, GEMM FLOPs those their op registered (:func:`tvq.ops.kernels.register_flops`).
 - Reading a device scalar (``item``/``int``/``bool``/``float``, ``_local_scalar_dense``) returns 0 (``False``,
   ``0.0``) after counting a sync; ``tolist`` counts one sync (``FakeTensor.tolist`` would read element by
   element: it is replaced during the measurement) and returns zeros; a boolean-mask index, ``nonzero`` and
@@ -276,8 +279,9 @@ def measure(config: TransformerVQConfig | dict, seq_len: int, batch_size: int = 
     state at position ``seq_len``. Options: ``amp`` (default True: bfloat16 autocast), ``decode_steps``
     (default 2), ``top`` (histogram rows, default 40), ``log_step`` (train: also read the codebook metrics,
     as a logging step does), ``deterministic`` (under ``torch.use_deterministic_algorithms(True)``; the
-    meta's special cases count the float cumsums, which have no deterministic CUDA kernel). Runs in a fresh
-    child process."""
+    meta's special cases count the float cumsums, which have no deterministic CUDA kernel), ``kernels``
+    (default True: the Triton kernels where Triton is installed, as on a GPU; False: the PyTorch path). Runs
+    in a fresh child process."""
     return measure_many([dict(config=config, seq_len=seq_len, batch_size=batch_size, mode=mode, **options)])[0]
 
 
@@ -499,6 +503,7 @@ def _make_recorder():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = str(func.overloadpacket)
+            kernel_op = func.namespace == "tvq_kernels"  # a fused kernel: one kernel, answered by its fake
             if func.namespace == "tvq":  # our custom ops: their real (CUDA-branch) code, op by op
                 from torch._library.custom_ops import OPDEFS
 
@@ -541,7 +546,12 @@ def _make_recorder():
                 return out
             inputs = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
             flops = None
-            if name in GEMMS:
+            if kernel_op:
+                from tvq.ops.kernels import KERNEL_FLOPS
+
+                count = KERNEL_FLOPS.get(func._schema.name)
+                flops = count(*args, **kwargs) if count is not None else None
+            elif name in GEMMS:
                 i, j = GEMMS[name]
                 a, b = args[i], args[j]
                 dtype = str(a.dtype).removeprefix("torch.")
@@ -675,10 +685,14 @@ def _fake_model(cfg: TransformerVQConfig, fake_mode, device):
 
 def _measure_here(config: dict, seq_len: int, batch_size: int = 1, mode: str = "train", amp: bool = True,
                   decode_steps: int = 2, top: int = 40, meta: dict | None = None, log_step: bool = False,
-                  deterministic: bool = False) -> dict:
-    with _deterministic(deterministic):
-        return _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode_steps, top, meta,
-                                             log_step, deterministic)
+                  deterministic: bool = False, kernels: bool = True) -> dict:
+    from tvq.ops.kernels import HAVE_TRITON, use_kernels
+
+    with _deterministic(deterministic), use_kernels(False) if not kernels else contextlib.nullcontext():
+        result = _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode_steps, top, meta,
+                                               log_step, deterministic)
+    result["meta"]["kernels"] = kernels and HAVE_TRITON
+    return result
 
 
 @contextlib.contextmanager
@@ -1030,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-amp", action="store_true", help="no autocast: the float32 model as it is")
     p.add_argument("--log-step", action="store_true", help="train: also read the codebook metrics (a logging step)")
     p.add_argument("--deterministic", action="store_true", help="under torch.use_deterministic_algorithms(True)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="the PyTorch path, not the fused Triton kernels (which are counted when Triton is installed)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a model config field")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
     p.add_argument("--top", type=int_range(1), default=40, help="rows of the op histograms in the JSON")
@@ -1049,7 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tvq.bench.cost " + " ".join(shlex.quote(a) for a in given)
     meta = {"preset": args.preset, "overrides": overrides, "command": command, "load_before": _load()}
     result = measure(cfg, seq_len, args.batch_size, args.mode, amp=not args.no_amp, decode_steps=args.decode_steps,
-                     top=args.top, meta=meta, log_step=args.log_step, deterministic=args.deterministic)
+                     top=args.top, meta=meta, log_step=args.log_step, deterministic=args.deterministic,
+                     kernels=not args.no_kernels)
     result["meta"]["load_after"] = _load()
     print(format_table(result))
     if args.json is not None:

@@ -7,6 +7,10 @@ wider, read by products in the values' dtype: :func:`tvq.ops.cache.cache_read`);
 batched over blocks, and there is no (T, T) tensor: time O(T (M + L + S)) and memory O(T (M + L + S)).
 Under autocast every product runs in the compute dtype; scores, the softmax and the cache's sums and
 counts stay in float32.
+
+On CUDA with Triton installed (:func:`tvq.ops.kernels.kernels_enabled`) two fused kernels replace parts of this
+code, which stays their reference: the scores, masks and softmax (:mod:`tvq.ops.kernels.scores`) and the
+cache read (:mod:`tvq.ops.kernels.cache_scan`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from tvq.ops.cache import cache_log_count, cache_read
+from tvq.ops.kernels import kernels_enabled
 
 
 def skew(x: Tensor, width: int, fill: Tensor | None = None) -> Tensor:
@@ -146,7 +151,6 @@ def blockwise_attention(
         vals, codes = F.pad(values, (0, 0, 0, pad)), F.pad(codes, (0, pad))
     q = q.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
     # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
-    k_win = _Windows.apply(keys, W, L)  # (B, H, nb, W, D_k)
     v_win = _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
     qv = q + v[:, None, None]
@@ -165,27 +169,7 @@ def blockwise_attention(
         # old keys are codewords: same score, but no straight-through gradient to the key
         key_keep = ~old
         value_keep = None if grad_thru_cache else ~old
-    if key_keep is None:
-        content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
-    else:
-        content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), key_keep, False)  # (B, H, nb, L, W)
-    fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
-    if agg_cache and cache_bias is not None:  # old keys in the window are the cache's too: same offset
-        fill = fill.to(q.dtype) + cache_bias.to(q.dtype)[:, None, None, None]  # (H, 1, L, L)
-    positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
-    scores = (content + positional).to(acc)  # (B, H, nb, L, W)
     per_row = isinstance(n_invalid, Tensor)
-    if per_row:  # slot s (key-list index) is empty for row b's queries at index >= n_invalid[b]
-        ninv = n_invalid.view(B, 1, 1, 1)
-        slot = torch.arange(nb, device=dev)[:, None] * L + torch.arange(W, device=dev)  # (nb, W)
-        query = M + torch.arange(nb * L, device=dev).view(nb, L)  # (nb, L)
-        empty = (slot[None, :, None, :] < ninv) & (query[None, :, :, None] >= ninv)  # (B, nb, L, W)
-        scores.masked_fill_(empty[:, None], float("-inf"))
-    else:
-        n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
-        if n_bad:
-            empty = torch.arange(n_bad, device=dev)[:, None] * L + torch.arange(W, device=dev) < n_invalid  # (n_bad, W)
-            scores[:, :, :n_bad].masked_fill_(empty[:, None, :], float("-inf"))
 
     if agg_cache:
         # Cache of block n = the state's cache (count c0, mean m0) + every key before its window
@@ -203,35 +187,78 @@ def blockwise_attention(
             3, blk_codes, valid.long().expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
         count = c0[:, :, None] + (n_blk.cumsum(2) - n_blk).to(acc)  # (B, H, nb, S)
-        cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
-        cache_scores = cache_scores + cache_log_count(count)[..., None, :]
-        if cache_bias is not None:
-            cache_scores = cache_scores + cache_bias.to(acc)[:, None, None, None]
 
-    # one softmax over the window and the cache (a fused kernel, forward and backward)
-    p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
-    # split, not sliced: backward joins the two gradients in one pass (slices would each pad to the full width)
-    p_win, p_cache = p.split([W, p.shape[-1] - W], -1)  # (B, H, nb, L, W), (B, H, nb, L, S or 0)
-    p_win = p_win.to(v_win.dtype)
+    if kernels_enabled(q):  # scores, masks and softmax in one Triton kernel (tvq.ops.kernels.scores)
+        from tvq.ops.kernels.scores import window_softmax
+
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else qu.dtype
+        pos = qv @ rel.flip(1)[:, None].transpose(-1, -2)  # (B, H, nb, L, M + 1), pos[a, j]: distance M - j
+        # p_cache (B, H, nb, L, S or 0) not divided by the count, in the values' dtype (the cache read divides)
+        p_win, p_cache = window_softmax(
+            qu, keys, pos, n_invalid=n_invalid, key_keep=key_keep, cache=(codebook, count) if agg_cache else None,
+            cache_bias=cache_bias, out_dtype=v_win.dtype, dtype=dt)  # p_win (B, H, nb, L, W)
+    else:
+        k_win = _Windows.apply(keys, W, L)  # (B, H, nb, W, D_k)
+        if key_keep is None:
+            content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
+        else:
+            content = _KeepGradMatmul.apply(qu, k_win.transpose(-1, -2), key_keep, False)  # (B, H, nb, L, W)
+        fill = relative_fill(L, M, 0.0 if agg_cache else float("-inf"), dev)  # (L, L)
+        if agg_cache and cache_bias is not None:  # old keys in the window are the cache's too: same offset
+            fill = fill.to(q.dtype) + cache_bias.to(q.dtype)[:, None, None, None]  # (H, 1, L, L)
+        positional = skew(qv @ rel.flip(1)[:, None].transpose(-1, -2), W, fill)  # (B, H, nb, L, W), masks included
+        scores = (content + positional).to(acc)  # (B, H, nb, L, W)
+        if per_row:  # slot s (key-list index) is empty for row b's queries at index >= n_invalid[b]
+            ninv = n_invalid.view(B, 1, 1, 1)
+            slot = torch.arange(nb, device=dev)[:, None] * L + torch.arange(W, device=dev)  # (nb, W)
+            query = M + torch.arange(nb * L, device=dev).view(nb, L)  # (nb, L)
+            empty = (slot[None, :, None, :] < ninv) & (query[None, :, :, None] >= ninv)  # (B, nb, L, W)
+            scores.masked_fill_(empty[:, None], float("-inf"))
+        else:
+            n_bad = min(-(-n_invalid // L), nb)  # blocks whose windows hold empty slots
+            if n_bad:
+                # (n_bad, W)
+                empty = torch.arange(n_bad, device=dev)[:, None] * L + torch.arange(W, device=dev) < n_invalid
+                scores[:, :, :n_bad].masked_fill_(empty[:, None, :], float("-inf"))
+        if agg_cache:
+            cache_scores = (qu @ codebook.to(q.dtype)[:, None].transpose(-1, -2)).to(acc)  # (B, H, nb, L, S)
+            cache_scores = cache_scores + cache_log_count(count)[..., None, :]
+            if cache_bias is not None:
+                cache_scores = cache_scores + cache_bias.to(acc)[:, None, None, None]
+
+        # one softmax over the window and the cache (a fused kernel, forward and backward)
+        p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
+        # split, not sliced: backward joins the two gradients in one pass (slices would each pad to the full width)
+        p_win, p_cache = p.split([W, p.shape[-1] - W], -1)  # (B, H, nb, L, W), (B, H, nb, L, S or 0)
+        p_win = p_win.to(v_win.dtype)
     if not agg_cache:
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
 
     # the cache read's products run in the values' dtype; its sums in acc
-    p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
-    if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
-        # where reading the count is free
-        cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
-        first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
+    if kernels_enabled(vals):  # a Triton scan writes the means C_n / count_n, sums in float32 on chip
+        from tvq.ops.kernels.cache_scan import cache_read_kernel
+
+        out = cache_read_kernel(
+            p_cache.to(v_win.dtype).flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+            (c0[..., None] * mean0.to(acc)).flatten(0, 1), count.flatten(0, 1),
+            n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid,  # per row: (B H,)
+        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     else:
-        first_valid = n_invalid
-    out = cache_read(
-        p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-        (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
-    ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
+        p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
+        if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
+            # where reading the count is free
+            cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
+            first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
+        else:
+            first_valid = n_invalid
+        out = cache_read(
+            p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+            (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
+        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     if value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient
     elif out.dtype == v_win.dtype and not torch.is_grad_enabled():  # accumulate into the fresh product in place

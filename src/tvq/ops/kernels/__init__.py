@@ -1,0 +1,55 @@
+"""Fused Triton kernels for the blockwise path. Each has a PyTorch twin in :mod:`tvq.ops` (the reference it is
+tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
+
+They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.
+``use_kernels(True)`` forces them for CPU tensors too (which needs ``TRITON_INTERPRET=1`` set before Triton is
+imported: how the tests run them without a GPU), ``use_kernels(False)`` turns them off (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_forced: bool | None = None
+
+# custom op name ("tvq::...") -> its GEMM FLOPs for given arguments, (dtype name, FLOPs): how the cost model
+# (tvq.bench.cost) counts a kernel that it cannot look into
+KERNEL_FLOPS: dict[str, Callable[..., tuple[str, int]]] = {}
+
+
+def register_flops(op_name: str):
+    """Decorator: ``fn(*args, **kwargs) -> (dtype name, FLOPs)`` of the kernel op ``op_name``, for the cost model."""
+    def register(fn):
+        KERNEL_FLOPS[op_name] = fn
+        return fn
+    return register
+
+
+def kernels_enabled(x: Tensor) -> bool:
+    """Whether the Triton path runs for tensors like ``x``: CUDA (or forced), a Triton dtype, Triton installed."""
+    if not HAVE_TRITON or x.dtype not in KERNEL_DTYPES:
+        return False
+    return x.is_cuda if _forced is None else _forced
+
+
+@contextmanager
+def use_kernels(enabled: bool):
+    """Force the Triton kernels on (also for CPU tensors, through the interpreter) or off inside the block."""
+    global _forced
+    if enabled and not HAVE_TRITON:
+        raise ValueError("use_kernels(True): triton is not installed (pip install 'tvq[triton]')")
+    if enabled and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise ValueError("use_kernels(True) without a GPU needs TRITON_INTERPRET=1 set before triton is imported")
+    old, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = old

@@ -1,0 +1,281 @@
+"""The compressive cache's share of the output as a Triton scan plus one batched GEMM per block
+(the kernel twin of :func:`tvq.ops.cache.cache_read`).
+
+Block n of a row p (P = B H rows) reads the cache C_n (S, D_v): ``start`` plus the values of the valid
+keys of blocks 0..n-1, summed per code. The output is ``p_cache[n] @ (C_n / count_n)``: the scan
+(:func:`cache_scan`) writes the per-block MEANS (P, nb, S, D_v) in the compute dtype, and a batched GEMM
+in the compute dtype reads them. The exact per-code sums stay in float32 on chip: a program owns one
+(BS, BD) tile of one row's cache and walks the blocks in order, adding each block's keys with a one-hot
+(BS, L) @ values (L, BD) product (``tl.dot``: tensor cores on a GPU), so there are no atomics and no float32
+cache ever reaches HBM. Backward (:func:`cache_scan_backward`) is the reverse scan.
+
+Why the means go through HBM rather than being fused into the read: a fused read would hold a row's
+running sums on chip while it multiplies: all of them, S x D_v float32, are 3 MiB at S 512, d_v 1536
+(enwik8), far beyond one SM (256 KiB of registers, 228 KiB of shared memory). Tiled over D_v (S x 64
+float32: 128 KiB per program), every tile re-reads each block's (L, S) weights: D_v / 64 = 24 reads of
+2 S bytes per token, 24 KB, more than the 4 bytes per element (6 KB per token) that the means cost to
+write and read in the compute dtype (bf16), against ~20 on today's chunked path (a float32 zero fill 4,
+a scatter, a cumsum 4 + 4, a cast 4 + 2 and the GEMM's read 2).
+
+Bytes moved per token and head, with E = S D_v / L cache elements per token (enwik8: 1536), bf16 compute:
+today ~20 E forward and ~36 E backward (the recomputed caches 20, the per-block ``weights^T grad`` 2, its
+float32 copy 2 + 4, a float32 cumsum 4 + 4); here ~4 E forward (means written and read) and ~8 E backward
+(means recomputed, written and read; ``g_means`` written and read), plus the values read twice and their
+gradients written once (2 D_v each; the S tiles of a row are the grid's fastest axis, so their programs
+share the values in L2). enwik8: ~86 KB against ~18 KB (+ 9 KB of values) per token and layer for a
+training step's cache read. Estimates from the shapes, not measured (no GPU was at hand).
+
+The means (and in backward ``g_means``) of all blocks exist at once for a group of rows at most
+:data:`_CHUNK_BYTES` large; only the inputs are saved for backward, which recomputes the means.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tvq.ops.kernels import register_flops
+
+_CHUNK_BYTES = 256 * 2**20  # the means (P', nb, S, D_v) of one group of rows stay under this
+
+
+def _tile(n: int, most: int) -> int:
+    """A tile size for a dim of n: a power of two, at least 16 (``tl.dot``'s minimum), at most ``most``."""
+    return max(16, min(most, triton.next_power_of_2(n)))
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
+    """How the one-hot products run for values of ``dtype``: in it (exact: one 1 per sum, float32 accumulator),
+    float32 ones as IEEE products (as PyTorch's float32 matmul without TF32). UPCAST: in float32, for bfloat16
+    in Triton's interpreter, whose ``tl.dot`` multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dict(UPCAST=upcast, PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32")
+
+
+@triton.jit
+def _tile_ids(S, Dv, BS: tl.constexpr, BD: tl.constexpr):
+    """(S tile, D_v tile, row) of this program; one grid axis (CUDA caps the others at 65535), S tiles fastest:
+    the programs of one row and D_v tile run together and share the row's values in L2."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_s, n_d = tl.cdiv(S, BS), tl.cdiv(Dv, BD)
+    return pid % n_s, (pid // n_s) % n_d, pid // (n_s * n_d)
+
+
+@triton.jit
+def _scan_fwd_kernel(codes_ptr, values_ptr, start_ptr, count_ptr, first_valid_ptr, means_ptr,
+                     nb, L, S, Dv, stride_vp, stride_vn, stride_vl,
+                     BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BS, BD) tile of row p's cache: for n = 0..nb-1 write means[p, n] = C_n / max(count_n, 1), then
+    add block n's valid keys (one-hot (BS, BL) @ values (BL, BD), float32 accumulator)."""
+    ts, td, p = _tile_ids(S, Dv, BS, BD)
+    s = ts * BS + tl.arange(0, BS)  # (BS,)
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    s_ok, d_ok = s < S, d < Dv
+    tile_ok = s_ok[:, None] & d_ok[None, :]  # (BS, BD)
+    acc = tl.load(start_ptr + (p * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    first_valid = tl.load(first_valid_ptr + p)
+    for n in range(nb):
+        row = p * nb + n
+        cnt = tl.load(count_ptr + row * S + s, mask=s_ok, other=1.0)  # (BS,)
+        mean = acc / tl.maximum(cnt, 1.0)[:, None]
+        tl.store(means_ptr + (row * S + s[:, None]) * Dv + d[None, :], mean.to(means_ptr.dtype.element_ty),
+                 mask=tile_ok)
+        if n + 1 < nb:  # the last block's keys reach no cache
+            for l0 in range(0, L, BL):
+                ll = l0 + tl.arange(0, BL)  # (BL,)
+                keep = (ll < L) & (n * L + ll >= first_valid)  # empty slots are never counted
+                code = tl.load(codes_ptr + row * L + ll, mask=keep, other=-1)  # (BL,)
+                v = tl.load(values_ptr + p * stride_vp + n * stride_vn + ll[:, None] * stride_vl + d[None, :],
+                            mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BL, BD)
+                if UPCAST:
+                    v = v.to(tl.float32)
+                onehot = tl.where(code[None, :] == s[:, None], 1.0, 0.0).to(v.dtype)  # (BS, BL)
+                acc = tl.dot(onehot, v, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scan_bwd_kernel(codes_ptr, g_means_ptr, count_ptr, first_valid_ptr, g_values_ptr, g_start_ptr,
+                     nb, L, S, Dv,
+                     BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The reverse scan of one (BS, BD) tile: G_n = sum over n' >= n of g_means[p, n'] / max(count_n', 1)
+    (float32). A valid key of block n gets G_{n+1} at its code, an empty slot zero, ``start`` gets G_0. Every
+    key's code lies in exactly one S tile, whose program writes its row (one-hot (BL, BS) @ G (BS, BD))."""
+    ts, td, p = _tile_ids(S, Dv, BS, BD)
+    s = ts * BS + tl.arange(0, BS)  # (BS,)
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    s_ok, d_ok = s < S, d < Dv
+    tile_ok = s_ok[:, None] & d_ok[None, :]  # (BS, BD)
+    first_valid = tl.load(first_valid_ptr + p)
+    g = tl.zeros((BS, BD), dtype=tl.float32)  # G_{n + 1}
+    for i in range(nb):
+        n = nb - 1 - i
+        row = p * nb + n
+        for l0 in range(0, L, BL):
+            ll = l0 + tl.arange(0, BL)  # (BL,)
+            in_block = ll < L
+            code = tl.load(codes_ptr + row * L + ll, mask=in_block, other=-1)  # (BL,)
+            mine = in_block & (code >= ts * BS) & (code < ts * BS + BS)  # keys this program writes
+            keep = mine & (n * L + ll >= first_valid)
+            hit = (code[:, None] == s[None, :]) & keep[:, None]
+            if UPCAST:
+                gv = tl.dot(tl.where(hit, 1.0, 0.0), g, input_precision=PRECISION)  # (BL, BD)
+            else:  # G rounded to the values' dtype first (float32: as is), which the one-hot product selects
+                dot_ty = g_values_ptr.dtype.element_ty
+                gv = tl.dot(tl.where(hit, 1.0, 0.0).to(dot_ty), g.to(dot_ty), input_precision=PRECISION)
+            tl.store(g_values_ptr + (row * L + ll[:, None]) * Dv + d[None, :], gv.to(g_values_ptr.dtype.element_ty),
+                     mask=mine[:, None] & d_ok[None, :])
+        cnt = tl.load(count_ptr + row * S + s, mask=s_ok, other=1.0)  # (BS,)
+        gm = tl.load(g_means_ptr + (row * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0)
+        g += gm.to(tl.float32) / tl.maximum(cnt, 1.0)[:, None]
+    tl.store(g_start_ptr + (p * S + s[:, None]) * Dv + d[None, :], g, mask=tile_ok)
+
+
+def _grid(P: int, S: int, Dv: int, BS: int, BD: int) -> tuple[int]:
+    """One program per (S tile, D_v tile, row): see :func:`_tile_ids`."""
+    return (triton.cdiv(S, BS) * triton.cdiv(Dv, BD) * P,)
+
+
+@torch.library.custom_op("tvq_kernels::cache_scan", mutates_args=())
+def cache_scan(codes: Tensor, values: Tensor, start: Tensor, count: Tensor, first_valid: Tensor,
+               dtype: torch.dtype) -> Tensor:
+    """(P, nb, S, D_v) in ``dtype``: means[p, n, s] = C_n[s] / max(count[p, n, s], 1), with C_n = start[p] + the
+    values of the keys of blocks 0..n-1 with code s at or after ``first_valid[p]``.
+
+    codes (P, nb, L) in [0, S), values (P, nb, L, D_v), start (P, S, D_v) float32 sums, count (P, nb, S) float32,
+    first_valid (P,) integers. values may be strided (a view of the keys' values), its last dim dense.
+    """
+    P, nb, L = codes.shape
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    S, Dv = start.shape[1:]
+    means = values.new_empty(P, nb, S, Dv, dtype=dtype)
+    BS, BD, BL = _tile(S, 64), _tile(Dv, 64), _tile(L, 32)
+    if not means.numel():
+        return means
+    _scan_fwd_kernel[_grid(P, S, Dv, BS, BD)](
+        codes.contiguous(), values, start.contiguous(), count.contiguous(), first_valid.contiguous(),
+        means, nb, L, S, Dv, *values.stride()[:3], BS=BS, BD=BD, BL=BL, **_dot_options(values.dtype))
+    return means
+
+
+@cache_scan.register_fake
+def _(codes, values, start, count, first_valid, dtype):
+    P, nb, _ = codes.shape
+    return values.new_empty(P, nb, *start.shape[1:], dtype=dtype)
+
+
+@torch.library.custom_op("tvq_kernels::cache_scan_backward", mutates_args=())
+def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor,
+                        values_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, nb, L, D_v) in ``values_dtype``
+    and g_start (P, S, D_v) float32. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1), a valid
+    key of block n gets G_{n+1} at its code (an empty slot zero) and start gets G_0."""
+    P, nb, L = codes.shape
+    S, Dv = g_means.shape[2:]
+    g_values = g_means.new_empty(P, nb, L, Dv, dtype=values_dtype)
+    g_start = g_means.new_empty(P, S, Dv, dtype=torch.float32)
+    BS, BD, BL = _tile(S, 64), _tile(Dv, 64), _tile(L, 32)
+    if not g_start.numel():
+        return g_values.zero_(), g_start
+    _scan_bwd_kernel[_grid(P, S, Dv, BS, BD)](
+        codes.contiguous(), g_means.contiguous(), count.contiguous(), first_valid.contiguous(), g_values, g_start,
+        nb, L, S, Dv, BS=BS, BD=BD, BL=BL, **_dot_options(values_dtype))
+    return g_values, g_start
+
+
+@cache_scan_backward.register_fake
+def _(codes, g_means, count, first_valid, values_dtype):
+    P, nb, L = codes.shape
+    S, Dv = g_means.shape[2:]
+    return g_means.new_empty(P, nb, L, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=torch.float32)
+
+
+@register_flops("tvq_kernels::cache_scan")
+def _(codes, values, start, count, first_valid, dtype):
+    """The one-hot products: (S, L) @ (L, D_v) per block but the last, in the values' dtype."""
+    P, nb, L = codes.shape
+    return str(values.dtype).removeprefix("torch."), 2 * P * max(nb - 1, 0) * L * start.shape[1] * start.shape[2]
+
+
+@register_flops("tvq_kernels::cache_scan_backward")
+def _(codes, g_means, count, first_valid, values_dtype):
+    """The one-hot products: (L, S) @ (S, D_v) per block, in the values' dtype."""
+    P, nb, L = codes.shape
+    return str(values_dtype).removeprefix("torch."), 2 * P * nb * L * g_means.shape[2] * g_means.shape[3]
+
+
+def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[slice]:
+    """Groups of rows whose means (P', nb, S, D_v) stay under :data:`_CHUNK_BYTES`."""
+    size = max(1, _CHUNK_BYTES // max(1, nb * S * Dv * dtype.itemsize))
+    return [slice(r, min(r + size, P)) for r in range(0, P, size)]
+
+
+class _CacheRead(torch.autograd.Function):
+    """out[:, n] = weights[:, n] @ means_n; saves the inputs only and recomputes the means in backward, where
+    g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype) feed the reverse scan."""
+
+    @staticmethod
+    def forward(ctx, weights, codes, values, start, count, first_valid):
+        P, nb, _, S = weights.shape
+        out = [weights[r] @ cache_scan(codes[r], values[r], start[r], count[r], first_valid[r], weights.dtype)
+               for r in _row_groups(P, nb, S, values.shape[-1], weights.dtype)]  # (P', nb, L, D_v) each
+        ctx.save_for_backward(weights, codes, values, start, count, first_valid)
+        return _join(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, codes, values, start, count, first_valid = ctx.saved_tensors
+        P, nb, _, S = weights.shape
+        Dv = values.shape[-1]
+        need_w, keys_too = ctx.needs_input_grad[0], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        grad = grad.to(weights.dtype)  # (P, nb, L, D_v)
+        g_w, g_v, g_s = [], [], []
+        for r in _row_groups(P, nb, S, Dv, weights.dtype):
+            if need_w:
+                means = cache_scan(codes[r], values[r], start[r], count[r], first_valid[r], weights.dtype)
+                g_w.append(grad[r] @ means.transpose(-1, -2))  # (P', nb, L, S)
+                del means
+            if keys_too:
+                g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
+                g_values, g_start = cache_scan_backward(codes[r], g_means, count[r], first_valid[r], values.dtype)
+                g_v.append(g_values)
+                g_s.append(g_start)
+                del g_means
+        return _join(g_w), None, _join(g_v), _join(g_s), None, None
+
+
+def _join(parts: list[Tensor]) -> Tensor | None:
+    """The row groups' parts of one result (None: not computed); no copy for a single group."""
+    return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def cache_read_kernel(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+                      first_valid: int | Tensor) -> Tensor:
+    """The cache's share of each block's output, (P, nb, L, D_v) in ``weights``' dtype:
+    out[:, n] = weights[:, n] @ (C_n / max(count[:, n], 1)), C_n as in :func:`tvq.ops.cache.cache_read`.
+
+    weights (P, nb, L, S) are the cache's softmax weights NOT divided by the count (the scan divides),
+    codes (P, nb, L), values (P, nb, L, D_v), start (P, S, D_v) the sums of the carried cache (read in
+    float32), count (P, nb, S) each block's counts (no gradient), ``first_valid`` an int or one per row (P,):
+    keys before it are empty slots. Gradients reach weights, values and start.
+    """
+    P, nb, L, S = weights.shape
+    Dv = values.shape[-1]
+    if codes.shape != (P, nb, L) or values.shape[:3] != (P, nb, L) or start.shape != (P, S, Dv) \
+            or count.shape != (P, nb, S):
+        raise ValueError(f"cache_read_kernel: weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v), "
+                         f"start (P, S, D_v) and count (P, nb, S) expected, got {tuple(weights.shape)}, "
+                         f"{tuple(codes.shape)}, {tuple(values.shape)}, {tuple(start.shape)} and {tuple(count.shape)}")
+    if isinstance(first_valid, Tensor):
+        first_valid = first_valid.to(device=codes.device, dtype=torch.int32).expand(P).contiguous()
+    else:
+        first_valid = torch.full((P,), first_valid, dtype=torch.int32, device=codes.device)
+    return _CacheRead.apply(weights, codes.contiguous(), values,
+                            start.to(torch.float32).contiguous(), count.detach().to(torch.float32).contiguous(),
+                            first_valid)

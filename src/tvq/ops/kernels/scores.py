@@ -1,0 +1,377 @@
+"""The scores and softmax of :func:`tvq.ops.blockwise_attention` as one fused Triton kernel (forward and backward).
+
+Block n of L queries of a row p (P = B H rows) scores a window of W = M + L keys and, with the compressive
+cache, its S codewords. Today that is ~8 full passes over (P, nb, L, W + S) tensors: the content product,
+the skewed positional matrix (a pad and a copy), its masks, the cache scores, a ``cat``, the softmax, the
+split and ``p_cache / count``. Here one program owns a tile of query rows of one (p, n): it reads the window's
+keys straight from ``keys`` by offset (no window copy), adds the positional term ``pos[a, w - a]`` (``pos =
+qv @ rel.flip(1)^T`` (P, nb, L, M + 1) comes from PyTorch, which keeps rel's and v's gradients there), masks
+by distance and empty slots, scores the codewords, and writes the softmax weights once in the values' dtype
+(plus a float32 log-sum-exp per row for backward). Backward recomputes the weights from the saved inputs and
+the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch; the D_k-wide
+gradient GEMMs stay in PyTorch. The cache's weights come out as they are (``p_cache``: the cache scan of
+:mod:`tvq.ops.kernels.cache_scan` divides by the count) or divided by max(count, 1) (``divide``: ``p_mean``).
+
+The softmax is online (a running max and sum over the column tiles), then a second sweep recomputes each
+tile's scores and writes the normalised weights: the weights must be written normalised, and recomputing a
+(rows x D_k) @ (D_k x cols) tile is cheaper than writing unnormalised weights and rescaling them in HBM.
+
+Why scores and the D_v-wide products are split rather than one FlashAttention-style kernel: the output of a
+tile of query rows is a (rows x D_v) float32 accumulator, plus the cache's running (S x D_v) sums; at D_v 1536
+(enwik8) 64 rows alone take 384 KiB, more than one SM's registers and shared memory, so the weights go through
+HBM once and the D_v-wide products (window values, :mod:`tvq.ops.kernels.cache_scan`) stay separate GEMMs.
+
+Bytes per query and head (rough), with C = W + S score columns, a 2-byte compute and values dtype and float32
+scores: today's forward writes and reads the content product (2 + 2 per column), the skewed positional matrix
+(2 + 2), their sum and its float32 copy (2 + 2 + 4), the cache scores and their log-count and bias adds (~20 per
+codeword), the ``cat`` (4 + 4), the softmax (4 + 4), the weights' cast (4 + 2) and ``p_cache / count`` (~14 per
+codeword): ~60 C. Here the weights are written once (2 C) and the inputs' rows read once per sweep (L2-resident).
+Backward today: ~50 C (softmax backward, the casts', split's, cat's, skew's and masks' backward); here ~12 C
+(the upstream gradients read in two sweeps 4, ds written 2, the straight-through mask 4, the gradient GEMMs' reads
+of ds 4; d_pos is M + 1 wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~21 KB per token and layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def _tile(n: int, most: int) -> int:
+    """A tile size for a dim of n: a power of two, at least 16 (``tl.dot``'s minimum), at most ``most``."""
+    return max(16, min(most, triton.next_power_of_2(n)))
+
+
+# largest tiles of query rows, window columns and codeword columns (tests shrink them to exercise several tiles)
+TILES = {"rows": 64, "window": 64, "cache": 64}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 products exact (as PyTorch's float32 matmul without TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                   AGG: tl.constexpr, PER_ROW: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """(BA, BW) float32 scores of query rows a of block n against window slots w, masked with -inf.
+
+    Slot w holds key n L + w, at distance M + a - w from query a: near (0 <= w - a <= M) content +
+    pos[a, w - a], old (w < a) content + bias with the cache (else -inf), future (w - a > M) -inf;
+    an empty slot (key index < ninv) is -inf, per row only for the real queries (index >= ninv)."""
+    d = tl.arange(0, BD)
+    slot = n * L + w  # (BW,) key index
+    k = tl.load(k_row + slot[None, :] * sk_t + d[:, None] * sk_d,
+                mask=(w[None, :] < W) & (d[:, None] < D), other=0.0)  # (BD, BW)
+    s = tl.dot(qu, k, input_precision=PRECISION)  # (BA, BW) float32
+    j = w[None, :] - a[:, None]  # (BA, BW): M - distance
+    near = (j >= 0) & (j <= M)
+    s += tl.load(pos_row + a[:, None] * (M + 1) + j, mask=near & (a[:, None] < L), other=0.0).to(tl.float32)
+    if AGG:
+        s = tl.where(j < 0, s + bias, s)
+        seen = j <= M
+    else:
+        seen = near
+    empty = slot[None, :] < ninv
+    if PER_ROW:
+        empty = empty & ((M + n * L + a)[:, None] >= ninv)
+    return tl.where(seen & (w[None, :] < W) & ~empty, s, float("-inf"))
+
+
+@triton.jit
+def _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """(BA, BS) float32 scores of the codewords c: qu . codebook[c] + log count[c] + bias (-inf where the count
+    is 0), and the counts (BS,)."""
+    d = tl.arange(0, BD)
+    cb = tl.load(cb_row + c[None, :] * D + d[:, None], mask=(c[None, :] < S) & (d[:, None] < D), other=0.0)  # (BD, BS)
+    count = tl.load(count_row + c, mask=c < S, other=0.0)  # (BS,)
+    s = tl.dot(qu, cb, input_precision=PRECISION) + bias  # (BA, BS)
+    return tl.where((count > 0)[None, :], s + tl.log(tl.maximum(count, 1.0))[None, :], float("-inf")), count
+
+
+@triton.jit
+def _online(m, l, s):
+    """Running row max m and sum l of exp(scores - m), updated with the tile s (rows of -inf stay safe)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+
+
+@triton.jit
+def _row_setup(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
+               sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h,
+               HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
+    """This program's (p, n), its query rows a, their qu (BA, BD) and the bases of its rows of the inputs."""
+    pn = tl.program_id(0).to(tl.int64)  # p nb + n
+    p, n = pn // nb, pn % nb
+    b, h = p // H, p % H
+    a = tl.program_id(1) * BA + tl.arange(0, BA)  # (BA,)
+    d = tl.arange(0, BD)
+    qu = tl.load(qu_ptr + b * sq_b + h * sq_h + n * sq_n + a[:, None] * sq_l + d[None, :] * sq_d,
+                 mask=(a[:, None] < L) & (d[None, :] < D), other=0.0)  # (BA, BD)
+    if PER_ROW:
+        ninv = tl.load(ninv_ptr + b)
+    else:
+        ninv = ninv_int
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + h).to(tl.float32)
+    else:
+        bias = 0.0
+    return (pn, n, a, qu, k_ptr + b * sk_b + h * sk_h, pos_ptr + pn * L * (M + 1), cb_ptr + h * S * D,
+            count_ptr + pn * S, ninv, bias)
+
+
+@triton.jit
+def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, p_win_ptr, p_cache_ptr,
+                       lse_ptr, ninv_int, H, nb, L, M, W, S, D,
+                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d,
+                       AGG: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, DIVIDE: tl.constexpr,
+                       BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Softmax weights of BA query rows of one (p, n): a sweep for the row max and sum (online), a sweep that
+    recomputes each tile and writes p_win (and p_cache, divided by max(count, 1) under DIVIDE), and the lse."""
+    pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
+        qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
+        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, HAS_BIAS, PER_ROW, BA, BD)
+    a_ok = a < L
+    m = tl.full((BA,), float("-inf"), tl.float32)
+    l = tl.zeros((BA,), tl.float32)
+    for w0 in range(0, W, BW):
+        s = _window_scores(qu, a, w0 + tl.arange(0, BW), n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                           AGG, PER_ROW, BD, PRECISION)
+        m, l = _online(m, l, s)
+    if AGG:
+        for c0 in range(0, S, BS):
+            s, count = _cache_scores(qu, c0 + tl.arange(0, BS), cb_row, count_row, S, D, bias, BD, PRECISION)
+            m, l = _online(m, l, s)
+    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(l)  # (BA,)
+    tl.store(lse_ptr + pn * L + a, lse, mask=a_ok)
+    rows = pn * L + a  # (BA,) output rows
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                           AGG, PER_ROW, BD, PRECISION)
+        p = tl.exp(s - lse[:, None])
+        tl.store(p_win_ptr + rows[:, None] * W + w[None, :], p.to(p_win_ptr.dtype.element_ty),
+                 mask=a_ok[:, None] & (w[None, :] < W))
+    if AGG:
+        for c0 in range(0, S, BS):
+            c = c0 + tl.arange(0, BS)
+            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            p = tl.exp(s - lse[:, None])
+            if DIVIDE:
+                p = p / tl.maximum(count, 1.0)[None, :]
+            tl.store(p_cache_ptr + rows[:, None] * S + c[None, :], p.to(p_cache_ptr.dtype.element_ty),
+                     mask=a_ok[:, None] & (c[None, :] < S))
+
+
+@triton.jit
+def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, lse_ptr, g_win_ptr,
+                       g_cache_ptr, ds_win_ptr, ds_cache_ptr, d_pos_ptr, d_bias_ptr,
+                       ninv_int, H, nb, L, M, W, S, D,
+                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d,
+                       AGG: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, DIVIDE: tl.constexpr,
+                       BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """ds = p (dp - delta), delta = rowsum(p dp), for BA query rows of one (p, n), p recomputed from the lse:
+    a sweep for delta, a sweep writing ds_win, ds_cache, d_pos[a, j] = ds_win[a, a + j] (0 <= j <= M) and
+    each row's sum of ds over the columns that carry the cache bias (old slots and codewords)."""
+    pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
+        qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
+        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, HAS_BIAS, PER_ROW, BA, BD)
+    a_ok = a < L
+    rows = pn * L + a  # (BA,)
+    lse = tl.load(lse_ptr + rows, mask=a_ok, other=0.0)  # (BA,)
+    delta = tl.zeros((BA,), tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                           AGG, PER_ROW, BD, PRECISION)
+        g = tl.load(g_win_ptr + rows[:, None] * W + w[None, :], mask=a_ok[:, None] & (w[None, :] < W),
+                    other=0.0).to(tl.float32)
+        delta += tl.sum(tl.exp(s - lse[:, None]) * g, 1)
+    if AGG:
+        for c0 in range(0, S, BS):
+            c = c0 + tl.arange(0, BS)
+            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            g = tl.load(g_cache_ptr + rows[:, None] * S + c[None, :], mask=a_ok[:, None] & (c[None, :] < S),
+                        other=0.0).to(tl.float32)
+            if DIVIDE:
+                g = g / tl.maximum(count, 1.0)[None, :]
+            delta += tl.sum(tl.exp(s - lse[:, None]) * g, 1)
+    biased = tl.zeros((BA,), tl.float32)
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                           AGG, PER_ROW, BD, PRECISION)
+        in_tile = a_ok[:, None] & (w[None, :] < W)
+        g = tl.load(g_win_ptr + rows[:, None] * W + w[None, :], mask=in_tile, other=0.0).to(tl.float32)
+        ds = tl.exp(s - lse[:, None]) * (g - delta[:, None])  # (BA, BW)
+        tl.store(ds_win_ptr + rows[:, None] * W + w[None, :], ds.to(ds_win_ptr.dtype.element_ty), mask=in_tile)
+        j = w[None, :] - a[:, None]
+        tl.store(d_pos_ptr + rows[:, None] * (M + 1) + j, ds.to(d_pos_ptr.dtype.element_ty),
+                 mask=in_tile & (j >= 0) & (j <= M))
+        if AGG:
+            biased += tl.sum(tl.where(j < 0, ds, 0.0), 1)
+    if AGG:
+        for c0 in range(0, S, BS):
+            c = c0 + tl.arange(0, BS)
+            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            in_tile = a_ok[:, None] & (c[None, :] < S)
+            g = tl.load(g_cache_ptr + rows[:, None] * S + c[None, :], mask=in_tile, other=0.0).to(tl.float32)
+            if DIVIDE:
+                g = g / tl.maximum(count, 1.0)[None, :]
+            ds = tl.exp(s - lse[:, None]) * (g - delta[:, None])  # (BA, BS)
+            tl.store(ds_cache_ptr + rows[:, None] * S + c[None, :], ds.to(ds_cache_ptr.dtype.element_ty),
+                     mask=in_tile)
+            biased += tl.sum(tl.where(in_tile, ds, 0.0), 1)
+        tl.store(d_bias_ptr + rows, biased, mask=a_ok)
+
+
+def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int):
+    """The shared leading arguments of both kernels, their meta-parameters and grid."""
+    B, H, nb, L, D = qu.shape
+    M = pos.shape[-1] - 1
+    agg = codebook is not None
+    S = codebook.shape[1] if agg else 0
+    dummy = pos  # stands for absent tensors (never read: their constexpr flag is off)
+    BA, BW, BS = _tile(L, TILES["rows"]), _tile(M + L, TILES["window"]), _tile(max(S, 1), TILES["cache"])
+    meta = dict(AGG=agg, HAS_BIAS=cache_bias is not None, PER_ROW=n_invalid is not None,
+                BA=BA, BW=BW, BS=BS, BD=_tile(D, 2**30), PRECISION=_precision(qu.dtype))
+    inputs = (qu, keys, pos.contiguous(), codebook.contiguous() if agg else dummy,
+              count.contiguous() if agg else dummy, cache_bias.contiguous() if cache_bias is not None else dummy,
+              n_invalid.contiguous() if n_invalid is not None else dummy)
+    sizes = (n_invalid_int, H, nb, L, M, M + L, S, D, *qu.stride(), *keys.stride())
+    return inputs, sizes, meta, (B * H * nb, triton.cdiv(L, BA))
+
+
+@torch.library.custom_op("tvq_kernels::window_scores", mutates_args=())
+def window_scores(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tensor | None, count: Tensor | None,
+                  cache_bias: Tensor | None, n_invalid: Tensor | None, n_invalid_int: int, divide: bool,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax of one block's window and cache scores: p_win (B, H, nb, L, W) and p_cache (B, H, nb, L, S)
+    in ``out_dtype`` (p_cache divided by max(count, 1) under ``divide``; S = 0 without a codebook), and the
+    row log-sum-exp (B, H, nb, L) float32.
+
+    qu (B, H, nb, L, D_k) and keys (B, H, M + nb L, D_k) in one dtype (any strides), pos (B, H, nb, L, M + 1)
+    the positional scores, codebook (H, S, D_k) and count (B, H, nb, S) float32 (both or neither: the cache),
+    cache_bias (H,) or None, n_invalid (B,) per row (left padding) or None and ``n_invalid_int`` for all rows.
+    """
+    B, H, nb, L, _ = qu.shape
+    W, S = pos.shape[-1] - 1 + L, codebook.shape[1] if codebook is not None else 0
+    p_win = qu.new_empty(B, H, nb, L, W, dtype=out_dtype)
+    p_cache = qu.new_empty(B, H, nb, L, S, dtype=out_dtype)
+    lse = qu.new_empty(B, H, nb, L, dtype=torch.float32)
+    inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
+    # an empty p_cache (no cache) is never written: lse stands for it (no null pointer reaches the launch)
+    _scores_fwd_kernel[grid](*inputs, p_win, p_cache if S else lse, lse, *sizes, DIVIDE=divide, **meta)
+    return p_win, p_cache, lse
+
+
+@window_scores.register_fake
+def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divide, out_dtype):
+    B, H, nb, L, _ = qu.shape
+    W, S = pos.shape[-1] - 1 + L, codebook.shape[1] if codebook is not None else 0
+    return (qu.new_empty(B, H, nb, L, W, dtype=out_dtype), qu.new_empty(B, H, nb, L, S, dtype=out_dtype),
+            qu.new_empty(B, H, nb, L, dtype=torch.float32))
+
+
+@torch.library.custom_op("tvq_kernels::window_scores_backward", mutates_args=())
+def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tensor | None, count: Tensor | None,
+                           cache_bias: Tensor | None, n_invalid: Tensor | None, n_invalid_int: int, divide: bool,
+                           lse: Tensor, g_win: Tensor, g_cache: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the scores given those of :func:`window_scores`' weights: ds_win (B, H, nb, L, W) and
+    ds_cache (B, H, nb, L, S) in qu's dtype (the compute dtype, as the GEMMs that read them), d_pos
+    (B, H, nb, L, M + 1) = ds_win[a, a + j] in pos's dtype, and the per-row sum of ds over the columns that
+    carry the cache bias (B, H, nb, L) float32 (zeros without the cache)."""
+    B, H, nb, L, _ = qu.shape
+    W, S = pos.shape[-1] - 1 + L, g_cache.shape[-1]
+    ds_win = qu.new_empty(B, H, nb, L, W)
+    ds_cache = qu.new_empty(B, H, nb, L, S)
+    d_pos = pos.new_empty(pos.shape)  # every entry written: slot a + j is in the window for 0 <= j <= M
+    d_bias = qu.new_zeros(B, H, nb, L, dtype=torch.float32)
+    inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
+    cache_io = (g_cache.contiguous(), ds_cache, d_bias) if S else (lse, lse, lse)  # without the cache never touched
+    _scores_bwd_kernel[grid](*inputs, lse, g_win.contiguous(), cache_io[0], ds_win, cache_io[1], d_pos, cache_io[2],
+                             *sizes, DIVIDE=divide, **meta)
+    return ds_win, ds_cache, d_pos, d_bias
+
+
+@window_scores_backward.register_fake
+def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divide, lse, g_win, g_cache):
+    B, H, nb, L, _ = qu.shape
+    W, S = pos.shape[-1] - 1 + L, g_cache.shape[-1]
+    return (qu.new_empty(B, H, nb, L, W), qu.new_empty(B, H, nb, L, S), pos.new_empty(pos.shape),
+            qu.new_empty(B, H, nb, L, dtype=torch.float32))
+
+
+def _fold_windows(g: Tensor, N: int, L: int) -> Tensor:
+    """(B, H, nb, W, D) gradients of the nb windows (one every L rows) -> (B, H, N, D), overlaps summed
+    (as :class:`tvq.ops.blockwise._Windows`' backward: ceil(W / L) strided adds of whole blocks)."""
+    B, H, nb, W, D = g.shape
+    out = g.new_zeros(B, H, N + L, D)  # L spare rows: a last partial piece may start past N - nb L
+    for lo in range(0, W, L):
+        w = min(L, W - lo)
+        out[:, :, lo: lo + nb * L].unflatten(2, (nb, L))[..., :w, :].add_(g[:, :, :, lo: lo + w])
+    return out[:, :, :N]
+
+
+class _WindowSoftmax(torch.autograd.Function):
+    """(p_win, p_cache) of :func:`window_softmax`; backward runs the score kernel's backward, then the D_k-wide
+    gradient GEMMs in PyTorch (in the compute dtype, qu's)."""
+
+    @staticmethod
+    def forward(ctx, qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, key_keep, divide,
+                out_dtype):
+        p_win, p_cache, lse = window_scores(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int,
+                                            divide, out_dtype)
+        ctx.save_for_backward(qu, keys, pos, codebook, count, cache_bias, n_invalid, key_keep, lse)
+        ctx.n_invalid_int, ctx.divide = n_invalid_int, divide
+        return p_win, p_cache
+
+    @staticmethod
+    def backward(ctx, g_win, g_cache):
+        qu, keys, pos, codebook, count, cache_bias, n_invalid, key_keep, lse = ctx.saved_tensors
+        ds_win, ds_cache, d_pos, d_bias = window_scores_backward(
+            qu, keys, pos, codebook, count, cache_bias, n_invalid, ctx.n_invalid_int, ctx.divide, lse, g_win, g_cache)
+        L, W = ds_win.shape[-2:]
+        g_qu = g_keys = g_cb = g_bias = None
+        if ctx.needs_input_grad[0]:
+            g_qu = ds_win @ keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, L, D_k)
+            if codebook is not None:
+                g_qu = g_qu + ds_cache @ codebook[:, None]
+        if ctx.needs_input_grad[1]:
+            if key_keep is not None:  # straight-through: the dropped (query, key) pairs give the key nothing
+                ds_win = torch.where(key_keep, ds_win, torch.zeros((), dtype=ds_win.dtype, device=ds_win.device))
+            g_keys = _fold_windows(ds_win.transpose(-1, -2) @ qu, keys.shape[2], L)  # (B, H, M + nb L, D_k)
+        if codebook is not None and ctx.needs_input_grad[3]:
+            g_cb = torch.einsum("bhnls,bhnld->hsd", ds_cache, qu)  # (H, S, D_k)
+        if cache_bias is not None and ctx.needs_input_grad[5]:
+            g_bias = d_bias.sum((0, 2, 3)).to(cache_bias.dtype)  # (H,)
+        return g_qu, g_keys, d_pos, g_cb, None, g_bias, None, None, None, None, None
+
+
+def window_softmax(qu: Tensor, keys: Tensor, pos: Tensor, *, n_invalid: int | Tensor, key_keep: Tensor | None,
+                   cache: tuple[Tensor, Tensor] | None, cache_bias: Tensor | None, out_dtype: torch.dtype,
+                   divide: bool = False, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax weights of :func:`tvq.ops.blockwise_attention`'s blocks over their window and cache:
+    p_win (B, H, nb, L, W) and p_cache (B, H, nb, L, S) in ``out_dtype`` (S = 0 without the cache; divided by
+    max(count, 1) under ``divide``: the weights of the cache's means).
+
+    qu (B, H, nb, L, D_k) = q + u, keys (B, H, M + nb L, D_k) (the windows are read in place), pos
+    (B, H, nb, L, M + 1) the positional scores ``(q + v) @ rel.flip(1)^T``, ``cache`` = (codebook (H, S, D_k),
+    count (B, H, nb, S)) or None (no cache columns, old window keys -inf), ``cache_bias`` (H,) added to the
+    cache's scores and the old window keys' (with the cache only), ``key_keep`` broadcasting to (L, W): the
+    (query, slot) pairs whose score gradient reaches the key (None: all; straight-through). Products run in
+    ``dtype`` (default qu's), scores and the softmax in float32. Gradients reach qu, keys, pos, the codebook and
+    cache_bias.
+    """
+    dtype = dtype or qu.dtype
+    codebook, count = (cache[0].to(dtype), cache[1].detach().to(torch.float32)) if cache is not None else (None, None)
+    per_row = isinstance(n_invalid, Tensor)
+    return _WindowSoftmax.apply(
+        qu.to(dtype), keys.to(dtype), pos.contiguous(), codebook, count, cache_bias if cache is not None else None,
+        n_invalid.to(device=qu.device, dtype=torch.int64) if per_row else None, 0 if per_row else int(n_invalid),
+        key_keep, divide, out_dtype)

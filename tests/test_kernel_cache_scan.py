@@ -1,0 +1,219 @@
+"""The Triton cache scan (tvq.ops.kernels.cache_scan) against the PyTorch cache read (tvq.ops.cache.cache_read):
+outputs and gradients in float32 (against float64, Triton has no float64) and float16, the scan's custom ops on
+fake tensors, and blockwise_attention with the kernels on against off. Without a GPU the kernels run in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+from tvq.ops import blockwise  # noqa: E402
+from tvq.ops.cache import cache_read  # noqa: E402
+from tvq.ops.kernels import cache_scan as scan  # noqa: E402
+from tvq.ops.kernels import use_kernels  # noqa: E402
+
+F64 = torch.float64
+# P rows, nb blocks of L keys, S codes, D_v: S and D_v not powers of two; the second shape has several S and D_v
+# tiles (64 wide) and L not a multiple of 16
+SHAPES = [(3, 4, 8, 16, 24), (2, 3, 20, 70, 72)]
+
+
+def rel_err(got, want):
+    """Largest absolute difference relative to the largest magnitude of the reference."""
+    return ((got.to(F64) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def make_read(P, nb, L, S, Dv, first_valid, seed=0):
+    """Random float64 inputs of a cache read: weights (not divided by the count), codes, values, start, the
+    counts (carried ones plus the valid keys of earlier blocks) and the per-row first valid key (P,)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(P, nb, L, S, generator=g, dtype=F64)
+    codes = torch.randint(0, S, (P, nb, L), generator=g)
+    values = torch.randn(P, nb, L, Dv, generator=g, dtype=F64)
+    start = torch.randn(P, S, Dv, generator=g, dtype=F64)
+    first = torch.as_tensor(first_valid).expand(P)  # (P,)
+    keep = (torch.arange(nb * L) >= first[:, None]).view(P, nb, L)
+    n_blk = torch.zeros(P, nb, S, dtype=F64).scatter_add_(2, codes, keep.to(F64))
+    count0 = torch.randint(0, 3, (P, S), generator=g).to(F64)
+    count = count0[:, None] + n_blk.cumsum(1) - n_blk  # (P, nb, S)
+    return weights, codes, values, start, count, first
+
+
+def reference(weights, codes, values, start, count, first):
+    """cache_read (float64) row by row, each with its own first valid key."""
+    w = weights / count.clamp_min(1.0)[..., None, :]
+    return torch.cat([cache_read(w[p:p + 1], codes[p:p + 1], values[p:p + 1], start[p:p + 1], int(first[p]))
+                      for p in range(len(first))])
+
+
+def check_read(shape, first_valid, dtype, tol, seed=0):
+    weights, codes, values, start, count, first = make_read(*shape, first_valid, seed)
+    ref_in = [t.clone().requires_grad_() for t in (weights, values, start)]
+    want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * grad).sum(), ref_in)
+    kin = [weights.to(dtype).requires_grad_(), values.to(dtype).requires_grad_(),
+           start.float().requires_grad_()]
+    fv = first if isinstance(first_valid, list) else first_valid
+    got = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), fv)
+    assert got.dtype == dtype and got.shape == want.shape
+    got_grads = torch.autograd.grad(got, kin, grad.to(dtype))
+    assert rel_err(got, want) < tol
+    for name, x, a, b in zip(("weights", "values", "start"), kin, got_grads, want_grads):
+        assert a.dtype == x.dtype, name
+        assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("first_valid", [0, 3, 11, [0, 21, 5]], ids=["none", "in-block0", "two-blocks", "per-row"])
+def test_float32_matches_float64_reference(shape, first_valid):
+    if isinstance(first_valid, list):
+        first_valid = first_valid[: shape[0]]
+    check_read(shape, first_valid, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    check_read(SHAPES[0], 3, dtype, 1e-2 if dtype == torch.float16 else 2e-2)
+
+
+def test_empty_slots_get_zero_gradient_and_last_block_none():
+    weights, codes, values, start, count, first = make_read(2, 3, 8, 16, 16, 11)
+    values.requires_grad_()
+    out = scan.cache_read_kernel(weights.float(), codes, values.float(), start.float(), count.float(), 11)
+    (g,) = torch.autograd.grad(out.sum(), values)
+    flat = g.flatten(1, 2)  # (P, nb L, D_v)
+    assert (flat[:, :11] == 0).all() and (flat[:, -8:] == 0).all()  # empty slots; the last block reaches no cache
+    assert (flat[:, 11:-8].abs().sum(-1) > 0).all()
+
+
+def test_gradients_only_where_asked():
+    """Detached values and start (grad_thru_cache off): only the weights get a gradient."""
+    weights, codes, values, start, count, first = make_read(*SHAPES[0], 0)
+    w = weights.float().requires_grad_()
+    out = scan.cache_read_kernel(w, codes, values.float(), start.float(), count.float(), 0)
+    (g,) = torch.autograd.grad(out.sum(), w)
+    want = torch.autograd.grad(reference(weights.requires_grad_(), codes, values, start, count, first).sum(),
+                               weights)[0]
+    assert rel_err(g, want) < 1e-5
+
+
+def test_row_groups(monkeypatch):
+    """Means bounded per group of rows (_CHUNK_BYTES): the same outputs and gradients as one group."""
+    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
+    kin = [t.float().requires_grad_() for t in (weights, values, start)]
+
+    def run():
+        out = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
+        return (out, *torch.autograd.grad((out * out).sum(), kin))
+
+    whole = run()
+    monkeypatch.setattr(scan, "_CHUNK_BYTES", 1)  # one row per group
+    assert len(scan._row_groups(3, 4, 16, 24, torch.float32)) == 3
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_custom_ops_on_fake_tensors():
+    """The scans trace without running (torch.compile, the cost model): register_fake's shapes and dtypes."""
+    with FakeTensorMode():
+        P, nb, L, S, Dv = 2, 3, 8, 16, 24
+        codes = torch.zeros(P, nb, L, dtype=torch.long)
+        values = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16)
+        start, count = torch.empty(P, S, Dv), torch.empty(P, nb, S)
+        first = torch.zeros(P, dtype=torch.int32)
+        means = scan.cache_scan(codes, values, start, count, first, torch.bfloat16)
+        g_values, g_start = scan.cache_scan_backward(codes, means, count, first, torch.bfloat16)
+    assert means.shape == (P, nb, S, Dv) and means.dtype == torch.bfloat16
+    assert g_values.shape == values.shape and g_values.dtype == torch.bfloat16
+    assert g_start.shape == start.shape and g_start.dtype == torch.float32
+
+
+def test_opcheck():
+    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
+    first = first.to(torch.int32)
+    args = (codes, values.float(), start.float(), count.float(), first, torch.float32)
+    torch.library.opcheck(scan.cache_scan, args, test_utils=("test_schema", "test_faketensor"))
+    g_means = torch.randn(*SHAPES[0][:2], 16, 24)
+    torch.library.opcheck(scan.cache_scan_backward, (codes, g_means, count.float(), first, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# blockwise_attention end to end: kernels on (float32) against off (float64)
+
+def attention_inputs(n_invalid, seed=0):
+    """B 2, H 2, T 21 queries in blocks of L 8 (the last partial), M 8 window slots, S 20 codes, a carried cache
+    with nonzero counts and means; keys are codewords."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, Dk, Dv, M, S = 2, 2, 21, 4, 24, 8, 20
+    codebook = torch.randn(H, S, Dk, generator=g, dtype=F64)
+    codes = torch.randint(0, S, (B, H, M + T), generator=g)
+    keys = codebook[torch.arange(H)[:, None], codes]  # (B, H, M + T, D_k)
+    tensors = dict(q=torch.randn(B, H, T, Dk, generator=g, dtype=F64), keys=keys,
+                   values=torch.randn(B, H, M + T, Dv, generator=g, dtype=F64),
+                   rel=torch.randn(H, M + 1, Dk, generator=g, dtype=F64),
+                   u=torch.randn(H, Dk, generator=g, dtype=F64), v=torch.randn(H, Dk, generator=g, dtype=F64),
+                   mean0=torch.randn(B, H, S, Dv, generator=g, dtype=F64))
+    count0 = torch.randint(0, 4, (B, H, S), generator=g).to(F64)
+    return tensors, dict(codes=codes, codebook=codebook, count0=count0, M=M, n_invalid=n_invalid)
+
+
+def run_attention(tensors, fixed, dtype, straight_through, grad_thru_cache, grad):
+    t = {k: x.to(dtype).requires_grad_() for k, x in tensors.items()}
+    out = blockwise.blockwise_attention(
+        t["q"], t["keys"], t["values"], fixed["codes"], n_invalid=fixed["n_invalid"], rel=t["rel"], u=t["u"],
+        v=t["v"], mem_len=fixed["M"], block_len=8, agg_cache=True, grad_thru_cache=grad_thru_cache,
+        cache=(fixed["codebook"].to(dtype), fixed["count0"].to(dtype), t["mean0"]), straight_through=straight_through)
+    grads = torch.autograd.grad(out, list(t.values()), grad.to(dtype), allow_unused=True)
+    return out, dict(zip(t, grads))
+
+
+@pytest.mark.parametrize("straight_through", ["window", "block"])
+@pytest.mark.parametrize("grad_thru_cache", [True, False])
+@pytest.mark.parametrize("n_invalid", [0, 11, "per-row"])
+def test_blockwise_attention_kernels_on_equals_off(straight_through, grad_thru_cache, n_invalid, monkeypatch):
+    n_invalid = torch.tensor([3, 13]) if n_invalid == "per-row" else n_invalid
+    tensors, fixed = attention_inputs(n_invalid)
+    grad = torch.randn(2, 2, 21, 24, dtype=F64)
+    with use_kernels(False):
+        want, want_grads = run_attention(tensors, fixed, F64, straight_through, grad_thru_cache, grad)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the PyTorch cache read ran with the kernels on")
+
+    monkeypatch.setattr(blockwise, "cache_read", not_here)
+    with use_kernels(True):
+        got, got_grads = run_attention(tensors, fixed, torch.float32, straight_through, grad_thru_cache, grad)
+    assert rel_err(got, want) < 1e-5
+    for name, g in want_grads.items():
+        if g is None:
+            assert got_grads[name] is None, name
+        else:
+            assert rel_err(got_grads[name], g) < 1e-5, name
+    assert want_grads["mean0"] is not None
+
+
+def test_compiles_in_one_graph():
+    """torch.compile traces the whole read (the scans through their fake registrations) in one graph."""
+    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
+    kin = [t.float().requires_grad_() for t in (weights, values, start)]
+    compiled = torch.compile(scan.cache_read_kernel, backend="aot_eager", fullgraph=True)
+    got = compiled(kin[0], codes, kin[1], kin[2], count.float(), 3)
+    got_grads = torch.autograd.grad(got.sum(), kin)
+    want = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want.sum(), kin))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_flops_for_the_cost_model():
+    from tvq.ops.kernels import KERNEL_FLOPS
+
+    P, nb, L, S, Dv = 2, 3, 8, 16, 24
+    codes, g_means = torch.zeros(P, nb, L, dtype=torch.long), torch.empty(P, nb, S, Dv, dtype=torch.bfloat16)
+    values, start = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16), torch.empty(P, S, Dv)
+    fwd = KERNEL_FLOPS["tvq_kernels::cache_scan"](codes, values, start, None, None, torch.bfloat16)
+    bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, torch.bfloat16)
+    assert fwd == ("bfloat16", 2 * P * (nb - 1) * L * S * Dv) and bwd == ("bfloat16", 2 * P * nb * L * S * Dv)

@@ -1,0 +1,218 @@
+"""The fused score kernel (tvq.ops.kernels.scores) against PyTorch: the op's weights and gradients against a
+float64 reference written from the spec's distances, and blockwise_attention's output and every gradient with
+the kernels on (float32, float16) against the PyTorch path in float64. On a CPU through Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tvq.ops import blockwise_attention  # noqa: E402
+from tvq.ops.kernels import use_kernels  # noqa: E402
+from tvq.ops.kernels import scores as kscores  # noqa: E402
+from tvq.ops.kernels.scores import window_softmax  # noqa: E402
+
+B, H, L, S, DK, DV = 2, 2, 8, 16, 16, 24
+
+
+def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide):
+    """p_win, p_cache from the distances d = M + a - w directly (no skew), in the inputs' dtype."""
+    Bq, Hq, nb, Lq, _ = qu.shape
+    M = pos.shape[-1] - 1
+    W = M + Lq
+    k_win = keys.unfold(2, W, Lq).transpose(-1, -2)  # (B, H, nb, W, D_k)
+    a = torch.arange(Lq)[:, None]
+    w = torch.arange(W)[None, :]
+    j = w - a  # (L, W)
+    near = (j >= 0) & (j <= M)
+    s = qu @ k_win.transpose(-1, -2) + torch.where(near, pos.gather(-1, j.clamp(0, M).expand(Bq, Hq, nb, Lq, W)), 0.0)
+    bias = cache_bias.view(Hq, 1, 1, 1) if cache_bias is not None else 0.0
+    if cache is not None:
+        s = torch.where(j < 0, s + bias, s)
+        seen = j <= M
+    else:
+        seen = near
+    slot = torch.arange(nb)[:, None, None] * Lq + w  # (nb, 1, W)
+    query = M + torch.arange(nb)[:, None, None] * Lq + a  # (nb, L, 1)
+    if isinstance(n_invalid, torch.Tensor):
+        ninv = n_invalid.view(Bq, 1, 1, 1)
+        empty = (slot < ninv) & (query >= ninv)  # (B, nb, L, W)
+    else:
+        empty = (slot < n_invalid).expand(1, nb, Lq, W)
+    s = torch.where(seen & ~empty[:, None], s, float("-inf"))
+    if cache is None:
+        return torch.softmax(s, -1), s.new_zeros(*s.shape[:-1], 0)
+    codebook, count = cache
+    sc = qu @ codebook[:, None].transpose(-1, -2) + bias
+    sc = torch.where(count[..., None, :] > 0, sc + count.clamp_min(1).log()[..., None, :], float("-inf"))
+    p_win, p_cache = torch.softmax(torch.cat([s, sc], -1), -1).split([W, sc.shape[-1]], -1)
+    return p_win, (p_cache / count.clamp_min(1)[..., None, :] if divide else p_cache)
+
+
+def close(got, want, rtol):
+    """Within rtol of the reference's largest magnitude (float32 rounding of sums over many terms)."""
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * max(scale, 1e-12))
+
+
+def op_inputs(M, nb, agg, bias, n_invalid, gen):
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    qu, keys, pos = r(B, H, nb, L, DK), r(B, H, M + nb * L, DK), r(B, H, nb, L, M + 1)
+    cache = None
+    if agg:
+        count = torch.randint(0, 4, (B, H, nb, S), generator=gen).double()  # zeros: codes never seen
+        cache = (r(H, S, DK), count)
+    return qu, keys, pos, cache, r(H) if bias else None
+
+
+@pytest.mark.parametrize("M, agg, bias, n_invalid, divide, tiles", [
+    (8, True, True, 0, True, None),
+    (16, True, False, 12, False, None),
+    (16, False, False, 5, False, None),
+    (8, True, True, "rows", False, (16, 16, 16)),
+    (16, True, True, "rows", True, (16, 16, 16)),
+])
+def test_op_matches_the_reference(monkeypatch, M, agg, bias, n_invalid, divide, tiles):
+    if tiles:  # several window and codeword tiles per row
+        monkeypatch.setattr(kscores, "TILES", dict(zip(("rows", "window", "cache"), tiles)))
+    gen = torch.Generator().manual_seed(M + 2 * agg)
+    nb = 3
+    if n_invalid == "rows":  # left padding reaching into the chunk
+        n_invalid = torch.tensor([M + 3, 2])
+    qu, keys, pos, cache, cache_bias = op_inputs(M, nb, agg, bias, n_invalid, gen)
+    leaves = [qu, keys, pos] + ([cache[0]] if agg else []) + ([cache_bias] if bias else [])
+    g_win = torch.randn(B, H, nb, L, M + L, generator=gen, dtype=torch.float64)
+    g_cache = torch.randn(B, H, nb, L, S if agg else 0, generator=gen, dtype=torch.float64)
+
+    want = reference_softmax(qu.requires_grad_(), keys.requires_grad_(), pos.requires_grad_(), n_invalid,
+                             cache and (cache[0].requires_grad_(), cache[1]),
+                             cache_bias.requires_grad_() if bias else None, divide)
+    outs = 2 if agg else 1  # without the cache p_cache is empty
+    want_grads = torch.autograd.grad(want[:outs], leaves, (g_win, g_cache)[:outs])
+
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    qu32, keys32, pos32 = f32[:3]
+    cache32 = (f32[3], cache[1].float()) if agg else None
+    bias32 = f32[-1] if bias else None
+    with use_kernels(True):
+        got = kscores.window_softmax(qu32, keys32, pos32, n_invalid=n_invalid, key_keep=None, cache=cache32,
+                                     cache_bias=bias32, out_dtype=torch.float32, divide=divide)
+    got_grads = torch.autograd.grad(got[:outs], f32, (g_win.float(), g_cache.float())[:outs])
+    for g, w in zip(got, want):  # p_win, p_cache
+        assert g.shape == w.shape
+        close(g, w, 1e-5)
+    for g, w in zip(got_grads, want_grads):  # qu, keys, pos[, codebook][, cache_bias]
+        close(g, w, 1e-5)
+
+
+def attention_inputs(M, T, per_row, bias, dtype, gen):
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    inputs = dict(q=r(B, H, T, DK), keys=r(B, H, M + T, DK), values=r(B, H, M + T, DV), rel=r(H, M + 1, DK) / 4,
+                  u=r(H, DK) / 4, v=r(H, DK) / 4, codebook=r(H, S, DK), mean=r(B, H, S, DV),
+                  cache_bias=r(H) if bias else None)
+    codes = torch.randint(0, S, (B, H, M + T), generator=gen)
+    count = torch.randint(0, 3, (B, H, S), generator=gen).double()
+    n_invalid = torch.tensor([M + 3, 0]) if per_row else per_row
+    return {k: x for k, x in inputs.items() if x is not None}, codes, count, n_invalid
+
+
+def run_attention(inputs, codes, count, n_invalid, dtype, M, kernels, **switches):
+    leaves = {k: x.detach().to(dtype).requires_grad_() for k, x in inputs.items()}
+    cache = (leaves["codebook"], count.to(dtype), leaves["mean"].detach())
+    with use_kernels(kernels):
+        out = blockwise_attention(leaves["q"], leaves["keys"], leaves["values"], codes, n_invalid=n_invalid,
+                                  rel=leaves["rel"], u=leaves["u"], v=leaves["v"], mem_len=M, block_len=L,
+                                  cache=cache, cache_bias=leaves.get("cache_bias"), **switches)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    names = [k for k in leaves if k != "mean"]
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], g, allow_unused=True)
+    return out, dict(zip(names, grads))
+
+
+# every switch is on and off in some case; n_invalid: an int (0 or past one block) or one per row (left padding)
+CASES = [
+    # straight_through, agg_cache, grad_thru_cache, cache_bias, n_invalid, M, T
+    ("window", True, True, True, 0, 8, 21),
+    ("window", True, False, False, 12, 16, 24),
+    ("window", False, True, False, 12, 16, 21),
+    ("window", True, True, True, True, 16, 21),
+    ("block", True, False, True, 0, 8, 24),
+    ("block", True, True, False, True, 16, 21),
+    ("block", False, False, False, 0, 16, 21),
+    ("block", False, True, True, True, 8, 21),
+]
+
+
+@pytest.mark.parametrize("straight_through, agg_cache, grad_thru_cache, bias, n_invalid, M, T", CASES)
+def test_blockwise_with_the_kernel_equals_pytorch(monkeypatch, straight_through, agg_cache, grad_thru_cache, bias,
+                                                  n_invalid, M, T):
+    calls = []
+    monkeypatch.setattr(kscores, "window_softmax", lambda *a, **k: calls.append(1) or window_softmax(*a, **k))
+    gen = torch.Generator().manual_seed(M + T)
+    per_row = n_invalid is True
+    inputs, codes, count, ninv = attention_inputs(M, T, per_row, bias, torch.float64, gen)
+    if not per_row:
+        ninv = n_invalid
+    switches = dict(straight_through=straight_through, agg_cache=agg_cache, grad_thru_cache=grad_thru_cache)
+    want, want_grads = run_attention(inputs, codes, count, ninv, torch.float64, M, False, **switches)
+    got, got_grads = run_attention(inputs, codes, count, ninv, torch.float32, M, True, **switches)
+    assert calls == [1]  # the kernel ran, and only with the kernels on
+    close(got, want, 1e-5)
+    for name, w in want_grads.items():
+        g = got_grads[name]
+        if w is None or g is None:
+            assert w is None and g is None, name
+        else:
+            close(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("straight_through, agg_cache, n_invalid", [("window", True, True), ("block", False, 0)])
+def test_blockwise_with_the_kernel_in_float16(straight_through, agg_cache, n_invalid):
+    M, T = 16, 21
+    gen = torch.Generator().manual_seed(7)
+    inputs, codes, count, ninv = attention_inputs(M, T, n_invalid is True, True, torch.float64, gen)
+    if n_invalid is not True:
+        ninv = n_invalid
+    switches = dict(straight_through=straight_through, agg_cache=agg_cache, grad_thru_cache=True)
+    want, want_grads = run_attention(inputs, codes, count, ninv, torch.float64, M, False, **switches)
+    got, got_grads = run_attention(inputs, codes, count, ninv, torch.float16, M, True, **switches)
+    assert got.dtype == torch.float16
+    close(got, want, 1e-2)
+    for name, w in want_grads.items():
+        if w is not None:
+            close(got_grads[name], w, 1e-2)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_ops_trace(per_row):
+    """Schema, fake (shape-only) registrations and AOT tracing of both launches (torch.compile, the cost model)."""
+    M, nb = 8, 2
+    gen = torch.Generator().manual_seed(3)
+    qu, keys, pos, (codebook, count), cache_bias = (
+        x.float() if isinstance(x, torch.Tensor) else (x[0].float(), x[1].float())
+        for x in op_inputs(M, nb, True, True, 0, gen))
+    ninv = torch.tensor([M + 3, 0]) if per_row else None
+    args = (qu, keys, pos, codebook, count, cache_bias, ninv, 0 if per_row else 3, per_row, torch.float32)
+    torch.library.opcheck(kscores.window_scores, args)
+    p_win, p_cache, lse = kscores.window_scores(*args)
+    torch.library.opcheck(kscores.window_scores_backward,
+                          args[:-1] + (lse, torch.randn_like(p_win), torch.randn_like(p_cache)))
+
+
+@pytest.mark.parametrize("T", [5, 21])
+def test_blockwise_with_the_kernel_without_grad(T):
+    """Inference (no autograd graph, the window product accumulated in place), also a chunk shorter than a block."""
+    M = 8
+    gen = torch.Generator().manual_seed(T)
+    inputs, codes, count, ninv = attention_inputs(M, T, True, True, torch.float64, gen)
+    outs = []
+    for dtype, kernels in ((torch.float64, False), (torch.float32, True)):
+        x = {k: t.to(dtype) for k, t in inputs.items()}
+        with torch.no_grad(), use_kernels(kernels):
+            outs.append(blockwise_attention(
+                x["q"], x["keys"], x["values"], codes, n_invalid=ninv, rel=x["rel"], u=x["u"], v=x["v"], mem_len=M,
+                block_len=L, cache=(x["codebook"], count.to(dtype), x["mean"]), cache_bias=x["cache_bias"],
+                straight_through="window", agg_cache=True, grad_thru_cache=False))
+    close(outs[1], outs[0], 1e-5)
