@@ -6,8 +6,11 @@
 Parts, each with its own time budget (work left in a part once over budget is recorded "skipped: budget";
 the JSON is rewritten after every measurement, so a kill keeps what was done):
   equivalence  blockwise vs quadratic attention on the device (fp32, bf16) vs float64 CPU, outputs and grads;
-               a tiny whole model's logits on the device vs CPU float64; pytest tests/test_golden.py if pytest exists
-  train32k     enwik8 shape, B = 1, 32k tokens: vq vs SDPA training tokens/s and peak memory, eager and compiled
+               a tiny whole model's logits on the device vs CPU float64; pytest tests/test_golden.py (and on CUDA
+               the Triton kernels' tests, bf16 included) if pytest exists
+  train32k     enwik8 shape, B = 1, 32k tokens: vq vs SDPA training tokens/s and peak memory, eager and compiled;
+               vq with the fused Triton kernels (tvq.ops.kernels, the default on CUDA when Triton imports) and
+               without them (vq_torch: the PyTorch path)
   crossover    the same at 8k and 131k (grad checkpointing at 131k; OOM recorded)
   profile      torch.profiler over one vq training step: top 15 kernels by device time, kernel count
   decode       decode at position 65,536: tvq eager, tvq CUDA graph, SDPA static KV cache
@@ -22,9 +25,12 @@ import sys
 import time
 import traceback
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
+KERNEL_TESTS = ["tests/test_kernel_scores.py", "tests/test_kernel_cache_scan.py", "tests/test_kernel_window_values.py"]
 DEV = os.environ.get("DEV", "cuda" if torch.cuda.is_available() else "cpu")
 CPU = DEV == "cpu"
 T0 = time.time()
@@ -98,18 +104,26 @@ def loss_of(model, ids):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
+def kernels(impl):
+    """The Triton kernels off for ``vq_torch`` (the PyTorch path), as chosen by tvq otherwise."""
+    from tvq.ops.kernels import use_kernels
+    return use_kernels(False) if impl == "vq_torch" else contextlib.nullcontext()
+
+
 def train_speed(impl, T, compile_=False, grad_checkpoint=False, repeats=3, deadline=None):
-    model = build(impl, grad_checkpoint).to(DEV)
+    from tvq.ops.kernels import HAVE_TRITON
+    model = build("vq" if impl == "vq_torch" else impl, grad_checkpoint).to(DEV)
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     step_fn = model
-    rec = {"impl": impl, "seq_len": T, "batch": 1, "compiled": compile_, "grad_checkpoint": grad_checkpoint}
+    rec = {"impl": impl, "seq_len": T, "batch": 1, "compiled": compile_, "grad_checkpoint": grad_checkpoint,
+           "triton_kernels": impl == "vq" and HAVE_TRITON and not CPU}
     if compile_:
         step_fn = torch.compile(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
     ids = torch.randint(0, min(vocab, 256), (1, T), device=DEV)
 
     def step():
-        with autocast():
+        with autocast(), kernels(impl):
             loss = loss_of(step_fn, ids)
         loss.backward()
         opt.step()
@@ -170,10 +184,16 @@ def part_equivalence(rep, budget, args):
     ref_out, ref_grads = run(quadratic_attention, torch.float64, "cpu")
     tol = {"float32": 1e-4, "bfloat16": 5e-2}
     ok = True
-    for name, fn in (("blockwise", blockwise_attention), ("quadratic", quadratic_attention)):
+    from tvq.ops.kernels import HAVE_TRITON, use_kernels
+    paths = [("blockwise", blockwise_attention, contextlib.nullcontext), ("quadratic", quadratic_attention,
+                                                                          contextlib.nullcontext)]
+    if HAVE_TRITON and not CPU:  # blockwise above ran the kernels; the PyTorch path too
+        paths.append(("blockwise_torch", blockwise_attention, lambda: use_kernels(False)))
+    for name, fn, ctx in paths:
         for dt in (torch.float32, torch.bfloat16):
             dn = str(dt).split(".")[1]
-            out, grads = run(fn, dt, DEV)
+            with ctx():
+                out, grads = run(fn, dt, DEV)
             scale = ref_out.abs().max().item() + 1e-12
             err = (out - ref_out).abs().max().item() / scale
             gerr = max((g - r).abs().max().item() / (r.abs().max().item() + 1e-12) for g, r in zip(grads, ref_grads))
@@ -206,7 +226,8 @@ def part_equivalence(rep, budget, args):
     try:
         import pytest  # noqa: F401
         if time.time() < budget:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_golden.py"],
+            tests = ["tests/test_golden.py"] + ([] if CPU else KERNEL_TESTS)  # the kernels' tests, bf16 too, on CUDA
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests],
                                capture_output=True, text=True, timeout=max(5, budget - time.time()),
                                env={**os.environ, "PYTHONPATH": "src"})
             res["pytest_golden"] = {"rc": r.returncode, "tail": r.stdout[-400:]}
@@ -223,8 +244,10 @@ def part_equivalence(rep, budget, args):
 def _train_part(rep, name, lens, budget, args):
     p = rep.part(name)
     for T in lens:
-        for impl in ("vq", "sdpa"):
+        for impl in ("vq", "vq_torch", "sdpa"):
             for comp in ((False, True) if args.compile or not CPU else (False,)):
+                if impl == "vq_torch" and comp:  # compiled: vq only (inductor calls the kernels' custom ops)
+                    continue
                 key = f"{impl}_{T}_{'compiled' if comp else 'eager'}"
                 if time.time() > budget:
                     p["results"][key] = "skipped: budget"
