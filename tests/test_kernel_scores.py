@@ -216,3 +216,24 @@ def test_blockwise_with_the_kernel_without_grad(T):
                 block_len=L, cache=(x["codebook"], count.to(dtype), x["mean"]), cache_bias=x["cache_bias"],
                 straight_through="window", agg_cache=True, grad_thru_cache=False))
     close(outs[1], outs[0], 1e-5)
+
+
+def test_blockwise_with_every_kernel_under_bfloat16_autocast():
+    """Under CPU bf16 autocast (Triton's interpreter multiplies bf16 in float32, as its tl.dot cannot) the three
+    kernels together give the PyTorch path's output to bf16 accuracy."""
+    from tvq.ops import blockwise_attention
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, Dk, Dv, M, L, S = 2, 2, 24, 16, 24, 8, 8, 16
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    codebook, codes = r(H, S, Dk), torch.randint(0, S, (B, H, M + T), generator=gen)
+    keys = codebook[torch.arange(H)[:, None], codes]
+    count = torch.randint(0, 3, (B, H, S), generator=gen).float()
+    args = (r(B, H, T, Dk), keys, r(B, H, M + T, Dv), codes)
+    kw = dict(n_invalid=0, rel=r(H, M + 1, Dk), u=r(H, Dk), v=r(H, Dk), mem_len=M, block_len=L, agg_cache=True,
+              grad_thru_cache=True, cache=(codebook, count, r(B, H, S, Dv)))
+    outs = []
+    for kernels in (True, False):
+        with use_kernels(kernels), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(blockwise_attention(*args, **kw).float())
+    close(outs[0], outs[1], 5e-2)

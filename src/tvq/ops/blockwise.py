@@ -8,9 +8,10 @@ batched over blocks, and there is no (T, T) tensor: time O(T (M + L + S)) and me
 Under autocast every product runs in the compute dtype; scores, the softmax and the cache's sums and
 counts stay in float32.
 
-On CUDA with Triton installed (:func:`tvq.ops.kernels.kernels_enabled`) two fused kernels replace parts of this
-code, which stays their reference: the scores, masks and softmax (:mod:`tvq.ops.kernels.scores`) and the
-cache read (:mod:`tvq.ops.kernels.cache_scan`).
+On CUDA with Triton installed (:func:`tvq.ops.kernels.kernels_enabled`) fused kernels replace parts of this
+code, which stays their reference: the scores, masks and softmax (:mod:`tvq.ops.kernels.scores`), the
+cache read (:mod:`tvq.ops.kernels.cache_scan`) and the window's value product, which reads the windows in place
+(:mod:`tvq.ops.kernels.window_values`).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def blockwise_attention(
         vals, codes = F.pad(values, (0, 0, 0, pad)), F.pad(codes, (0, pad))
     q = q.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
     # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
-    v_win = _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
+    fused = kernels_enabled(vals)  # the Triton kernels (tvq.ops.kernels) read the windows in place: none built
+    v_win = None if fused else _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
     qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
     qv = q + v[:, None, None]
 
@@ -188,7 +190,7 @@ def blockwise_attention(
         c0 = count0.to(acc)  # (B, H, S)
         count = c0[:, :, None] + (n_blk.cumsum(2) - n_blk).to(acc)  # (B, H, nb, S)
 
-    if kernels_enabled(q):  # scores, masks and softmax in one Triton kernel (tvq.ops.kernels.scores)
+    if fused:  # scores, masks and softmax in one Triton kernel (tvq.ops.kernels.scores)
         from tvq.ops.kernels.scores import window_softmax
 
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else qu.dtype
@@ -196,7 +198,7 @@ def blockwise_attention(
         # p_cache (B, H, nb, L, S or 0) not divided by the count, in the values' dtype (the cache read divides)
         p_win, p_cache = window_softmax(
             qu, keys, pos, n_invalid=n_invalid, key_keep=key_keep, cache=(codebook, count) if agg_cache else None,
-            cache_bias=cache_bias, out_dtype=v_win.dtype, dtype=dt)  # p_win (B, H, nb, L, W)
+            cache_bias=cache_bias, out_dtype=vals.dtype, dtype=dt)  # p_win (B, H, nb, L, W)
     else:
         k_win = _Windows.apply(keys, W, L)  # (B, H, nb, W, D_k)
         if key_keep is None:
@@ -230,7 +232,16 @@ def blockwise_attention(
         p = torch.softmax(torch.cat([scores, cache_scores], -1) if agg_cache else scores, -1)  # (B, H, nb, L, W [+ S])
         # split, not sliced: backward joins the two gradients in one pass (slices would each pad to the full width)
         p_win, p_cache = p.split([W, p.shape[-1] - W], -1)  # (B, H, nb, L, W), (B, H, nb, L, S or 0)
-        p_win = p_win.to(v_win.dtype)
+        p_win = p_win.to(vals.dtype)
+    if fused:  # products in the compute dtype, as autocast's
+        from tvq.ops.kernels.window_values import window_values_kernel
+
+        v_dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else vals.dtype
+        # value_keep by name: the block's own slots (w >= M) or the near ones (w >= a)
+        value_rule = None if value_keep is None else "own" if straight_through == "block" else "near"
+    if not agg_cache and fused:
+        out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), keep=value_rule, dtype=v_dt)
+        return out.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
     if not agg_cache:
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
@@ -239,16 +250,16 @@ def blockwise_attention(
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
-    if kernels_enabled(vals):  # a Triton scan writes the means C_n / count_n, sums in float32 on chip
+    if fused:  # a Triton scan writes the means C_n / count_n, sums in float32 on chip
         from tvq.ops.kernels.cache_scan import cache_read_kernel
 
         out = cache_read_kernel(
-            p_cache.to(v_win.dtype).flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+            p_cache.to(vals.dtype).flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
             (c0[..., None] * mean0.to(acc)).flatten(0, 1), count.flatten(0, 1),
             n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid,  # per row: (B H,)
         ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
     else:
-        p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(v_win.dtype)  # (B, H, nb, L, S): p_s / count_s
+        p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(vals.dtype)  # (B, H, nb, L, S): p_s / count_s
         if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
             # where reading the count is free
             cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
@@ -259,7 +270,10 @@ def blockwise_attention(
             p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
             (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
         ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
-    if value_keep is not None:
+    if fused:  # the window's share added to the cache's as the kernel writes it
+        out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), out.flatten(0, 1), keep=value_rule,
+                                   dtype=v_dt).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
+    elif value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient
     elif out.dtype == v_win.dtype and not torch.is_grad_enabled():  # accumulate into the fresh product in place
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))

@@ -33,6 +33,8 @@ of ds 4; d_pos is M + 1 wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -49,8 +51,19 @@ TILES = {"rows": 64, "window": 64, "cache": 64}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """float32 products exact (as PyTorch's float32 matmul without TF32)."""
+    """float32 products exact (as PyTorch's float32 matmul without TF32); "upcast": bfloat16 operands multiplied
+    in float32, in Triton's interpreter only, whose ``tl.dot`` multiplies the raw bits of bfloat16 (Triton 3.9)."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b in float32, as :func:`_precision` says."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -65,7 +78,7 @@ def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bi
     slot = n * L + w  # (BW,) key index
     k = tl.load(k_row + slot[None, :] * sk_t + d[:, None] * sk_d,
                 mask=(w[None, :] < W) & (d[:, None] < D), other=0.0)  # (BD, BW)
-    s = tl.dot(qu, k, input_precision=PRECISION)  # (BA, BW) float32
+    s = _dot(qu, k, PRECISION)  # (BA, BW) float32
     j = w[None, :] - a[:, None]  # (BA, BW): M - distance
     near = (j >= 0) & (j <= M)
     s += tl.load(pos_row + a[:, None] * (M + 1) + j, mask=near & (a[:, None] < L), other=0.0).to(tl.float32)
@@ -87,7 +100,7 @@ def _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD: tl.constexpr, PRECIS
     d = tl.arange(0, BD)
     cb = tl.load(cb_row + c[None, :] * D + d[:, None], mask=(c[None, :] < S) & (d[:, None] < D), other=0.0)  # (BD, BS)
     count = tl.load(count_row + c, mask=c < S, other=0.0)  # (BS,)
-    s = tl.dot(qu, cb, input_precision=PRECISION) + bias  # (BA, BS)
+    s = _dot(qu, cb, PRECISION) + bias  # (BA, BS)
     return tl.where((count > 0)[None, :], s + tl.log(tl.maximum(count, 1.0))[None, :], float("-inf")), count
 
 

@@ -1,0 +1,293 @@
+"""The window's share of :func:`tvq.ops.blockwise_attention`'s output as Triton kernels (forward and backward).
+
+Block n of L queries of a row p (P = B H rows) reads a window of W = M + L values, rows n L .. n L + W - 1 of the
+key list's values (P, M + nb L, D_v), which starts with the M carried window slots:
+``out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]``, ``acc`` the cache read's output.
+In PyTorch that is a batched GEMM over a strided view of overlapping windows, which a batched GEMM cannot read
+for several rows at once: the windows are copied ((W / L) D_v per token, kept alive for backward), and backward
+writes the gradient of every window (P, nb, W, D_v) and then sums the overlaps (:class:`tvq.ops.blockwise._Windows`).
+Here every kernel reads the values straight from the key list by offset and each result is written once:
+
+* forward: a program owns a (rows x BD) float32 accumulator of one (p, n), starts it from ``acc`` (the sum needs no
+  extra pass) and walks the window in tiles of BW columns: ``acc += p_win tile (rows, BW) @ values (BW, BD)``.
+  Tiled over D_v because W is the reduction (a tile of it cannot finish an output) and a whole row of the output
+  does not fit on chip: at D_v 1536 (enwik8) 64 rows x 1536 float32 are 384 KiB, more than an SM's registers
+  (256 KiB) or shared memory (228 KiB). A 64 x 64 tile is 16 KiB; the D_v tiles of a (p, n) are the grid's
+  fastest axis, so their programs run together and re-read the same weights from L2, not HBM.
+* ``g_p[a, w] = grad[a] . values[n L + w]``: a (rows x BW) accumulator per program, reduced over D_v in tiles.
+* ``g_values[r] = sum over the blocks n whose window holds row r of sum_a keep(a, w) p[n][a, w] grad[n][a]``,
+  w = r - n L: a program per (row tile, D_v tile) loops over those blocks (ceil(W / L) + 1 at most; exactly W / L
+  for an aligned row tile when L divides W): no atomics, each row written once, no (nb, W, D_v) intermediate.
+  The straight-through rule (which (query, slot) products give the value a gradient) is a constexpr ``keep``:
+  0 all, 1 the block's own slots (w >= M), 2 the near slots (w >= a: old slots are codewords).
+
+Products run in the compute dtype (``dtype``; the operands are cast on load, so float32 values under autocast are
+not copied), sums in float32, results in the compute dtype (gradients in their input's dtype).
+
+Bytes per token and head (rough, from the shapes, not measured: no GPU was at hand), bf16, enwik8 (d_v 1536,
+L = M = 512, W = 1024; one value row is 3 KB, a row of weights 2 KB). Today, forward: the window copy (read the
+values, write 2 rows: ~9 KB), the GEMM's reads of it and of the weights (6 + 2), the cache output read and the sum
+written (3 + 3): ~23 KB, and the 6 KB copy is saved for backward (the straight-through
+``_KeepGradMatmul`` saves the view instead and copies it again there). Backward: ``grad @ v_win^T`` (3 + 6 read,
+2 written), ``p^T @ grad`` with the straight-through ``where`` (2 + 2 + 2 + 3 read, 6 written), the fold
+(a 3 KB zero fill, 6 read, 2 x 6 read and written): ~53 KB. Here, forward: weights 2, values 3 (each row is read
+by W / L = 2 windows, the second from L2 when the blocks run close together; 6 worst case), acc 3, out 3: ~11-14 KB.
+Backward: ``g_p`` reads grad 3 and values 3 (6) and writes 2; ``g_values`` reads the weights 2 and grad 3 (twice:
+6) and writes 3; ``g_acc`` is ``grad`` itself: ~16-22 KB. About 75 against 30 KB per token, head and layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tvq.ops.kernels import register_flops
+from tvq.ops.kernels.cache_scan import _dot_options, _tile
+
+# largest tiles of query rows (value rows in g_values), window columns and D_v (tests shrink them)
+TILES = {"rows": 64, "window": 64, "dv": 64}
+
+KEEP_MODES = {None: 0, "own": 1, "near": 2}  # which products give the values a gradient: all, w >= M, w >= a
+
+
+@triton.jit
+def _cast(x, like_ptr, UPCAST: tl.constexpr):
+    """An operand of ``tl.dot`` in the product dtype, that of ``like_ptr`` (float32 under UPCAST: see
+    ``_dot_options``)."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x.to(like_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _fwd_kernel(p_ptr, v_ptr, acc_ptr, out_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
+                HAS_ACC: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """out tile (BA, BD) of one (p, n) = acc + sum over window tiles of p_win (BA, BW) @ values (BW, BD)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_d, n_a = tl.cdiv(Dv, BD), tl.cdiv(L, BA)
+    td, ta, pn = pid % n_d, (pid // n_d) % n_a, pid // (n_d * n_a)
+    p, n = pn // nb, pn % nb
+    a = ta * BA + tl.arange(0, BA)  # (BA,)
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    a_ok, d_ok = a < L, d < Dv
+    tile = (pn * L + a[:, None]) * Dv + d[None, :]  # (BA, BD) offsets in (P, nb, L, D_v)
+    tile_ok = a_ok[:, None] & d_ok[None, :]
+    if HAS_ACC:
+        acc = tl.load(acc_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BA, BD), dtype=tl.float32)
+    v_row = v_ptr + p * sv_p
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)  # (BW,)
+        w_ok = w < W
+        pt = tl.load(p_ptr + (pn * L + a[:, None]) * W + w[None, :], mask=a_ok[:, None] & w_ok[None, :], other=0.0)
+        v = tl.load(v_row + (n * L + w[:, None]) * sv_r + d[None, :] * sv_d, mask=w_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # (BW, BD)
+        acc = tl.dot(_cast(pt, out_ptr, UPCAST), _cast(v, out_ptr, UPCAST), acc, input_precision=PRECISION)
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _grad_p_kernel(g_ptr, v_ptr, gp_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
+                   BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """g_p tile (BA, BW) of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_w, n_a = tl.cdiv(W, BW), tl.cdiv(L, BA)
+    tw, ta, pn = pid % n_w, (pid // n_w) % n_a, pid // (n_w * n_a)
+    p, n = pn // nb, pn % nb
+    a = ta * BA + tl.arange(0, BA)  # (BA,)
+    w = tw * BW + tl.arange(0, BW)  # (BW,)
+    a_ok, w_ok = a < L, w < W
+    v_row = v_ptr + p * sv_p
+    acc = tl.zeros((BA, BW), dtype=tl.float32)
+    for d0 in range(0, Dv, BD):
+        d = d0 + tl.arange(0, BD)  # (BD,)
+        d_ok = d < Dv
+        g = tl.load(g_ptr + (pn * L + a[:, None]) * Dv + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_row + (n * L + w[None, :]) * sv_r + d[:, None] * sv_d, mask=d_ok[:, None] & w_ok[None, :],
+                    other=0.0)  # (BD, BW)
+        acc = tl.dot(_cast(g, g_ptr, UPCAST), _cast(v, g_ptr, UPCAST), acc, input_precision=PRECISION)
+    tl.store(gp_ptr + (pn * L + a[:, None]) * W + w[None, :], acc.to(gp_ptr.dtype.element_ty),
+             mask=a_ok[:, None] & w_ok[None, :])
+
+
+@triton.jit
+def _grad_values_kernel(p_ptr, g_ptr, gv_ptr, nb, L, M, W, N, Dv,
+                        KEEP: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """g_values tile (BR, BD) of one row p: for each block n whose window holds one of the rows r, w = r - n L,
+    sum over query tiles of keep(a, w) p[n]^T (BR, BA) @ grad[n] (BA, BD); written once, zeros for rows no kept
+    product reaches."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_d, n_r = tl.cdiv(Dv, BD), tl.cdiv(N, BR)
+    td, tr, p = pid % n_d, (pid // n_d) % n_r, pid // (n_d * n_r)
+    r0 = tr * BR
+    r = r0 + tl.arange(0, BR)  # (BR,) key-list rows
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    r_ok, d_ok = r < N, d < Dv
+    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    n_lo = tl.maximum(r0 + L - W, 0) // L  # first block whose window reaches row r0: ceil((r0 - W + 1) / L)
+    n_hi = tl.minimum((r0 + BR - 1) // L, nb - 1)  # last block whose window starts at or before the tile's last row
+    for n in range(n_lo, n_hi + 1):
+        pn = p * nb + n
+        w = r - n * L  # (BR,) slot of row r in block n's window
+        w_ok = r_ok & (w >= 0) & (w < W)
+        for a0 in range(0, L, BA):
+            a = a0 + tl.arange(0, BA)  # (BA,)
+            a_ok = a < L
+            keep = w_ok[:, None] & a_ok[None, :]  # (BR, BA)
+            if KEEP == 1:  # the block's own slots only: the carried window is stop-gradient
+                keep = keep & (w[:, None] >= M)
+            if KEEP == 2:  # the near slots only: old slots are codewords
+                keep = keep & (w[:, None] >= a[None, :])
+            pt = tl.load(p_ptr + (pn * L + a[None, :]) * W + w[:, None], mask=keep, other=0.0)  # (BR, BA)
+            g = tl.load(g_ptr + (pn * L + a[:, None]) * Dv + d[None, :], mask=a_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # (BA, BD)
+            acc = tl.dot(_cast(pt, g_ptr, UPCAST), _cast(g, g_ptr, UPCAST), acc, input_precision=PRECISION)
+    tl.store(gv_ptr + (p * N + r[:, None]) * Dv + d[None, :], acc.to(gv_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+def _check(p_win: Tensor, values: Tensor) -> tuple[int, int, int, int, int, int]:
+    """P, nb, L, W, M, D_v of p_win (P, nb, L, W) and values (P, M + nb L, D_v)."""
+    P, nb, L, W = p_win.shape
+    M, Dv = W - L, values.shape[-1]
+    if values.dim() != 3 or values.shape[:2] != (P, M + nb * L):
+        raise ValueError(f"window_values: p_win (P, nb, L, W) and values (P, W - L + nb L, D_v) expected, got "
+                         f"{tuple(p_win.shape)} and {tuple(values.shape)}")
+    return P, nb, L, W, M, Dv
+
+
+@torch.library.custom_op("tvq_kernels::window_values", mutates_args=())
+def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w].
+
+    p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None;
+    products in ``dtype``, sums in float32."""
+    P, nb, L, W, M, Dv = _check(p_win, values)
+    out = values.new_empty(P, nb, L, Dv, dtype=dtype)
+    if not out.numel():
+        return out
+    BA, BW, BD = _tile(L, TILES["rows"]), _tile(W, TILES["window"]), _tile(Dv, TILES["dv"])
+    grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(Dv, BD),)
+    _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out, out,
+                      nb, L, W, Dv, *values.stride(), HAS_ACC=acc is not None, BA=BA, BW=BW, BD=BD,
+                      **_dot_options(dtype))
+    return out
+
+
+@window_values.register_fake
+def _(p_win, values, acc, dtype):
+    P, nb, L, _ = p_win.shape
+    return values.new_empty(P, nb, L, values.shape[-1], dtype=dtype)
+
+
+@torch.library.custom_op("tvq_kernels::window_values_grad_weights", mutates_args=())
+def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype) -> Tensor:
+    """(P, nb, L, W) in ``dtype``: g_p[p, n, a, w] = grad[p, n, a] . values[p, n L + w]; grad (P, nb, L, D_v),
+    products in its dtype."""
+    P, nb, L, Dv = grad.shape
+    g_p = grad.new_empty(P, nb, L, W, dtype=dtype)
+    if not g_p.numel():
+        return g_p
+    BA, BW, BD = _tile(L, TILES["rows"]), _tile(W, TILES["window"]), _tile(Dv, TILES["dv"])
+    grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(W, BW),)
+    _grad_p_kernel[grid](grad.contiguous(), values, g_p, nb, L, W, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
+                         **_dot_options(grad.dtype))
+    return g_p
+
+
+@window_values_grad_weights.register_fake
+def _(grad, values, W, dtype):
+    return grad.new_empty(*grad.shape[:3], W, dtype=dtype)
+
+
+@torch.library.custom_op("tvq_kernels::window_values_grad_values", mutates_args=())
+def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: torch.dtype) -> Tensor:
+    """(P, M + nb L, D_v) in ``dtype``: g_values[p, r] = sum over the blocks n whose window holds row r of
+    sum_a keep(a, w) p_win[p, n, a, w] grad[p, n, a], w = r - n L; ``keep`` 0: all, 1: w >= M, 2: w >= a.
+    p_win (P, nb, L, W), grad (P, nb, L, D_v); products in grad's dtype."""
+    P, nb, L, W = p_win.shape
+    M, Dv = W - L, grad.shape[-1]
+    N = M + nb * L
+    g_v = grad.new_empty(P, N, Dv, dtype=dtype)
+    if not g_v.numel():
+        return g_v
+    BR, BA, BD = _tile(L, TILES["rows"]), _tile(L, TILES["rows"]), _tile(Dv, TILES["dv"])
+    grid = (P * triton.cdiv(N, BR) * triton.cdiv(Dv, BD),)
+    _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), g_v, nb, L, M, W, N, Dv, KEEP=keep,
+                              BR=BR, BA=BA, BD=BD, **_dot_options(grad.dtype))
+    return g_v
+
+
+@window_values_grad_values.register_fake
+def _(p_win, grad, keep, dtype):
+    P, nb, L, W = p_win.shape
+    return grad.new_empty(P, W - L + nb * L, grad.shape[-1], dtype=dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@register_flops("tvq_kernels::window_values")
+def _(p_win, values, acc, dtype):
+    """(L, W) @ (W, D_v) per block, in ``dtype``."""
+    return _name(dtype), 2 * p_win.numel() * values.shape[-1]
+
+
+@register_flops("tvq_kernels::window_values_grad_weights")
+def _(grad, values, W, dtype):
+    """(L, D_v) @ (D_v, W) per block, in grad's dtype."""
+    return _name(grad.dtype), 2 * grad.numel() * W
+
+
+@register_flops("tvq_kernels::window_values_grad_values")
+def _(p_win, grad, keep, dtype):
+    """(W, L) @ (L, D_v) per block, in grad's dtype (the kernel's masked edge tiles not counted)."""
+    return _name(grad.dtype), 2 * p_win.numel() * grad.shape[-1]
+
+
+class _WindowValues(torch.autograd.Function):
+    """out = acc + the window product; gradients: g_p and g_values by the kernels (g_values after the keep rule),
+    g_acc = grad. Saves only p_win and the values (no window copy)."""
+
+    @staticmethod
+    def forward(ctx, p_win, values, acc, keep, dtype):
+        ctx.save_for_backward(p_win, values)
+        ctx.keep, ctx.dtype, ctx.acc_dtype = keep, dtype, acc.dtype if acc is not None else None
+        return window_values(p_win, values, acc, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p_win, values = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
+        g_p = g_v = g_acc = None
+        if ctx.needs_input_grad[0]:
+            g_p = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
+        if ctx.needs_input_grad[1]:
+            g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype)  # (P, M + nb L, D_v)
+        if ctx.needs_input_grad[2]:
+            g_acc = grad.to(ctx.acc_dtype)
+        return g_p, g_v, g_acc, None, None
+
+
+def window_values_kernel(p_win: Tensor, values: Tensor, acc: Tensor | None = None, *, keep: str | None = None,
+                         dtype: torch.dtype | None = None) -> Tensor:
+    """The window's share of each block's output plus ``acc``: (P, nb, L, D_v) in ``dtype`` (default values'),
+    out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w] (products in ``dtype``, sums in
+    float32).
+
+    p_win (P, nb, L, W) the window's softmax weights, values (P, M + nb L, D_v) the key list's values (M = W - L
+    carried slots first; the windows are read in place), acc (P, nb, L, D_v) or None (the cache read's output).
+    Gradients reach p_win, values and acc; ``keep`` is the straight-through rule for the values' gradient:
+    None (every product), "own" (the block's own slots, w >= M) or "near" (w >= a: no old slot).
+    """
+    _check(p_win, values)
+    if acc is not None and acc.shape != (*p_win.shape[:3], values.shape[-1]):
+        raise ValueError(f"window_values_kernel: acc (P, nb, L, D_v) expected, got {tuple(acc.shape)}")
+    return _WindowValues.apply(p_win, values, acc, KEEP_MODES[keep], dtype or values.dtype)
