@@ -12,13 +12,15 @@ pytest.importorskip("triton")
 from tvq.ops import blockwise_attention  # noqa: E402
 from tvq.ops.kernels import use_kernels  # noqa: E402
 from tvq.ops.kernels import scores as kscores  # noqa: E402
+from tvq.ops.kernels import window_values as kwv  # noqa: E402
 from tvq.ops.kernels.scores import window_softmax  # noqa: E402
 
 B, H, L, S, DK, DV = 2, 2, 8, 16, 16, 24
 
 
-def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide):
-    """p_win, p_cache from the distances d = M + a - w directly (no skew), in the inputs' dtype."""
+def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide, key_keep=None):
+    """p_win, p_cache from the distances d = M + a - w directly (no skew), in the inputs' dtype; ``key_keep``
+    (L, W) bool: the (query, slot) pairs whose content score's gradient reaches the key (None: all)."""
     Bq, Hq, nb, Lq, _ = qu.shape
     M = pos.shape[-1] - 1
     W = M + Lq
@@ -27,7 +29,10 @@ def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide):
     w = torch.arange(W)[None, :]
     j = w - a  # (L, W)
     near = (j >= 0) & (j <= M)
-    s = qu @ k_win.transpose(-1, -2) + torch.where(near, pos.gather(-1, j.clamp(0, M).expand(Bq, Hq, nb, Lq, W)), 0.0)
+    content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
+    if key_keep is not None:  # the same scores; the dropped pairs' gradient reaches qu only
+        content = torch.where(key_keep, content, qu @ k_win.detach().transpose(-1, -2))
+    s = content + torch.where(near, pos.gather(-1, j.clamp(0, M).expand(Bq, Hq, nb, Lq, W)), 0.0)
     bias = cache_bias.view(Hq, 1, 1, 1) if cache_bias is not None else 0.0
     if cache is not None:
         s = torch.where(j < 0, s + bias, s)
@@ -105,6 +110,43 @@ def test_op_matches_the_reference(monkeypatch, M, agg, bias, n_invalid, divide, 
         close(g, w, 1e-5)
     for g, w in zip(got_grads, want_grads):  # qu, keys, pos[, codebook][, cache_bias]
         close(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("key_keep", [None, "own", "near"])
+def test_the_d_k_gradients_run_on_the_window_kernels(monkeypatch, key_keep):
+    """Backward's g_qu and keys' gradient (with the straight-through rule) come from the window kernels of
+    tvq.ops.kernels.window_values, which read the keys in place: no ``unfold``, the float64 reference's gradients."""
+    M, nb = 16, 3  # W = 24: three windows hold most keys
+    gen = torch.Generator().manual_seed(5)
+    n_invalid = torch.tensor([M + 3, 2])
+    qu, keys, pos, cache, cache_bias = op_inputs(M, nb, True, True, n_invalid, gen)
+    leaves = [qu, keys, pos, cache[0], cache_bias]
+    g_win = torch.randn(B, H, nb, L, M + L, generator=gen, dtype=torch.float64)
+    g_cache = torch.randn(B, H, nb, L, S, generator=gen, dtype=torch.float64)
+    a, w = torch.arange(L)[:, None], torch.arange(M + L)[None, :]
+    keep = {None: None, "own": (w >= M).expand(L, -1), "near": w >= a}[key_keep]  # (L, W)
+    want = reference_softmax(*[x.requires_grad_() for x in leaves[:3]], n_invalid,
+                             (leaves[3].requires_grad_(), cache[1]), leaves[4].requires_grad_(), False, keep)
+    want_grads = torch.autograd.grad(want, leaves, (g_win, g_cache))
+
+    calls = []
+    for name in ("window_values", "window_values_grad_values"):  # spies on the ops the backward calls
+        op = getattr(kscores, name)
+        monkeypatch.setattr(kscores, name, lambda *args, op=op: calls.append((op, args)) or op(*args))
+
+    def no_unfold(*args, **kwargs):
+        raise AssertionError("a key window was copied")
+
+    f32 = [x.detach().float().requires_grad_() for x in leaves]
+    with use_kernels(True), monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "unfold", no_unfold)
+        got = kscores.window_softmax(*f32[:3], n_invalid=n_invalid, key_keep=key_keep,
+                                     cache=(f32[3], cache[1].float()), cache_bias=f32[4], out_dtype=torch.float32)
+        got_grads = torch.autograd.grad(got, f32, (g_win.float(), g_cache.float()))
+    assert [op for op, _ in calls] == [kwv.window_values, kwv.window_values_grad_values]
+    assert calls[1][1][2] == kwv.KEEP_MODES[key_keep]
+    for got_g, want_g in zip(got_grads, want_grads):  # qu, keys, pos, codebook, cache_bias
+        close(got_g, want_g, 1e-5)
 
 
 def attention_inputs(M, T, per_row, bias, dtype, gen):

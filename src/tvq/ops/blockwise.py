@@ -195,9 +195,11 @@ def blockwise_attention(
 
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else qu.dtype
         pos = qv @ rel.flip(1)[:, None].transpose(-1, -2)  # (B, H, nb, L, M + 1), pos[a, j]: distance M - j
+        # key_keep by name: the block's own slots (w >= M) or the near ones (w >= a)
+        key_rule = None if key_keep is None else "own" if straight_through == "block" else "near"
         # p_cache (B, H, nb, L, S or 0) not divided by the count, in the values' dtype (the cache read divides)
         p_win, p_cache = window_softmax(
-            qu, keys, pos, n_invalid=n_invalid, key_keep=key_keep, cache=(codebook, count) if agg_cache else None,
+            qu, keys, pos, n_invalid=n_invalid, key_keep=key_rule, cache=(codebook, count) if agg_cache else None,
             cache_bias=cache_bias, out_dtype=vals.dtype, dtype=dt)  # p_win (B, H, nb, L, W)
     else:
         k_win = _Windows.apply(keys, W, L)  # (B, H, nb, W, D_k)

@@ -8,9 +8,15 @@ keys straight from ``keys`` by offset (no window copy), adds the positional term
 qv @ rel.flip(1)^T`` (P, nb, L, M + 1) comes from PyTorch, which keeps rel's and v's gradients there), masks
 by distance and empty slots, scores the codewords, and writes the softmax weights once in the values' dtype
 (plus a float32 log-sum-exp per row for backward). Backward recomputes the weights from the saved inputs and
-the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch; the D_k-wide
-gradient GEMMs stay in PyTorch. The cache's weights come out as they are (``p_cache``: the cache scan of
-:mod:`tvq.ops.kernels.cache_scan` divides by the count) or divided by max(count, 1) (``divide``: ``p_mean``).
+the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch. The D_k-wide
+gradients then run on the window kernels of :mod:`tvq.ops.kernels.window_values`, which read the keys in place:
+``g_qu = ds_cache @ codebook + ds_win @ key windows`` is its forward (p := ds_win, values := keys, the cache's
+share as its ``acc``), and the keys' gradient, each key's sum over the windows that hold it of its kept
+``ds_win^T @ qu``, is its values' gradient (p := ds_win, grad := qu) with the straight-through rule as its
+``keep`` (none, "own": w >= M, "near": w >= a): no key window is copied, no (nb, W, D_k) gradient is written
+and summed, no masked copy of ds_win is made. Only the codebook's (S-wide) gradient stays in PyTorch. The
+cache's weights come out as they are (``p_cache``: the cache scan of :mod:`tvq.ops.kernels.cache_scan` divides
+by the count) or divided by max(count, 1) (``divide``: ``p_mean``).
 
 The softmax is online (a running max and sum over the column tiles), then a second sweep recomputes each
 tile's scores and writes the normalised weights: the weights must be written normalised, and recomputing a
@@ -26,9 +32,17 @@ scores: today's forward writes and reads the content product (2 + 2 per column),
 (2 + 2), their sum and its float32 copy (2 + 2 + 4), the cache scores and their log-count and bias adds (~20 per
 codeword), the ``cat`` (4 + 4), the softmax (4 + 4), the weights' cast (4 + 2) and ``p_cache / count`` (~14 per
 codeword): ~60 C. Here the weights are written once (2 C) and the inputs' rows read once per sweep (L2-resident).
-Backward today: ~50 C (softmax backward, the casts', split's, cat's, skew's and masks' backward); here ~12 C
-(the upstream gradients read in two sweeps 4, ds written 2, the straight-through mask 4, the gradient GEMMs' reads
-of ds 4; d_pos is M + 1 wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~21 KB per token and layer.
+Backward today: ~50 C (softmax backward, the casts', split's, cat's, skew's and masks' backward); here ~10 C
+(the upstream gradients read in two sweeps 4, ds written 2, the gradient kernels' reads of ds 4; d_pos is M + 1
+wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~18 KB per token and layer.
+The D_k-wide gradients, per query in units of D_k bytes, with r = W / L windows holding each key (2 at enwik8):
+in PyTorch ``unfold``'s copy of the key windows (keys read 2 r, the copy written 2 r), the GEMM's read of it
+(2 r), the window gradients of ``ds_win^T @ qu`` (2 r) and their fold (a zero fill 2, 2 r read, 4 r added), plus
+the straight-through ``where``'s copy of ds_win (4 C bytes): ~14 r + 2, and 4 C. Here the window kernels read the
+keys and qu r times each (after the first from L2 when the blocks run close together: ~4 from HBM, 4 r at worst)
+and write g_qu and the keys' gradient once (4): ~8 to 4 r + 4. The cache's share of g_qu (written and read, 4)
+is the same in both. enwik8 (D_k 128): ~10 KB (6 of them the ``where``) against ~1-1.5 KB per token and layer.
+Estimates from the shapes, not measured (no GPU was at hand).
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from tvq.ops.kernels.window_values import KEEP_MODES, window_values, window_values_grad_values
 
 
 def _tile(n: int, most: int) -> int:
@@ -320,45 +336,38 @@ def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divi
             qu.new_empty(B, H, nb, L, dtype=torch.float32))
 
 
-def _fold_windows(g: Tensor, N: int, L: int) -> Tensor:
-    """(B, H, nb, W, D) gradients of the nb windows (one every L rows) -> (B, H, N, D), overlaps summed
-    (as :class:`tvq.ops.blockwise._Windows`' backward: ceil(W / L) strided adds of whole blocks)."""
-    B, H, nb, W, D = g.shape
-    out = g.new_zeros(B, H, N + L, D)  # L spare rows: a last partial piece may start past N - nb L
-    for lo in range(0, W, L):
-        w = min(L, W - lo)
-        out[:, :, lo: lo + nb * L].unflatten(2, (nb, L))[..., :w, :].add_(g[:, :, :, lo: lo + w])
-    return out[:, :, :N]
-
-
 class _WindowSoftmax(torch.autograd.Function):
     """(p_win, p_cache) of :func:`window_softmax`; backward runs the score kernel's backward, then the D_k-wide
-    gradient GEMMs in PyTorch (in the compute dtype, qu's)."""
+    gradients on the window kernels of :mod:`tvq.ops.kernels.window_values` (keys read in place, products in the
+    compute dtype, qu's) and the codebook's in PyTorch."""
 
     @staticmethod
     def forward(ctx, qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, key_keep, divide,
                 out_dtype):
         p_win, p_cache, lse = window_scores(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int,
                                             divide, out_dtype)
-        ctx.save_for_backward(qu, keys, pos, codebook, count, cache_bias, n_invalid, key_keep, lse)
-        ctx.n_invalid_int, ctx.divide = n_invalid_int, divide
+        ctx.save_for_backward(qu, keys, pos, codebook, count, cache_bias, n_invalid, lse)
+        ctx.n_invalid_int, ctx.key_keep, ctx.divide = n_invalid_int, KEEP_MODES[key_keep], divide
         return p_win, p_cache
 
     @staticmethod
     def backward(ctx, g_win, g_cache):
-        qu, keys, pos, codebook, count, cache_bias, n_invalid, key_keep, lse = ctx.saved_tensors
+        qu, keys, pos, codebook, count, cache_bias, n_invalid, lse = ctx.saved_tensors
         ds_win, ds_cache, d_pos, d_bias = window_scores_backward(
             qu, keys, pos, codebook, count, cache_bias, n_invalid, ctx.n_invalid_int, ctx.divide, lse, g_win, g_cache)
-        L, W = ds_win.shape[-2:]
+        B, H = ds_win.shape[:2]
+        ds_rows = ds_win.flatten(0, 1)  # (P, nb, L, W), P = B H
         g_qu = g_keys = g_cb = g_bias = None
         if ctx.needs_input_grad[0]:
-            g_qu = ds_win @ keys.unfold(2, W, L).transpose(-1, -2)  # (B, H, nb, L, D_k)
-            if codebook is not None:
-                g_qu = g_qu + ds_cache @ codebook[:, None]
+            # the cache's share, then ds_win @ the key windows added by the window kernel (its forward, D_v := D_k);
+            # keys (P, M + nb L, D_k): a view where B and H merge (else one copy of the keys, not of their windows)
+            acc = (ds_cache @ codebook[:, None]).flatten(0, 1) if codebook is not None else None  # (P, nb, L, D_k)
+            g_qu = window_values(ds_rows, keys.flatten(0, 1), acc, qu.dtype)  # (P, nb, L, D_k)
+            g_qu = g_qu.unflatten(0, (B, H))  # (B, H, nb, L, D_k)
         if ctx.needs_input_grad[1]:
-            if key_keep is not None:  # straight-through: the dropped (query, key) pairs give the key nothing
-                ds_win = torch.where(key_keep, ds_win, torch.zeros((), dtype=ds_win.dtype, device=ds_win.device))
-            g_keys = _fold_windows(ds_win.transpose(-1, -2) @ qu, keys.shape[2], L)  # (B, H, M + nb L, D_k)
+            # sum over the windows holding each key of its kept ds_win^T @ qu (the window kernel's values gradient)
+            g_keys = window_values_grad_values(ds_rows, qu.flatten(0, 1), ctx.key_keep, keys.dtype)
+            g_keys = g_keys.unflatten(0, (B, H))  # (B, H, M + nb L, D_k)
         if codebook is not None and ctx.needs_input_grad[3]:
             g_cb = torch.einsum("bhnls,bhnld->hsd", ds_cache, qu)  # (H, S, D_k)
         if cache_bias is not None and ctx.needs_input_grad[5]:
@@ -366,7 +375,7 @@ class _WindowSoftmax(torch.autograd.Function):
         return g_qu, g_keys, d_pos, g_cb, None, g_bias, None, None, None, None, None
 
 
-def window_softmax(qu: Tensor, keys: Tensor, pos: Tensor, *, n_invalid: int | Tensor, key_keep: Tensor | None,
+def window_softmax(qu: Tensor, keys: Tensor, pos: Tensor, *, n_invalid: int | Tensor, key_keep: str | None,
                    cache: tuple[Tensor, Tensor] | None, cache_bias: Tensor | None, out_dtype: torch.dtype,
                    divide: bool = False, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Softmax weights of :func:`tvq.ops.blockwise_attention`'s blocks over their window and cache:
@@ -376,10 +385,10 @@ def window_softmax(qu: Tensor, keys: Tensor, pos: Tensor, *, n_invalid: int | Te
     qu (B, H, nb, L, D_k) = q + u, keys (B, H, M + nb L, D_k) (the windows are read in place), pos
     (B, H, nb, L, M + 1) the positional scores ``(q + v) @ rel.flip(1)^T``, ``cache`` = (codebook (H, S, D_k),
     count (B, H, nb, S)) or None (no cache columns, old window keys -inf), ``cache_bias`` (H,) added to the
-    cache's scores and the old window keys' (with the cache only), ``key_keep`` broadcasting to (L, W): the
-    (query, slot) pairs whose score gradient reaches the key (None: all; straight-through). Products run in
-    ``dtype`` (default qu's), scores and the softmax in float32. Gradients reach qu, keys, pos, the codebook and
-    cache_bias.
+    cache's scores and the old window keys' (with the cache only), ``key_keep`` the straight-through rule: the
+    (query a, slot w) pairs whose score gradient reaches the key, None (all), "own" (the block's own slots, w >= M)
+    or "near" (w >= a: old slots are codewords). Products run in ``dtype`` (default qu's), scores and the softmax
+    in float32. Gradients reach qu, keys, pos, the codebook and cache_bias.
     """
     dtype = dtype or qu.dtype
     codebook, count = (cache[0].to(dtype), cache[1].detach().to(torch.float32)) if cache is not None else (None, None)

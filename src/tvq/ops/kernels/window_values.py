@@ -21,6 +21,9 @@ Here every kernel reads the values straight from the key list by offset and each
   The straight-through rule (which (query, slot) products give the value a gradient) is a constexpr ``keep``:
   0 all, 1 the block's own slots (w >= M), 2 the near slots (w >= a: old slots are codewords).
 
+The score kernel's backward (:mod:`tvq.ops.kernels.scores`) calls the forward and ``g_values`` ops directly for
+the keys' side (p := ds_win, values := keys: g_qu; grad := qu: the keys' gradient, keep the key rule).
+
 Products run in the compute dtype (``dtype``; the operands are cast on load, so float32 values under autocast are
 not copied), sums in float32, results in the compute dtype (gradients in their input's dtype).
 
