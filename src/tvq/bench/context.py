@@ -38,6 +38,7 @@ from tvq.bench.args import BENCH_PRESETS, ints
 from tvq.config import TransformerVQConfig
 from tvq.files import write_text_atomic
 from tvq.models.transformer_vq import TransformerVQ
+from tvq.runtime import tune_cpu_allocator
 from tvq.usage import ArgumentParser, UsageError, check_writable_file, int_range, run_command
 
 
@@ -67,6 +68,8 @@ def _rank(rank: int, n_ranks: int, port: int, config: dict, seq_len: int, steps:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     cuda = device == "cuda"
+    if not cuda:
+        tune_cpu_allocator()  # as the tvq command does: freed activations stay mapped (tvq.runtime)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
