@@ -106,3 +106,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def close_to_reference(got, want, rtol):
+    """Within rtol of the reference's largest magnitude (float32 rounding of sums over many terms): how the
+    Triton kernels' tests compare with the float64 PyTorch path."""
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * max(scale, 1e-12))
+
+
+def grads_close(got: dict, want: dict, rtol):
+    """Every gradient of ``want`` (name -> tensor or None) matched by ``got``'s, None where it is None."""
+    for name, w in want.items():
+        g = got[name]
+        if w is None or g is None:
+            assert w is None and g is None, name
+        else:
+            close_to_reference(g, w, rtol)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import close_to_reference as close, grads_close
 
 pytest.importorskip("triton")
 
@@ -54,12 +55,6 @@ def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide, key_k
     sc = torch.where(count[..., None, :] > 0, sc + count.clamp_min(1).log()[..., None, :], float("-inf"))
     p_win, p_cache = torch.softmax(torch.cat([s, sc], -1), -1).split([W, sc.shape[-1]], -1)
     return p_win, (p_cache / count.clamp_min(1)[..., None, :] if divide else p_cache)
-
-
-def close(got, want, rtol):
-    """Within rtol of the reference's largest magnitude (float32 rounding of sums over many terms)."""
-    scale = want.abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * max(scale, 1e-12))
 
 
 def op_inputs(M, nb, agg, bias, n_invalid, gen):
@@ -202,12 +197,7 @@ def test_blockwise_with_the_kernel_equals_pytorch(monkeypatch, straight_through,
     got, got_grads = run_attention(inputs, codes, count, ninv, torch.float32, M, True, **switches)
     assert calls == [1]  # the kernel ran, and only with the kernels on
     close(got, want, 1e-5)
-    for name, w in want_grads.items():
-        g = got_grads[name]
-        if w is None or g is None:
-            assert w is None and g is None, name
-        else:
-            close(g, w, 1e-5)
+    grads_close(got_grads, want_grads, 1e-5)
 
 
 @pytest.mark.parametrize("straight_through, agg_cache, n_invalid", [("window", True, True), ("block", False, 0)])

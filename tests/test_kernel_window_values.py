@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import close_to_reference as close, grads_close
 
 pytest.importorskip("triton")
 
@@ -28,12 +29,6 @@ def reference(p_win, values, acc, keep):
     p_kept = torch.where(kept, p_win.detach(), 0.0)  # (P, nb, L, W)
     out = p_win @ v_win.detach() + p_kept @ v_win - p_kept @ v_win.detach()  # values: only the kept products
     return out if acc is None else out + acc
-
-
-def close(got, want, rtol):
-    """Within rtol of the reference's largest magnitude (float32 rounding of sums over many terms)."""
-    scale = want.abs().max().item() if want.numel() else 1.0
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * max(scale, 1e-12))
 
 
 # M, L, D_v (not tile multiples), tiles: several window and D_v tiles, value-row tiles spanning two blocks, and
@@ -186,12 +181,7 @@ def test_blockwise_with_the_kernel_equals_pytorch(monkeypatch, straight_through,
     got, got_grads = run_attention(inputs, codes, count, ninv, torch.float32, M, True, **switches)
     assert calls == [rule]  # the kernel ran once, with the straight-through rule, and only with the kernels on
     close(got, want, 1e-5)
-    for name, w in want_grads.items():
-        g = got_grads[name]
-        if w is None or g is None:
-            assert w is None and g is None, name
-        else:
-            close(g, w, 1e-5)
+    grads_close(got_grads, want_grads, 1e-5)
 
 
 @pytest.mark.parametrize("straight_through, agg_cache, grad_thru_cache, n_invalid",

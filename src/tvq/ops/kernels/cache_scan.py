@@ -31,7 +31,6 @@ The means (and in backward ``g_means``) of all blocks exist at once for a group 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -39,21 +38,9 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import register_flops
+from tvq.ops.kernels.common import dot_options, tile
 
 _CHUNK_BYTES = 256 * 2**20  # the means (P', nb, S, D_v) of one group of rows stay under this
-
-
-def _tile(n: int, most: int) -> int:
-    """A tile size for a dim of n: a power of two, at least 16 (``tl.dot``'s minimum), at most ``most``."""
-    return max(16, min(most, triton.next_power_of_2(n)))
-
-
-def _dot_options(dtype: torch.dtype) -> dict:
-    """How the one-hot products run for values of ``dtype``: in it (exact: one 1 per sum, float32 accumulator),
-    float32 ones as IEEE products (as PyTorch's float32 matmul without TF32). UPCAST: in float32, for bfloat16
-    in Triton's interpreter, whose ``tl.dot`` multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
-    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    return dict(UPCAST=upcast, PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32")
 
 
 @triton.jit
@@ -155,12 +142,12 @@ def cache_scan(codes: Tensor, values: Tensor, start: Tensor, count: Tensor, firs
         values = values.contiguous()
     S, Dv = start.shape[1:]
     means = values.new_empty(P, nb, S, Dv, dtype=dtype)
-    BS, BD, BL = _tile(S, 64), _tile(Dv, 64), _tile(L, 32)
+    BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
     if not means.numel():
         return means
     _scan_fwd_kernel[_grid(P, S, Dv, BS, BD)](
         codes.contiguous(), values, start.contiguous(), count.contiguous(), first_valid.contiguous(),
-        means, nb, L, S, Dv, *values.stride()[:3], BS=BS, BD=BD, BL=BL, **_dot_options(values.dtype))
+        means, nb, L, S, Dv, *values.stride()[:3], BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
     return means
 
 
@@ -180,12 +167,12 @@ def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_val
     S, Dv = g_means.shape[2:]
     g_values = g_means.new_empty(P, nb, L, Dv, dtype=values_dtype)
     g_start = g_means.new_empty(P, S, Dv, dtype=torch.float32)
-    BS, BD, BL = _tile(S, 64), _tile(Dv, 64), _tile(L, 32)
+    BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
     if not g_start.numel():
         return g_values.zero_(), g_start
     _scan_bwd_kernel[_grid(P, S, Dv, BS, BD)](
         codes.contiguous(), g_means.contiguous(), count.contiguous(), first_valid.contiguous(), g_values, g_start,
-        nb, L, S, Dv, BS=BS, BD=BD, BL=BL, **_dot_options(values_dtype))
+        nb, L, S, Dv, BS=BS, BD=BD, BL=BL, **dot_options(values_dtype))
     return g_values, g_start
 
 

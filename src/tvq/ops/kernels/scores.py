@@ -47,19 +47,14 @@ Estimates from the shapes, not measured (no GPU was at hand).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tvq.ops.kernels.common import dot_options, tile
 from tvq.ops.kernels.window_values import KEEP_MODES, window_values, window_values_grad_values
-
-
-def _tile(n: int, most: int) -> int:
-    """A tile size for a dim of n: a power of two, at least 16 (``tl.dot``'s minimum), at most ``most``."""
-    return max(16, min(most, triton.next_power_of_2(n)))
 
 
 # largest tiles of query rows, window columns and codeword columns (tests shrink them to exercise several tiles)
@@ -67,11 +62,10 @@ TILES = {"rows": 64, "window": 64, "cache": 64}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """float32 products exact (as PyTorch's float32 matmul without TF32); "upcast": bfloat16 operands multiplied
-    in float32, in Triton's interpreter only, whose ``tl.dot`` multiplies the raw bits of bfloat16 (Triton 3.9)."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The PRECISION of :func:`_dot`: :func:`tvq.ops.kernels.common.dot_options`' own, or "upcast" where it says
+    UPCAST (bfloat16 in the interpreter: the operands cast to float32, then "ieee")."""
+    options = dot_options(dtype)
+    return "upcast" if options["UPCAST"] else options["PRECISION"]
 
 
 @triton.jit
@@ -266,9 +260,9 @@ def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invali
     agg = codebook is not None
     S = codebook.shape[1] if agg else 0
     dummy = pos  # stands for absent tensors (never read: their constexpr flag is off)
-    BA, BW, BS = _tile(L, TILES["rows"]), _tile(M + L, TILES["window"]), _tile(max(S, 1), TILES["cache"])
+    BA, BW, BS = tile(L, TILES["rows"]), tile(M + L, TILES["window"]), tile(max(S, 1), TILES["cache"])
     meta = dict(AGG=agg, HAS_BIAS=cache_bias is not None, PER_ROW=n_invalid is not None,
-                BA=BA, BW=BW, BS=BS, BD=_tile(D, 2**30), PRECISION=_precision(qu.dtype))
+                BA=BA, BW=BW, BS=BS, BD=tile(D, 2**30), PRECISION=_precision(qu.dtype))
     inputs = (qu, keys, pos.contiguous(), codebook.contiguous() if agg else dummy,
               count.contiguous() if agg else dummy, cache_bias.contiguous() if cache_bias is not None else dummy,
               n_invalid.contiguous() if n_invalid is not None else dummy)

@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import register_flops
-from tvq.ops.kernels.cache_scan import _dot_options, _tile
+from tvq.ops.kernels.common import dot_options, tile
 
 # largest tiles of query rows (value rows in g_values), window columns and D_v (tests shrink them)
 TILES = {"rows": 64, "window": 64, "dv": 64}
@@ -58,7 +58,7 @@ KEEP_MODES = {None: 0, "own": 1, "near": 2}  # which products give the values a 
 @triton.jit
 def _cast(x, like_ptr, UPCAST: tl.constexpr):
     """An operand of ``tl.dot`` in the product dtype, that of ``like_ptr`` (float32 under UPCAST: see
-    ``_dot_options``)."""
+    ``dot_options``)."""
     if UPCAST:
         return x.to(tl.float32)
     return x.to(like_ptr.dtype.element_ty)
@@ -175,11 +175,11 @@ def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torc
     out = values.new_empty(P, nb, L, Dv, dtype=dtype)
     if not out.numel():
         return out
-    BA, BW, BD = _tile(L, TILES["rows"]), _tile(W, TILES["window"]), _tile(Dv, TILES["dv"])
+    BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
     grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(Dv, BD),)
     _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out, out,
                       nb, L, W, Dv, *values.stride(), HAS_ACC=acc is not None, BA=BA, BW=BW, BD=BD,
-                      **_dot_options(dtype))
+                      **dot_options(dtype))
     return out
 
 
@@ -197,10 +197,10 @@ def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torc
     g_p = grad.new_empty(P, nb, L, W, dtype=dtype)
     if not g_p.numel():
         return g_p
-    BA, BW, BD = _tile(L, TILES["rows"]), _tile(W, TILES["window"]), _tile(Dv, TILES["dv"])
+    BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
     grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(W, BW),)
     _grad_p_kernel[grid](grad.contiguous(), values, g_p, nb, L, W, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
-                         **_dot_options(grad.dtype))
+                         **dot_options(grad.dtype))
     return g_p
 
 
@@ -220,10 +220,10 @@ def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: tor
     g_v = grad.new_empty(P, N, Dv, dtype=dtype)
     if not g_v.numel():
         return g_v
-    BR, BA, BD = _tile(L, TILES["rows"]), _tile(L, TILES["rows"]), _tile(Dv, TILES["dv"])
+    BR, BA, BD = tile(L, TILES["rows"]), tile(L, TILES["rows"]), tile(Dv, TILES["dv"])
     grid = (P * triton.cdiv(N, BR) * triton.cdiv(Dv, BD),)
     _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), g_v, nb, L, M, W, N, Dv, KEEP=keep,
-                              BR=BR, BA=BA, BD=BD, **_dot_options(grad.dtype))
+                              BR=BR, BA=BA, BD=BD, **dot_options(grad.dtype))
     return g_v
 
 
