@@ -152,6 +152,10 @@ class TransformerVQConfig(DictConfig):
     codebook_revive: float = 0.0  # > 0: re-seed codes whose EMA count falls below this after each update
     cache_bias: bool = False  # a learned per-head offset added to the cache's log-count scores (not in the paper; none without agg_cache)
     cache_bias_init: float = 0.0  # its initial value (negative: the model starts nearer its window-only self)
+    # not in the paper: for the first cache_warmup optimizer steps of training (counted by update_codebooks in
+    # train mode, saved with the model) attention ignores the cache exactly as agg_cache=False does, in training
+    # and eval alike; the cache is still built, and used from then on. 0: off (the paper)
+    cache_warmup: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +195,8 @@ class TransformerVQConfig(DictConfig):
         if (not isinstance(self.cache_bias_init, (int, float)) or isinstance(self.cache_bias_init, bool)
                 or not math.isfinite(self.cache_bias_init)):
             raise ValueError(f"config.cache_bias_init must be a finite number, got {self.cache_bias_init!r}")
+        if not isinstance(self.cache_warmup, int) or isinstance(self.cache_warmup, bool) or self.cache_warmup < 0:
+            raise ValueError(f"config.cache_warmup must be an int >= 0 (0: off), got {self.cache_warmup!r}")
         if self.codebook_init not in CODEBOOK_INITS:
             raise ValueError(f"config.codebook_init must be one of {CODEBOOK_INITS}, got {self.codebook_init!r}")
         if (not isinstance(self.codebook_revive, (int, float)) or isinstance(self.codebook_revive, bool)

@@ -117,7 +117,7 @@ def unit_terms(attn, x: Tensor) -> dict:
         k, codes = quant.keys, per_query_head(quant.codes, Hq)
     return dict(q=q, keys=per_query_head(k, Hq), values=per_query_head(v, Hq), codes=codes,
                 rel=per_query_head(rel, Hq, 0), u=u, v=vb, mem_len=cfg.mem_len,
-                agg_cache=cfg.attention == "full" or cfg.agg_cache,
+                agg_cache=cfg.attention == "full" or attn.uses_cache(),
                 cache_bias=None if attn.cache_bias is None else attn.cache_bias.float())
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
+from tvq.layers.host_flags import HostFlags
 from tvq.layers.norm import RMSNorm
 from tvq.layers.position import SinusoidTable
 from tvq.layers.residual import layer_drop
@@ -42,7 +43,7 @@ def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
     return t.expand(shape)
 
 
-class Attention(nn.Module):
+class Attention(HostFlags):
     """x + LayerDrop(Dropout((Attn(q, k, v) [* g]) W_o)), pre-norm.
 
     q = norm(x W_q) D_k^-1/4 (H_q heads), k = norm(x W_k) D_k^-1/4 (H_kv heads, no gain or bias),
@@ -83,6 +84,14 @@ class Attention(nn.Module):
         # not in the paper: a learned offset of each query head's cache scores (config.cache_bias)
         use_bias = config.attention == "vq" and config.agg_cache and config.cache_bias  # no cache, no offset
         self.cache_bias = nn.Parameter(torch.zeros(Hq)) if use_bias else None
+        # not in the paper: the cache ignored for the first config.cache_warmup optimizer steps. The count is a
+        # saved buffer (only with a warm-up, so older checkpoints load as before), advanced by tick_warmup();
+        # forward reads a host flag, so it never waits for the device
+        self.warmup = config.cache_warmup if config.attention == "vq" and config.agg_cache else 0
+        if self.warmup:
+            self.register_buffer("warmup_steps", torch.tensor(0))
+            self._set_host("warmup_steps", 0)
+            self._warming = True
         self.drop_sin = nn.Dropout(config.dropout_sin)
         self.drop_res = nn.Dropout(config.dropout_res)
         self.sin = SinusoidTable(config.mem_len + 1, config.d_model, config.rel_pos_base)  # (M + 1, D), in the model's dtype
@@ -98,6 +107,24 @@ class Attention(nn.Module):
             nn.init.zeros_(self.norm.bias)
         if self.cache_bias is not None:
             nn.init.constant_(self.cache_bias, self.config.cache_bias_init)
+
+    def tick_warmup(self) -> None:
+        """One optimizer step of the cache warm-up (config.cache_warmup; called by
+        :meth:`tvq.TransformerVQ.update_codebooks` in train mode). No read-back of the device."""
+        if self.warmup:
+            count = self._host("warmup_steps", int) + 1
+            self.warmup_steps += 1
+            self._set_host("warmup_steps", count)
+            self._warming = count < self.warmup
+
+    def uses_cache(self) -> bool:
+        """Whether attention uses the cache now: ``config.agg_cache``, and the warm-up (if any) is over. The same
+        in train and eval mode, so that validation during the warm-up measures the model being trained."""
+        if not self.warmup:
+            return self.config.agg_cache
+        if not torch.compiler.is_compiling():  # a compiled graph uses the flag as it is (one recompile at the end)
+            self._warming = self._host("warmup_steps", int) < self.warmup
+        return not self._warming
 
     def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
@@ -170,10 +197,13 @@ class Attention(nn.Module):
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
             attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention
+            use_cache = self.uses_cache()
             attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
-                          block_len=cfg.block_len, agg_cache=cfg.agg_cache, grad_thru_cache=cfg.grad_thru_cache,
+                          block_len=cfg.block_len, agg_cache=use_cache, grad_thru_cache=cfg.grad_thru_cache,
                           cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias)
+            if not use_cache and self.cache_bias is not None:  # cache warm-up: keep the unused offset in the
+                attn = attn + 0.0 * self.cache_bias.sum()  # graph (a zero gradient; DDP wants every parameter)
             new_state = segment_state if context is not None else advance_state(
                 state, keys, values, codes, n_invalid, n_code=cfg.n_code, agg_cache=cfg.agg_cache,
                 grad_thru_cache=cfg.grad_thru_cache)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tvq.layers.host_flags import HostFlags
 from tvq.ops.cache import code_statistics
 
 
@@ -71,7 +72,7 @@ class CodebookMetrics(Mapping):
         return f"CodebookMetrics({self._read()})"
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(HostFlags):
     """Per-head codebooks kept as EMA sums and counts; never trained by gradient.
 
     In training mode every forward adds its assignment statistics to an accumulator;
@@ -101,8 +102,6 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
-        self._host_values: dict[str, bool | int] = {}  # host copies of the flag buffers below (see _host)
-        self._host_keys: dict[str, tuple[int, int]] = {}
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
             self.register_buffer("kmeans_pending", torch.tensor(True))
             self._set_host("kmeans_pending", True)
@@ -112,20 +111,6 @@ class VectorQuantizer(nn.Module):
         if revive > 0:  # updates so far: seeds the revival offsets, the same on every rank (saved)
             self.register_buffer("n_updates", torch.tensor(0))
             self._set_host("n_updates", 0)
-
-    def _host(self, name: str, read: Callable[[Tensor], bool | int]) -> bool | int:
-        """The host copy of flag buffer ``name``, so that Python branches need no read-back: read again (once)
-        only when the buffer was replaced or written by someone else since (a state dict loaded by any route,
-        a move to another device); a compiled graph uses the copy as it is."""
-        buf = getattr(self, name)
-        if not torch.compiler.is_compiling() and self._host_keys.get(name) != (id(buf), buf._version):
-            self._set_host(name, read(buf))
-        return self._host_values[name]
-
-    def _set_host(self, name: str, value: bool | int) -> None:
-        """Record ``value`` as the host copy of buffer ``name`` as it is now (after writing it ourselves)."""
-        buf = getattr(self, name)
-        self._host_values[name], self._host_keys[name] = value, (id(buf), buf._version)
 
     @property
     def _kmeans_pending(self) -> bool:

@@ -45,6 +45,7 @@ class _Dims:
     agg_cache: bool
     eps: float
     logit_scale: float
+    read_cache: bool = True  # agg_cache and any cache warm-up (config.cache_warmup) over when the decoder was made
 
 
 @dataclass
@@ -118,7 +119,7 @@ class VQDecoder:
         dist = torch.promote_types(param, acc)  # the VQ distance, as the blockwise path computes it
         self._pos = torch.tensor(state.pos, device=device)  # 0-d: no recompiles
         self._dims = _Dims(cfg.n_kv_head, cfg.n_q_head, cfg.gated, cfg.d_k, cfg.head_d_v, cfg.mem_len, cfg.agg_cache, cfg.norm_eps,
-                           cfg.logit_scale)
+                           cfg.logit_scale, all(a.uses_cache() for a in model.attns))
         # torch.compile fuses the step and its state write (the ~80 ops of each sublayer into ~7 kernels,
         # the rows written in place; worth it for long generations: compiling takes 15-60 s on a CPU); on a
         # CPU the C++ wrapper also takes the Python launcher out of every step
@@ -371,7 +372,7 @@ def _attention_step(dims: _Dims, w: _AttentionWeights, keys: Tensor, values: Ten
     dist = (pos - 1 - torch.arange(M, device=x.device)) % M + 1  # (M,) distance of each ring slot, 1..M
     bias = rel_scores[..., dist].masked_fill(dist > _seen(pos, start, 4), float("-inf"))  # (B, H, G, M)
     n_read = M  # slots attended to: the window [and the codebook]
-    if dims.agg_cache:
+    if dims.read_cache:
         cache = log_count[:, :, None]  # (B, H, 1, S): one cache per key/value head
         if w.cache_bias is not None:  # (H_q, 1): one offset per query head
             cache = cache + w.cache_bias.view(H, G, 1)

@@ -321,8 +321,12 @@ class TransformerVQ(nn.Module):
         ``usage`` (fraction of codes assigned this step), ``dead`` (fraction with EMA count < 1),
         ``entropy`` (of code usage, divided by log S), ``rel_err`` (||k - k_hat|| / ||k||), as a
         :class:`~tvq.layers.vq.CodebookMetrics` that reads them from the device when first looked at:
-        the update itself never waits for the device (k-means initialisation aside, once).
+        the update itself never waits for the device (k-means initialisation aside, once). In train mode it
+        also counts the step for the cache warm-up (``config.cache_warmup``, not in the paper).
         """
+        if self.training:  # the cache warm-up counts training steps (config.cache_warmup, not in the paper)
+            for attn in self.attns:
+                attn.tick_warmup()
         quantizers = self._quantizers()
         if not quantizers:
             return {}
