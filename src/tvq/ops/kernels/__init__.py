@@ -20,7 +20,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced: bool | None = None
 
-# custom op name ("tvq::...") -> its GEMM FLOPs for given arguments, (dtype name, FLOPs): how the cost model
+# custom op name ("tvq_kernels::...") -> its GEMM FLOPs for given arguments, (dtype name, FLOPs): how the cost model
 # (tvq.bench.cost) counts a kernel that it cannot look into
 KERNEL_FLOPS: dict[str, Callable[..., tuple[str, int]]] = {}
 
