@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from tvq.ops.kernels import kernels_enabled
 from tvq.state import LayerState
 
 
@@ -47,8 +48,13 @@ def code_statistics(codes: Tensor, values: Tensor, valid: Tensor | None, n_code:
 
     values (..., N, D_v); valid (bool, broadcastable to codes) is False for empty slots; None: all valid.
     One scatter-add (O(N D_v)) instead of a one-hot matmul (O(N S D_v)); empty slots go to a
-    spare bucket that is dropped.
+    spare bucket that is dropped. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`; float32 sums) one
+    kernel reads the values in their own dtype instead (:mod:`tvq.ops.kernels.code_sums`).
     """
+    if dtype == torch.float32 and kernels_enabled(values):
+        from tvq.ops.kernels.code_sums import code_sums_kernel
+
+        return code_sums_kernel(codes, values, valid, n_code)
     lead, S = codes.shape[:-1], n_code
     groups = math.prod(lead)
     offset = torch.arange(groups, device=codes.device).view(*lead, 1) * S
