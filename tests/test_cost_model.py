@@ -229,3 +229,18 @@ def test_table_formats(results):
     for name in ("train1", "decode1"):
         text = cost.format_table(results[name])
         assert "not timings" in text and "fp32 share" in text
+
+
+def test_a_fill_counts_only_what_it_writes():
+    """new_zeros reads nothing of the tensor it is called on (its dtype and device only), zero_ only writes."""
+    import torch
+
+    x = torch.ones(1000)  # 4,000 bytes
+    rec = cost._make_recorder()
+    with rec:
+        x.new_zeros(10)
+        torch.zeros_like(x).zero_()
+        x + x
+    ops = rec.phases["setup"].op_bytes
+    assert ops["aten.new_zeros"] == 40 and ops["aten.zeros_like"] == 4000 and ops["aten.zero_"] == 4000
+    assert ops["aten.add"] == 12000

@@ -55,12 +55,17 @@ def check_read(shape, first_valid, dtype, tol, seed=0):
     want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
     grad = torch.randn_like(want)
     want_grads = torch.autograd.grad((want * grad).sum(), ref_in)
-    kin = [weights.to(dtype).requires_grad_(), values.to(dtype).requires_grad_(),
+    # the kernel reads a key list: the blocks' values, then 5 more rows that reach no cache (a window's slots)
+    P, nb, L, Dv = values.shape
+    key_list = torch.cat([values.flatten(1, 2), torch.randn(P, 5, Dv, dtype=F64)], 1)  # (P, nb L + 5, D_v)
+    kin = [weights.to(dtype).requires_grad_(), key_list.to(dtype).requires_grad_(),
            start.float().requires_grad_()]
     fv = first if isinstance(first_valid, list) else first_valid
     got = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), fv)
     assert got.dtype == dtype and got.shape == want.shape
-    got_grads = torch.autograd.grad(got, kin, grad.to(dtype))
+    got_grads = list(torch.autograd.grad(got, kin, grad.to(dtype)))
+    assert (got_grads[1][:, nb * L:] == 0).all()
+    got_grads[1] = got_grads[1][:, : nb * L].unflatten(1, (nb, L))
     assert rel_err(got, want) < tol
     for name, x, a, b in zip(("weights", "values", "start"), kin, got_grads, want_grads):
         assert a.dtype == x.dtype, name
@@ -83,9 +88,10 @@ def test_half_precision(dtype):
 def test_empty_slots_get_zero_gradient_and_last_block_none():
     weights, codes, values, start, count, first = make_read(2, 3, 8, 16, 16, 11)
     values.requires_grad_()
-    out = scan.cache_read_kernel(weights.float(), codes, values.float(), start.float(), count.float(), 11)
-    (g,) = torch.autograd.grad(out.sum(), values)
-    flat = g.flatten(1, 2)  # (P, nb L, D_v)
+    out = scan.cache_read_kernel(weights.float(), codes, values.float().flatten(1, 2), start.float(), count.float(),
+                                 11)
+    (flat,) = torch.autograd.grad(out.sum(), values)  # (P, nb L, D_v)
+    flat = flat.flatten(1, 2)
     assert (flat[:, :11] == 0).all() and (flat[:, -8:] == 0).all()  # empty slots; the last block reaches no cache
     assert (flat[:, 11:-8].abs().sum(-1) > 0).all()
 
@@ -94,7 +100,7 @@ def test_gradients_only_where_asked():
     """Detached values and start (grad_thru_cache off): only the weights get a gradient."""
     weights, codes, values, start, count, first = make_read(*SHAPES[0], 0)
     w = weights.float().requires_grad_()
-    out = scan.cache_read_kernel(w, codes, values.float(), start.float(), count.float(), 0)
+    out = scan.cache_read_kernel(w, codes, values.float().flatten(1, 2), start.float(), count.float(), 0)
     (g,) = torch.autograd.grad(out.sum(), w)
     want = torch.autograd.grad(reference(weights.requires_grad_(), codes, values, start, count, first).sum(),
                                weights)[0]
@@ -104,7 +110,7 @@ def test_gradients_only_where_asked():
 def test_row_groups(monkeypatch):
     """Means bounded per group of rows (_CHUNK_BYTES): the same outputs and gradients as one group."""
     weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
-    kin = [t.float().requires_grad_() for t in (weights, values, start)]
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
 
     def run():
         out = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
@@ -126,9 +132,9 @@ def test_custom_ops_on_fake_tensors():
         start, count = torch.empty(P, S, Dv), torch.empty(P, nb, S)
         first = torch.zeros(P, dtype=torch.int32)
         means = scan.cache_scan(codes, values, start, count, first, torch.bfloat16)
-        g_values, g_start = scan.cache_scan_backward(codes, means, count, first, torch.bfloat16)
+        g_values, g_start = scan.cache_scan_backward(codes, means, count, first, torch.bfloat16, nb * L + 4)
     assert means.shape == (P, nb, S, Dv) and means.dtype == torch.bfloat16
-    assert g_values.shape == values.shape and g_values.dtype == torch.bfloat16
+    assert g_values.shape == (P, nb * L + 4, Dv) and g_values.dtype == torch.bfloat16
     assert g_start.shape == start.shape and g_start.dtype == torch.float32
 
 
@@ -138,7 +144,8 @@ def test_opcheck():
     args = (codes, values.float(), start.float(), count.float(), first, torch.float32)
     torch.library.opcheck(scan.cache_scan, args, test_utils=("test_schema", "test_faketensor"))
     g_means = torch.randn(*SHAPES[0][:2], 16, 24)
-    torch.library.opcheck(scan.cache_scan_backward, (codes, g_means, count.float(), first, torch.float32),
+    n_rows = codes.shape[1] * codes.shape[2] + 4
+    torch.library.opcheck(scan.cache_scan_backward, (codes, g_means, count.float(), first, torch.float32, n_rows),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -199,7 +206,7 @@ def test_blockwise_attention_kernels_on_equals_off(straight_through, grad_thru_c
 def test_compiles_in_one_graph():
     """torch.compile traces the whole read (the scans through their fake registrations) in one graph."""
     weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
-    kin = [t.float().requires_grad_() for t in (weights, values, start)]
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
     compiled = torch.compile(scan.cache_read_kernel, backend="aot_eager", fullgraph=True)
     got = compiled(kin[0], codes, kin[1], kin[2], count.float(), 3)
     got_grads = torch.autograd.grad(got.sum(), kin)
@@ -215,5 +222,23 @@ def test_flops_for_the_cost_model():
     codes, g_means = torch.zeros(P, nb, L, dtype=torch.long), torch.empty(P, nb, S, Dv, dtype=torch.bfloat16)
     values, start = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16), torch.empty(P, S, Dv)
     fwd = KERNEL_FLOPS["tvq_kernels::cache_scan"](codes, values, start, None, None, torch.bfloat16)
-    bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, torch.bfloat16)
+    bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, torch.bfloat16, nb * L)
     assert fwd == ("bfloat16", 2 * P * (nb - 1) * L * S * Dv) and bwd == ("bfloat16", 2 * P * nb * L * S * Dv)
+
+
+@pytest.mark.parametrize("S", [8, 16])
+def test_saved_or_recomputed_means_give_the_same_gradients(monkeypatch, S):
+    """S <= L: the forward's means are saved for backward; S > L: backward recomputes them (counted scans)."""
+    P, nb, L, Dv = 2, 3, 8, 24
+    weights, codes, values, start, count, first = make_read(P, nb, L, S, Dv, 3)
+    calls = []
+    real = scan.cache_scan
+    monkeypatch.setattr(scan, "cache_scan", lambda *a: calls.append(1) or real(*a))
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
+    out = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
+    got = torch.autograd.grad((out * out).sum(), kin)
+    assert len(calls) == (1 if S <= L else 2)
+    ref_in = [t.clone().requires_grad_() for t in (weights, values, start)]
+    want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
+    want_g = torch.autograd.grad((want * want).sum(), ref_in)
+    assert rel_err(got[0], want_g[0]) < 1e-5 and rel_err(got[1][:, : nb * L].unflatten(1, (nb, L)), want_g[1]) < 1e-5

@@ -98,6 +98,10 @@ def test_the_ops_trace_and_count_their_flops():
     torch.library.opcheck(kwv.window_values_grad_weights, (grad, values, W, torch.float32), test_utils=utils)
     for keep in (0, 1, 2):
         torch.library.opcheck(kwv.window_values_grad_values, (p_win, grad, keep, torch.float32), test_utils=utils)
+    add = torch.randn(P, M + NB * L, Dv, generator=gen)  # the cache read's gradient of the values, added in the kernel
+    torch.library.opcheck(kwv.window_values_grad_values, (p_win, grad, 2, torch.float32, add), test_utils=utils)
+    torch.testing.assert_close(kwv.window_values_grad_values(p_win, grad, 2, torch.float32, add),
+                               kwv.window_values_grad_values(p_win, grad, 2, torch.float32) + add)
     flops = 2 * P * NB * L * W * Dv
     assert KERNEL_FLOPS["tvq_kernels::window_values"](p_win, values, acc, torch.bfloat16) == ("bfloat16", flops)
     assert KERNEL_FLOPS["tvq_kernels::window_values_grad_weights"](grad, values, W, torch.float32) == ("float32", flops)
@@ -146,9 +150,12 @@ def run_attention(inputs, codes, count, n_invalid, dtype, M, kernels, **switches
 
 
 def spy(monkeypatch) -> list:
-    """Records each call of the window value kernel from blockwise_attention."""
-    calls, real = [], kwv.window_values_kernel
-    monkeypatch.setattr(kwv, "window_values_kernel", lambda *a, **k: calls.append(k.get("keep")) or real(*a, **k))
+    """Records each call of the window value kernel from blockwise_attention (alone, or with the cache read as
+    block_values_kernel)."""
+    calls = []
+    for name in ("window_values_kernel", "block_values_kernel"):
+        real = getattr(kwv, name)
+        monkeypatch.setattr(kwv, name, lambda *a, real=real, **k: calls.append(k.get("keep")) or real(*a, **k))
     return calls
 
 

@@ -115,6 +115,12 @@ ALLOCATIONS = frozenset({
     "aten.empty", "aten.empty_like", "aten.new_empty", "aten.empty_strided", "aten.new_empty_strided",
     "aten.empty_permuted",
 })
+# fills: kernels that write their output and read no tensor (``new_zeros`` takes the tensor it is called on for its
+# dtype and device only; ``zero_`` and ``fill_`` overwrite theirs)
+FILLS = frozenset({
+    "aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like", "aten.ones_like", "aten.full_like",
+    "aten.zero_", "aten.fill_",
+})
 # GEMMs: (index of the left operand, index of the right operand) among the op's arguments
 GEMMS = {
     "aten.mm": (0, 1), "aten.bmm": (0, 1), "aten.addmm": (1, 2), "aten.baddbmm": (1, 2), "aten.addbmm": (1, 2),
@@ -133,6 +139,8 @@ SPARSE_WRITES = frozenset({"aten.scatter_", "aten.scatter_add_", "aten.scatter_r
 SCALAR_READS = frozenset({"item", "__int__", "__bool__", "__float__", "__index__", "__complex__", "tolist"})
 
 ATTENTION_MODULES = ("tvq/ops/", "tvq/layers/vq.py")  # the VQ attention core, for the "parts" split
+# kernels under tvq/ops/ that fuse the rest of a sublayer (norms, the GAU's activation and gate, the residual add)
+REST_MODULES = ("tvq/ops/kernels/rms_norm.py", "tvq/ops/kernels/gate.py", "tvq/ops/kernels/residual.py")
 NONDETERMINISTIC_CUMSUM = "aten.cumsum of floats (no deterministic CUDA kernel: raises in deterministic mode)"
 INDUCTOR_NOTE = ("skipped: inductor generates Triton kernels for CUDA tensors, which needs a GPU (and Triton) "
                  "to compile; run the cost model's train mode under torch.compile on a GPU machine")
@@ -490,7 +498,8 @@ def _make_recorder():
             traffic = nbytes if args is None else _traffic(name, args, inputs, outputs)
             site = _site()
             self.byte_sites[(self.phase, name, site)] += nbytes
-            part = "attention" if any(m in site for m in ATTENTION_MODULES) else "rest"
+            part = "attention" if any(m in site for m in ATTENTION_MODULES) and not any(
+                m in site for m in REST_MODULES) else "rest"
             for s in [*self._stats(), self.parts.setdefault((self.phase, part), _Stats())]:
                 s.kernels += 1
                 s.bytes += nbytes
@@ -544,7 +553,7 @@ def _make_recorder():
             if not outputs:
                 self.non_kernels[name] += 1
                 return out
-            inputs = _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
+            inputs = [] if name in FILLS else _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
             flops = None
             if kernel_op:
                 from tvq.ops.kernels import KERNEL_FLOPS
@@ -939,7 +948,7 @@ def _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode
                           if phase in phases][:top],
         "parts": {
             "what": "the step split by where its ops come from: 'attention' = " + ", ".join(ATTENTION_MODULES)
-                    + " (the VQ attention core that a dense model replaces by its attention kernel; backward ops "
+                    + " but " + ", ".join(REST_MODULES) + " (the VQ attention core that a dense model replaces by its attention kernel; backward ops "
                       "by the forward line that made them), 'rest' = everything else",
             **{part: _sum_stats(s for (phase, p), s in rec.parts.items() if p == part and phase in phases)
                .summary(tokens) for part in ("attention", "rest")}},

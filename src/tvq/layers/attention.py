@@ -25,10 +25,11 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.host_flags import HostFlags
 from tvq.layers.norm import RMSNorm
 from tvq.layers.position import SinusoidTable
-from tvq.layers.residual import layer_drop
+from tvq.layers.residual import add_residual
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state
+from tvq.ops.kernels import kernels_enabled
 from tvq.ops.linear import fused_linear_ok, linear
 from tvq.state import LayerState, empty_slots
 
@@ -167,10 +168,12 @@ class Attention(HostFlags):
         Hq, Hkv, Dk, Dv, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len
         scale = Dk**-0.25
 
-        h = self.norm(x)  # (B, T, D)
+        # under autocast the norm writes the projections' input in the compute dtype once
+        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
         q, k, v, g, fused = self._projections(h)
-        q = self.qk_norm(q.view(B, T, Hq, Dk)).transpose(1, 2) * scale  # (B, H_q, T, D_k)
-        k = self.qk_norm(k.view(B, T, Hkv, Dk)).transpose(1, 2) * scale  # (B, H_kv, T, D_k)
+        q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
+        k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
         rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
         rel = per_query_head(rel, Hq, 0)  # (H_q, M + 1, D_k)
@@ -209,16 +212,22 @@ class Attention(HostFlags):
                 grad_thru_cache=cfg.grad_thru_cache)
 
         out = attn.transpose(1, 2).reshape(B, T, Hq * Dv)  # (B, T, H_q D_v)
-        if g is not None:
+        if g is not None and not fused and kernels_enabled(h):  # g before its SiLU (_projections): one kernel
+            from tvq.ops.kernels.gate import silu_gate
+
+            out = silu_gate(out, g)
+        elif g is not None:
             out = out * g
         if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
             return linear(out, self.w_o.weight, residual=x), new_state, commit
-        res = self.drop_res(self.w_o(out))  # (B, T, D)
-        return x + layer_drop(res, cfg.layerdrop, self.training), new_state, commit
+        return add_residual(x, self.w_o(out), cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
 
     def _projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
         """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, and whether
-        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM)."""
+        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM). On the Triton path
+        (:func:`tvq.ops.kernels.kernels_enabled`) g is the gate BEFORE its SiLU (the gate's kernel applies it) and
+        one kernel writes v's SiLU, and in backward the whole projection's gradient
+        (:mod:`tvq.ops.kernels.gate`)."""
         cfg = self.config
         n_k, n_v = cfg.n_kv_head * cfg.d_k, cfg.n_kv_head * cfg.head_d_v
         act = "silu" if cfg.gated else None
@@ -227,6 +236,19 @@ class Attention(HostFlags):
             w_kvg = self.w_kvg.weight
             q, k = linear(h, self.w_q.weight), linear(h, w_kvg[:n_k])
             vg = linear(h, w_kvg[n_k:], act=act)  # (B, T, H_kv D_v [+ H_q D_v])
+        elif cfg.gated and kernels_enabled(h):
+            from tvq.ops.kernels.gate import gau_activation
+
+            if self._plain_projections():  # one GEMM for q too: h read once, its gradient written once (no add)
+                n_q = self.w_q.out_features
+                w = torch.cat([self.w_q.weight.to(h.dtype), self.w_kvg.weight.to(h.dtype)])  # cast, then join
+                z = F.linear(h, w)  # (B, T, n_q + n_k + n_v + n_g)
+                qk, v, g = gau_activation(z, n_q + n_k, n_v)  # views of the projection, v written
+                q, k = qk.split([n_q, n_k], -1)
+            else:
+                q = self.w_q(h)
+                k, v, g = gau_activation(self.w_kvg(h), n_k, n_v)
+            return q, k, v, g, False
         else:
             q = self.w_q(h)
             k, vg = self.w_kvg(h).split([n_k, self.w_kvg.out_features - n_k], -1)

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from tvq.config import TransformerVQConfig
 from tvq.layers.norm import RMSNorm
-from tvq.layers.residual import layer_drop
+from tvq.layers.residual import add_residual
 
 
 class MLP(nn.Module):
@@ -34,5 +34,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, D) -> x + the MLP's residual (B, T, D)."""
-        res = self.w_2(F.relu(self.w_1(self.norm(x))).square())  # (B, T, D)
-        return x + layer_drop(res, self.config.layerdrop, self.training)
+        h, x = self.norm(x, residual=True)  # (B, T, D); x's two gradients joined in the norm's backward
+        res = self.w_2(F.relu(self.w_1(h)).square())  # (B, T, D)
+        return add_residual(x, res, 0.0, self.config.layerdrop, self.training)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tvq.ops.kernels import kernels_enabled
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps), then an optional learnable gain and bias.
@@ -19,16 +21,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.eps, self.weight, self.bias)
+    def forward(self, x: Tensor, *, scale: float = 1.0, out_dtype: torch.dtype | None = None,
+                residual: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return rms_norm(x, self.eps, self.weight, self.bias, scale=scale, out_dtype=out_dtype, residual=residual)
 
 
-def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """:class:`RMSNorm` as a function (the decoder calls it on plain tensors). On CUDA, PyTorch's fused kernels
-    (one forward, one backward: statistics in float32, output in x's dtype); elsewhere the same formula op by op."""
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None, *, scale: float = 1.0,
+             out_dtype: torch.dtype | None = None, residual: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """:class:`RMSNorm` as a function (the decoder calls it on plain tensors), times ``scale``, in ``out_dtype``
+    (default: x's, promoted with the weight's). ``out_dtype`` lets a layer under autocast write its normalized input
+    in the compute dtype once (the projections would cast it, each on its own), ``scale`` folds the multiply that
+    follows the query and key norms. ``residual``: return (out, x), x for a pre-norm sublayer's residual add
+    (x + f(out)): on the Triton path the norm's backward kernel adds that x's gradient to its own.
+
+    On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one fused kernel each way
+    (:mod:`tvq.ops.kernels.rms_norm`); elsewhere on CUDA PyTorch's fused norm kernels, then the affine; on a CPU the
+    same formula op by op. Statistics in at least float32.
+    """
+    if out_dtype is None:
+        out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    if kernels_enabled(x) and x.dim():
+        from tvq.ops.kernels.rms_norm import MAX_D, rms_norm_kernel
+
+        if x.shape[-1] <= MAX_D:  # longer rows would not fit on chip
+            return rms_norm_kernel(x, eps, weight, bias, scale=scale, out_dtype=out_dtype, residual=residual)
     if x.device.type == "cuda":
         h = torch.ops.aten._fused_rms_norm(x, list(x.shape[-1:]), None, eps)[0]
     else:
         h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return h if weight is None else h * weight + bias
+    h = h if weight is None else h * weight + bias
+    h = (h if scale == 1.0 else h * scale).to(out_dtype)
+    return (h, x) if residual else h

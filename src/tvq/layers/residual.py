@@ -1,9 +1,12 @@
-"""LayerDrop on a residual branch (shared by the mha/mqa attention and MLP sublayers)."""
+"""The residual branch's dropout, LayerDrop and add (shared by the attention and MLP sublayers)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from tvq.ops.kernels import kernels_enabled
 
 
 def layer_drop(res: Tensor, p: float, training: bool) -> Tensor:
@@ -13,3 +16,17 @@ def layer_drop(res: Tensor, p: float, training: bool) -> Tensor:
         return res
     keep = torch.rand(res.shape[0], 1, 1, device=res.device) >= p  # (B, 1, 1)
     return res * keep.to(res.dtype) / (1 - p)
+
+
+def add_residual(x: Tensor, res: Tensor, dropout: float, layerdrop: float, training: bool) -> Tensor:
+    """x + LayerDrop(Dropout(res)) (both only in training): x (B, T, D) the residual stream, res (B, T, D) the
+    branch. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one kernel each way, its dropout mask drawn
+    in the kernel from a seed (:mod:`tvq.ops.kernels.residual`: the same distribution as ``F.dropout``, another
+    random stream); elsewhere op by op."""
+    if kernels_enabled(x):
+        from tvq.ops.kernels.residual import layer_drop_scale, residual_dropout
+
+        if not training:
+            return residual_dropout(x, res)
+        return residual_dropout(x, res, dropout, layer_drop_scale(x.shape[0], layerdrop, x.device))
+    return x + layer_drop(F.dropout(res, dropout, training), layerdrop, training)

@@ -249,33 +249,31 @@ def blockwise_attention(
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
 
     # the cache read's products run in the values' dtype; its sums in acc
+    if fused:  # the cache read (a Triton scan writes the means C_n / count_n, sums in float32 on chip) and the
+        # window product as one autograd node: the values' two gradients written by one kernel
+        from tvq.ops.kernels.window_values import block_values_kernel
+
+        cache = (p_cache.to(vals.dtype).flatten(0, 1), blk_codes.flatten(0, 1),
+                 (c0[..., None] * mean0.to(acc)).flatten(0, 1), count.flatten(0, 1),
+                 n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid)  # per row: (B H,)
+        out = block_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), cache, keep=value_rule, dtype=v_dt,
+                                  cache_grad=grad_thru_cache).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
+        return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
-    if fused:  # a Triton scan writes the means C_n / count_n, sums in float32 on chip
-        from tvq.ops.kernels.cache_scan import cache_read_kernel
-
-        out = cache_read_kernel(
-            p_cache.to(vals.dtype).flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-            (c0[..., None] * mean0.to(acc)).flatten(0, 1), count.flatten(0, 1),
-            n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid,  # per row: (B H,)
-        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
+    p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(vals.dtype)  # (B, H, nb, L, S): p_s / count_s
+    if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
+        # where reading the count is free
+        cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
+        first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
     else:
-        p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(vals.dtype)  # (B, H, nb, L, S): p_s / count_s
-        if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
-            # where reading the count is free
-            cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
-            first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
-        else:
-            first_valid = n_invalid
-        out = cache_read(
-            p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
-            (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
-        ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
-    if fused:  # the window's share added to the cache's as the kernel writes it
-        out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), out.flatten(0, 1), keep=value_rule,
-                                   dtype=v_dt).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
-    elif value_keep is not None:
+        first_valid = n_invalid
+    out = cache_read(
+        p_mean.flatten(0, 1), blk_codes.flatten(0, 1), cache_vals.flatten(0, 1),
+        (c0[..., None] * mean0.to(acc)).flatten(0, 1), first_valid,
+    ).unflatten(0, (B, H))  # (B, H, nb, L, D_v), the cache's share; add the window's
+    if value_keep is not None:
         out = out + _KeepGradMatmul.apply(p_win, v_win, value_keep, True)  # the others' values get no gradient
     elif out.dtype == v_win.dtype and not torch.is_grad_enabled():  # accumulate into the fresh product in place
         out.flatten(0, 2).baddbmm_(p_win.flatten(0, 2), v_win.flatten(0, 2))

@@ -1,5 +1,7 @@
-"""Fused Triton kernels for the blockwise path. Each has a PyTorch twin in :mod:`tvq.ops` (the reference it is
-tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
+"""Fused Triton kernels: the blockwise attention (``scores``, ``cache_scan``, ``window_values``), the per-code sums
+(``code_sums``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU and gate, ``residual``: dropout,
+LayerDrop and the residual add). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
+is tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
 
 They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.
 ``use_kernels(True)`` forces them for CPU tensors too (which needs ``TRITON_INTERPRET=1`` set before Triton is

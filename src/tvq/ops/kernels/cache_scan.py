@@ -87,7 +87,7 @@ def _scan_fwd_kernel(codes_ptr, values_ptr, start_ptr, count_ptr, first_valid_pt
 
 @triton.jit
 def _scan_bwd_kernel(codes_ptr, g_means_ptr, count_ptr, first_valid_ptr, g_values_ptr, g_start_ptr,
-                     nb, L, S, Dv,
+                     nb, L, S, Dv, stride_gp,
                      BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """The reverse scan of one (BS, BD) tile: G_n = sum over n' >= n of g_means[p, n'] / max(count_n', 1)
@@ -115,7 +115,8 @@ def _scan_bwd_kernel(codes_ptr, g_means_ptr, count_ptr, first_valid_ptr, g_value
             else:  # G rounded to the values' dtype first (float32: as is), which the one-hot product selects
                 dot_ty = g_values_ptr.dtype.element_ty
                 gv = tl.dot(tl.where(hit, 1.0, 0.0).to(dot_ty), g.to(dot_ty), input_precision=PRECISION)
-            tl.store(g_values_ptr + (row * L + ll[:, None]) * Dv + d[None, :], gv.to(g_values_ptr.dtype.element_ty),
+            tl.store(g_values_ptr + p * stride_gp + (n * L + ll[:, None]) * Dv + d[None, :],
+                     gv.to(g_values_ptr.dtype.element_ty),
                      mask=mine[:, None] & d_ok[None, :])
         cnt = tl.load(count_ptr + row * S + s, mask=s_ok, other=1.0)  # (BS,)
         gm = tl.load(g_means_ptr + (row * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0)
@@ -159,28 +160,31 @@ def _(codes, values, start, count, first_valid, dtype):
 
 @torch.library.custom_op("tvq_kernels::cache_scan_backward", mutates_args=())
 def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor,
-                        values_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, nb, L, D_v) in ``values_dtype``
+                        values_dtype: torch.dtype, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, n_rows, D_v) in ``values_dtype``
+    (the gradient of a key list of n_rows >= nb L values whose first nb L are the blocks' keys: the rest get zero)
     and g_start (P, S, D_v) float32. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1), a valid
     key of block n gets G_{n+1} at its code (an empty slot zero) and start gets G_0."""
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
-    g_values = g_means.new_empty(P, nb, L, Dv, dtype=values_dtype)
+    g_values = g_means.new_empty(P, n_rows, Dv, dtype=values_dtype)
     g_start = g_means.new_empty(P, S, Dv, dtype=torch.float32)
     BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
     if not g_start.numel():
         return g_values.zero_(), g_start
+    if n_rows > nb * L:  # the rows after the blocks (the last window's M slots) reach no cache
+        g_values[:, nb * L:].zero_()
     _scan_bwd_kernel[_grid(P, S, Dv, BS, BD)](
         codes.contiguous(), g_means.contiguous(), count.contiguous(), first_valid.contiguous(), g_values, g_start,
-        nb, L, S, Dv, BS=BS, BD=BD, BL=BL, **dot_options(values_dtype))
+        nb, L, S, Dv, n_rows * Dv, BS=BS, BD=BD, BL=BL, **dot_options(values_dtype))
     return g_values, g_start
 
 
 @cache_scan_backward.register_fake
-def _(codes, g_means, count, first_valid, values_dtype):
+def _(codes, g_means, count, first_valid, values_dtype, n_rows):
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
-    return g_means.new_empty(P, nb, L, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=torch.float32)
+    return g_means.new_empty(P, n_rows, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=torch.float32)
 
 
 @register_flops("tvq_kernels::cache_scan")
@@ -191,7 +195,7 @@ def _(codes, values, start, count, first_valid, dtype):
 
 
 @register_flops("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, values_dtype):
+def _(codes, g_means, count, first_valid, values_dtype, n_rows):
     """The one-hot products: (L, S) @ (S, D_v) per block, in the values' dtype."""
     P, nb, L = codes.shape
     return str(values_dtype).removeprefix("torch."), 2 * P * nb * L * g_means.shape[2] * g_means.shape[3]
@@ -203,38 +207,64 @@ def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[sl
     return [slice(r, min(r + size, P)) for r in range(0, P, size)]
 
 
+def cache_read_forward(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+                       first_valid: Tensor, keep_means: bool) -> tuple[Tensor, Tensor | None]:
+    """The cache read's output (P, nb, L, D_v) and, with ``keep_means``, the means to save for backward where they
+    are no larger than the blocks' values (S <= L) and of one row group (enwik8: S = L = 512, the same 2 bytes per
+    value element that a recomputation would write and read again); else None (backward recomputes them).
+    Arguments as :func:`cache_read_kernel`'s after its checks."""
+    P, nb, L, S = weights.shape
+    blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v), a view
+    groups = _row_groups(P, nb, S, values.shape[-1], weights.dtype)
+    out, means = [], None
+    for r in groups:
+        means = cache_scan(codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+        out.append(weights[r] @ means)  # (P', nb, L, D_v)
+    return _join(out), means if keep_means and S <= L and len(groups) == 1 else None
+
+
+def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+                        first_valid: Tensor, saved_means: Tensor | None, need_w: bool,
+                        keys_too: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the cache read (weights, values (P, N, D_v) whole, start; None where not asked):
+    g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype), the latter through the
+    reverse scan."""
+    P, nb, L, S = weights.shape
+    N, Dv = values.shape[1:]
+    blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v)
+    grad = grad.to(weights.dtype)  # (P, nb, L, D_v)
+    g_w, g_v, g_s = [], [], []
+    for r in _row_groups(P, nb, S, Dv, weights.dtype):
+        if need_w:
+            means = saved_means if saved_means is not None else cache_scan(
+                codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+            g_w.append(grad[r] @ means.transpose(-1, -2))  # (P', nb, L, S)
+            del means
+        if keys_too:
+            g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
+            g_values, g_start = cache_scan_backward(codes[r], g_means, count[r], first_valid[r], values.dtype, N)
+            g_v.append(g_values)
+            g_s.append(g_start)
+            del g_means
+    return _join(g_w), _join(g_v), _join(g_s)
+
+
 class _CacheRead(torch.autograd.Function):
-    """out[:, n] = weights[:, n] @ means_n; saves the inputs only and recomputes the means in backward, where
-    g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype) feed the reverse scan."""
+    """out[:, n] = weights[:, n] @ means_n (:func:`cache_read_forward`, :func:`cache_read_backward`). ``values`` is
+    the whole key list (P, N, D_v), its first nb L rows the blocks' keys: the reverse scan writes its gradient whole
+    (the rest zero), so that no slice's backward pads it."""
 
     @staticmethod
     def forward(ctx, weights, codes, values, start, count, first_valid):
-        P, nb, _, S = weights.shape
-        out = [weights[r] @ cache_scan(codes[r], values[r], start[r], count[r], first_valid[r], weights.dtype)
-               for r in _row_groups(P, nb, S, values.shape[-1], weights.dtype)]  # (P', nb, L, D_v) each
-        ctx.save_for_backward(weights, codes, values, start, count, first_valid)
-        return _join(out)
+        out, means = cache_read_forward(weights, codes, values, start, count, first_valid, ctx.needs_input_grad[0])
+        ctx.save_for_backward(weights, codes, values, start, count, first_valid, means)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        weights, codes, values, start, count, first_valid = ctx.saved_tensors
-        P, nb, _, S = weights.shape
-        Dv = values.shape[-1]
         need_w, keys_too = ctx.needs_input_grad[0], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grad = grad.to(weights.dtype)  # (P, nb, L, D_v)
-        g_w, g_v, g_s = [], [], []
-        for r in _row_groups(P, nb, S, Dv, weights.dtype):
-            if need_w:
-                means = cache_scan(codes[r], values[r], start[r], count[r], first_valid[r], weights.dtype)
-                g_w.append(grad[r] @ means.transpose(-1, -2))  # (P', nb, L, S)
-                del means
-            if keys_too:
-                g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
-                g_values, g_start = cache_scan_backward(codes[r], g_means, count[r], first_valid[r], values.dtype)
-                g_v.append(g_values)
-                g_s.append(g_start)
-                del g_means
-        return _join(g_w), None, _join(g_v), _join(g_s), None, None
+        g_w, g_v, g_s = cache_read_backward(grad, *ctx.saved_tensors, need_w, keys_too)
+        return g_w, None, g_v, g_s, None, None
 
 
 def _join(parts: list[Tensor]) -> Tensor | None:
@@ -248,21 +278,28 @@ def cache_read_kernel(weights: Tensor, codes: Tensor, values: Tensor, start: Ten
     out[:, n] = weights[:, n] @ (C_n / max(count[:, n], 1)), C_n as in :func:`tvq.ops.cache.cache_read`.
 
     weights (P, nb, L, S) are the cache's softmax weights NOT divided by the count (the scan divides),
-    codes (P, nb, L), values (P, nb, L, D_v), start (P, S, D_v) the sums of the carried cache (read in
+    codes (P, nb, L), values (P, N, D_v) the key list (N >= nb L; its first nb L rows are the blocks' keys, the
+    rest reach no cache and get a zero gradient), start (P, S, D_v) the sums of the carried cache (read in
     float32), count (P, nb, S) each block's counts (no gradient), ``first_valid`` an int or one per row (P,):
     keys before it are empty slots. Gradients reach weights, values and start.
     """
+    return _CacheRead.apply(*cache_read_args(weights, codes, values, start, count, first_valid))
+
+
+def cache_read_args(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+                    first_valid: int | Tensor) -> tuple[Tensor, ...]:
+    """:func:`cache_read_kernel`'s arguments checked and in the kernels' layout: start and count float32 and
+    contiguous (count detached), first_valid (P,) int32."""
     P, nb, L, S = weights.shape
     Dv = values.shape[-1]
-    if codes.shape != (P, nb, L) or values.shape[:3] != (P, nb, L) or start.shape != (P, S, Dv) \
-            or count.shape != (P, nb, S):
-        raise ValueError(f"cache_read_kernel: weights (P, nb, L, S), codes (P, nb, L), values (P, nb, L, D_v), "
+    if codes.shape != (P, nb, L) or values.dim() != 3 or values.shape[0] != P or values.shape[1] < nb * L \
+            or start.shape != (P, S, Dv) or count.shape != (P, nb, S):
+        raise ValueError(f"cache_read_kernel: weights (P, nb, L, S), codes (P, nb, L), values (P, N >= nb L, D_v), "
                          f"start (P, S, D_v) and count (P, nb, S) expected, got {tuple(weights.shape)}, "
                          f"{tuple(codes.shape)}, {tuple(values.shape)}, {tuple(start.shape)} and {tuple(count.shape)}")
     if isinstance(first_valid, Tensor):
         first_valid = first_valid.to(device=codes.device, dtype=torch.int32).expand(P).contiguous()
     else:
         first_valid = torch.full((P,), first_valid, dtype=torch.int32, device=codes.device)
-    return _CacheRead.apply(weights, codes.contiguous(), values,
-                            start.to(torch.float32).contiguous(), count.detach().to(torch.float32).contiguous(),
-                            first_valid)
+    return (weights, codes.contiguous(), values, start.to(torch.float32).contiguous(),
+            count.detach().to(torch.float32).contiguous(), first_valid)

@@ -119,12 +119,12 @@ def _grad_p_kernel(g_ptr, v_ptr, gp_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
 
 
 @triton.jit
-def _grad_values_kernel(p_ptr, g_ptr, gv_ptr, nb, L, M, W, N, Dv,
-                        KEEP: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _grad_values_kernel(p_ptr, g_ptr, add_ptr, gv_ptr, nb, L, M, W, N, Dv,
+                        KEEP: tl.constexpr, HAS_ADD: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr,
+                        BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """g_values tile (BR, BD) of one row p: for each block n whose window holds one of the rows r, w = r - n L,
-    sum over query tiles of keep(a, w) p[n]^T (BR, BA) @ grad[n] (BA, BD); written once, zeros for rows no kept
-    product reaches."""
+    sum over query tiles of keep(a, w) p[n]^T (BR, BA) @ grad[n] (BA, BD), started from ``add``'s tile (HAS_ADD:
+    the values' gradient from the cache read) or zeros; written once."""
     pid = tl.program_id(0).to(tl.int64)
     n_d, n_r = tl.cdiv(Dv, BD), tl.cdiv(N, BR)
     td, tr, p = pid % n_d, (pid // n_d) % n_r, pid // (n_d * n_r)
@@ -132,7 +132,11 @@ def _grad_values_kernel(p_ptr, g_ptr, gv_ptr, nb, L, M, W, N, Dv,
     r = r0 + tl.arange(0, BR)  # (BR,) key-list rows
     d = td * BD + tl.arange(0, BD)  # (BD,)
     r_ok, d_ok = r < N, d < Dv
-    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    if HAS_ADD:
+        acc = tl.load(add_ptr + (p * N + r[:, None]) * Dv + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                      other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BR, BD), dtype=tl.float32)
     n_lo = tl.maximum(r0 + L - W, 0) // L  # first block whose window reaches row r0: ceil((r0 - W + 1) / L)
     n_hi = tl.minimum((r0 + BR - 1) // L, nb - 1)  # last block whose window starts at or before the tile's last row
     for n in range(n_lo, n_hi + 1):
@@ -210,10 +214,11 @@ def _(grad, values, W, dtype):
 
 
 @torch.library.custom_op("tvq_kernels::window_values_grad_values", mutates_args=())
-def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: torch.dtype) -> Tensor:
-    """(P, M + nb L, D_v) in ``dtype``: g_values[p, r] = sum over the blocks n whose window holds row r of
-    sum_a keep(a, w) p_win[p, n, a, w] grad[p, n, a], w = r - n L; ``keep`` 0: all, 1: w >= M, 2: w >= a.
-    p_win (P, nb, L, W), grad (P, nb, L, D_v); products in grad's dtype."""
+def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: torch.dtype,
+                              add: Tensor | None = None) -> Tensor:
+    """(P, M + nb L, D_v) in ``dtype``: g_values[p, r] = add[p, r] + the sum over the blocks n whose window holds
+    row r of sum_a keep(a, w) p_win[p, n, a, w] grad[p, n, a], w = r - n L; ``keep`` 0: all, 1: w >= M, 2: w >= a.
+    p_win (P, nb, L, W), grad (P, nb, L, D_v), add (P, M + nb L, D_v) or None; products in grad's dtype."""
     P, nb, L, W = p_win.shape
     M, Dv = W - L, grad.shape[-1]
     N = M + nb * L
@@ -222,13 +227,14 @@ def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: tor
         return g_v
     BR, BA, BD = tile(L, TILES["rows"]), tile(L, TILES["rows"]), tile(Dv, TILES["dv"])
     grid = (P * triton.cdiv(N, BR) * triton.cdiv(Dv, BD),)
-    _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), g_v, nb, L, M, W, N, Dv, KEEP=keep,
-                              BR=BR, BA=BA, BD=BD, **dot_options(grad.dtype))
+    _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), add.contiguous() if add is not None else g_v,
+                              g_v, nb, L, M, W, N, Dv, KEEP=keep, HAS_ADD=add is not None, BR=BR, BA=BA, BD=BD,
+                              **dot_options(grad.dtype))
     return g_v
 
 
 @window_values_grad_values.register_fake
-def _(p_win, grad, keep, dtype):
+def _(p_win, grad, keep, dtype, add=None):
     P, nb, L, W = p_win.shape
     return grad.new_empty(P, W - L + nb * L, grad.shape[-1], dtype=dtype)
 
@@ -250,7 +256,7 @@ def _(grad, values, W, dtype):
 
 
 @register_flops("tvq_kernels::window_values_grad_values")
-def _(p_win, grad, keep, dtype):
+def _(p_win, grad, keep, dtype, add=None):
     """(W, L) @ (L, D_v) per block, in grad's dtype (the kernel's masked edge tiles not counted)."""
     return _name(grad.dtype), 2 * p_win.numel() * grad.shape[-1]
 
@@ -294,3 +300,52 @@ def window_values_kernel(p_win: Tensor, values: Tensor, acc: Tensor | None = Non
     if acc is not None and acc.shape != (*p_win.shape[:3], values.shape[-1]):
         raise ValueError(f"window_values_kernel: acc (P, nb, L, D_v) expected, got {tuple(acc.shape)}")
     return _WindowValues.apply(p_win, values, acc, KEEP_MODES[keep], dtype or values.dtype)
+
+
+class _BlockValues(torch.autograd.Function):
+    """out = the cache read (:mod:`tvq.ops.kernels.cache_scan`) + the window product over the same values, as one
+    autograd node, so that the values' two gradients (through the cache and through the windows) are written by
+    one kernel (the window's ``g_values`` started from the cache's) instead of two tensors that autograd adds."""
+
+    @staticmethod
+    def forward(ctx, p_win, values, weights, codes, start, count, first_valid, keep, dtype, cache_grad):
+        from tvq.ops.kernels.cache_scan import cache_read_forward
+
+        acc, means = cache_read_forward(weights, codes, values, start, count, first_valid, ctx.needs_input_grad[2])
+        ctx.save_for_backward(p_win, values, weights, codes, start, count, first_valid, means)
+        ctx.keep, ctx.dtype, ctx.cache_grad = keep, dtype, cache_grad
+        return window_values(p_win, values, acc, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from tvq.ops.kernels.cache_scan import cache_read_backward
+
+        p_win, values, weights, codes, start, count, first_valid, means = ctx.saved_tensors
+        need_p, need_v, need_w, _, need_s = ctx.needs_input_grad[:5]
+        grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
+        g_p = None
+        if need_p:
+            g_p = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
+        g_w, g_v_cache, g_s = cache_read_backward(grad, weights, codes, values, start, count, first_valid, means,
+                                                  need_w, need_s or (need_v and ctx.cache_grad))
+        g_v = None
+        if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
+            g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype,
+                                            g_v_cache if ctx.cache_grad else None)
+        return g_p, g_v, g_w, None, g_s if need_s else None, None, None, None, None, None
+
+
+def block_values_kernel(p_win: Tensor, values: Tensor, cache: tuple, *, keep: str | None = None,
+                        dtype: torch.dtype | None = None, cache_grad: bool = True) -> Tensor:
+    """Each block's whole output, (P, nb, L, D_v) in ``dtype``: the cache read
+    (:func:`tvq.ops.kernels.cache_scan.cache_read_kernel` of ``cache`` = (weights, codes, start, count, first_valid)
+    over ``values``) plus the window product (:func:`window_values_kernel`), in one autograd node: the values get
+    one gradient tensor, written by one kernel. ``cache_grad`` False: the values get no gradient through the cache
+    (``grad_thru_cache`` off; the window's still follows ``keep``)."""
+    from tvq.ops.kernels.cache_scan import cache_read_args
+
+    _check(p_win, values)
+    weights, codes, start, count, first_valid = cache
+    weights, codes, _, start, count, first_valid = cache_read_args(weights, codes, values, start, count, first_valid)
+    return _BlockValues.apply(p_win, values, weights, codes, start, count, first_valid, KEEP_MODES[keep],
+                              dtype or values.dtype, cache_grad)

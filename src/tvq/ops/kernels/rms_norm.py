@@ -1,0 +1,248 @@
+"""RMSNorm as fused Triton kernels (forward and backward): the kernel twin of :func:`tvq.layers.norm.rms_norm`,
+with the output's dtype and a scale folded in.
+
+``out = (x / sqrt(mean(x^2, -1) + eps) * weight + bias) * scale`` over rows of D = x.shape[-1] (weight and bias
+(D,) both or neither), written once in ``out_dtype``. Why the two extras: under autocast the residual stream x is
+float32 but the projections that read the norm's output run in bfloat16, so writing the normalized input directly
+in the compute dtype saves autocast's cast (a float32 write and read and a bfloat16 write); ``scale`` folds the
+D_k^-1/4 multiply that follows the query and key norms (which have no weight or bias). Inside the kernels every
+number is float32 (x, weight, bias and the incoming gradient are cast on load), cast once on store.
+
+* forward: a program owns a tile of BR rows, the whole row on chip (BD = next_power_of_2(D) columns, masked), so
+  the row statistics need no second pass over HBM: BR = :data:`TILES` ["elements"] / BD rows (at least one:
+  D 4096 is one row of 16 KiB float32 per program, D 64 is 64 rows). Weight and bias are read once per program,
+  with ``scale`` folded into them (or, without them, into the row's 1 / rms).
+* backward, ONE launch for dx: each program recomputes the statistics of its rows from x (nothing but x and the
+  weight is saved: no output, no 1 / rms), with h = x / rms, g = grad scale, dh = g weight:
+  ``dx = (dh - h mean(dh h)) / rms`` in x's dtype. The programs are persistent (2 per SM on a GPU, row tiles
+  pid, pid + n_prog, ...), each summing ``g h`` and ``g`` over its rows in float32 registers, and write those
+  partial sums once per program to a (2, n_prog, D) float32 buffer that two torch ``.sum(0)`` reduce to the
+  weight and bias gradients (cast to the parameters' dtypes). Why ``.sum`` and not a second kernel or atomics:
+  the buffer is ~264 x D float32 (1.6 MB at D 1536 on a 132-SM GPU) against the N D (~10 B) that the dx pass
+  moves (250 MB for 16k rows of 1536), so a second launch would only save PyTorch's reduction launch (a few us);
+  atomics would make the gradients nondeterministic. Flags (constexpr) skip dx or the partial sums when that
+  input does not need a gradient.
+
+Inputs may be any (..., D) view whose rows are equally spaced with unit column stride (a slice of a fused
+projection's output is read in place); anything else is copied to contiguous first. Outputs are contiguous.
+
+Bytes per element (rough, from the shapes, not measured: no GPU was at hand), float32 x, bfloat16 compute, with
+weight and bias (the GAU input norm): today (PyTorch's fused rms_norm in x's dtype, then ``* weight``,
+``+ bias`` and autocast's cast) forward reads and writes ~4 + 4, 4 + 4, 4 + 4, 4 + 2 = 30 B, backward (the
+cast's, the add's and mul's backward with their reductions, the fused norm's backward) ~35 B; here forward reads
+x and writes out: 4 + 2 = 6 B, backward reads x and the bfloat16 gradient and writes dx: 4 + 2 + 4 = 10 B.
+For the query/key norms (no affine) the fold of ``scale`` saves one read and write of the normalized tensor.
+
+Rows up to :data:`MAX_D` (16384) elements; beyond that a row's float32 tiles in backward (x, grad, h, dh, and the
+two (BD,) sums) no longer fit in one program's registers and spill: use the PyTorch path there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# elements of a program's row tile (rows = elements / BD, at least one) and the backward's persistent programs
+# (0: 2 per SM on a GPU, 4 in the interpreter); tests shrink them
+TILES = {"elements": 4096, "programs": 0}
+MAX_D = 16384  # longest row the kernels take (the whole row is held on chip)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, eps, scale,
+                AFFINE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """out rows (BR, D) = (x / rms(x) * weight + bias) * scale, float32 inside, cast on store."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BR + tl.arange(0, BR)  # (BR,) rows
+    d = tl.arange(0, BD)  # (BD,) columns
+    d_ok = d < D
+    ok = (r < N)[:, None] & d_ok[None, :]
+    x = tl.load(x_ptr + r[:, None] * sx + d[None, :], mask=ok, other=0.0).to(tl.float32)  # (BR, BD)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
+    if AFFINE:
+        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        b = tl.load(b_ptr + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        y = x * rstd[:, None] * w[None, :] + b[None, :]
+    else:
+        y = x * (rstd * scale)[:, None]
+    tl.store(out_ptr + r[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, sg, sa, eps, scale, n_tiles,
+                AFFINE: tl.constexpr, X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr,
+                BR: tl.constexpr, BD: tl.constexpr):
+    """dx of row tiles pid, pid + n_prog, ... (statistics recomputed from x; with HAS_ADD plus the rows of
+    ``add``, x's gradient from elsewhere); with PARAM_GRAD this program's float32 sums over its rows of g h
+    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    d = tl.arange(0, BD)  # (BD,)
+    d_ok = d < D
+    if AFFINE:
+        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32) * scale  # dh = grad * (weight scale)
+    else:
+        w = tl.zeros((BD,), dtype=tl.float32) + scale
+    dw = tl.zeros((BD,), dtype=tl.float32)
+    db = tl.zeros((BD,), dtype=tl.float32)
+    for t in range(pid, n_tiles, n_prog):
+        r = (t * BR + tl.arange(0, BR)).to(tl.int64)  # (BR,)
+        ok = (r < N)[:, None] & d_ok[None, :]
+        x = tl.load(x_ptr + r[:, None] * sx + d[None, :], mask=ok, other=0.0).to(tl.float32)  # (BR, BD)
+        g = tl.load(g_ptr + r[:, None] * sg + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
+        h = x * rstd[:, None]
+        if PARAM_GRAD:
+            dw += tl.sum(g * h, axis=0)
+            db += tl.sum(g, axis=0)
+        if X_GRAD:
+            dh = g * w[None, :]
+            c = tl.sum(dh * h, axis=1) / D  # (BR,) mean(dh h)
+            dx = (dh - h * c[:, None]) * rstd[:, None]
+            if HAS_ADD:
+                dx += tl.load(add_ptr + r[:, None] * sa + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + r[:, None] * D + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if PARAM_GRAD:
+        tl.store(part_ptr + pid.to(tl.int64) * D + d, dw * scale, mask=d_ok)
+        tl.store(part_ptr + (n_prog + pid).to(tl.int64) * D + d, db * scale, mask=d_ok)
+
+
+def _rows(t: Tensor, D: int) -> Tensor:
+    """t as (N, D) rows with unit column stride (a view where one exists, else a contiguous copy)."""
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(1) == 1 or D == 1 else t2.contiguous()
+
+
+def _row_stride(t2: Tensor) -> int:
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+def _tile(N: int, D: int) -> tuple[int, int, int]:
+    """BR, BD and num_warps for rows of D."""
+    BD = triton.next_power_of_2(D)
+    BR = max(1, min(TILES["elements"] // BD, triton.next_power_of_2(max(N, 1))))
+    elements = BR * BD
+    return BR, BD, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(device: torch.device, n_tiles: int) -> int:
+    """The backward's persistent programs: TILES["programs"], else 2 per SM on a GPU, 4 in the interpreter."""
+    most = TILES["programs"] or (2 * _sm_count(device.index or 0) if device.type == "cuda" else 4)
+    return max(1, min(n_tiles, most))
+
+
+@torch.library.custom_op("tvq_kernels::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, scale: float,
+             out_dtype: torch.dtype) -> Tensor:
+    """(..., D) in ``out_dtype``, contiguous: (x / sqrt(mean(x^2, -1) + eps) * weight + bias) * scale, float32
+    inside. x (..., D) any strides; weight and bias (D,) both or None."""
+    D = x.shape[-1]
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if not out.numel():
+        return out
+    x2 = _rows(x, D)
+    N = x2.shape[0]
+    BR, BD, warps = _tile(N, D)
+    affine = weight is not None
+    _fwd_kernel[(triton.cdiv(N, BR),)](x2, weight if affine else x2, bias if affine else x2, out, N, D,
+                                       _row_stride(x2), eps, scale, AFFINE=affine, BR=BR, BD=BD,
+                                       num_warps=warps)
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, bias, eps, scale, out_dtype):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+@torch.library.custom_op("tvq_kernels::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, scale: float, x_grad: bool,
+                      param_grad: bool, grad_add: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`rms_norm` given ``grad`` (x's shape, any dtype and strides): dx (x's shape and dtype,
+    contiguous; empty (0,) unless ``x_grad``; plus ``grad_add``, x's gradient from its other uses, if given), and
+    the weight's and bias's (D,) float32 (empty (0,) unless ``param_grad``, which needs the weight)."""
+    D = x.shape[-1]
+    dx = torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device)
+    if not (x_grad or param_grad):
+        return dx, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    x2 = _rows(x, D)
+    N = x2.shape[0]
+    if N == 0 or D == 0:
+        zeros = x.new_zeros(D if param_grad else 0, dtype=torch.float32)
+        return dx, zeros, zeros.clone()
+    g2 = _rows(grad, D)
+    a2 = _rows(grad_add, D) if grad_add is not None and x_grad else None
+    BR, BD, warps = _tile(N, D)
+    n_tiles = triton.cdiv(N, BR)
+    n_prog = _programs(x.device, n_tiles)
+    part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
+    affine = weight is not None
+    _bwd_kernel[(n_prog,)](x2, weight if affine else x2, g2, a2 if a2 is not None else x2, dx if x_grad else x2,
+                           part, N, D, _row_stride(x2), _row_stride(g2), _row_stride(a2) if a2 is not None else 0,
+                           eps, scale, n_tiles, AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad,
+                           HAS_ADD=a2 is not None, BR=BR, BD=BD, num_warps=warps)
+    if not param_grad:
+        empty = x.new_empty(0, dtype=torch.float32)
+        return dx, empty, empty.clone()
+    return dx, part[0].sum(0), part[1].sum(0)  # (D,) each (two sums: results may not share storage)
+
+
+@rms_norm_backward.register_fake
+def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None):
+    D = x.shape[-1] if param_grad else 0
+    return (torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device),
+            x.new_empty(D, dtype=torch.float32), x.new_empty(D, dtype=torch.float32))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """out = rms_norm(x, ...); saves x and the weight only (backward recomputes the statistics), one backward
+    launch for every gradient that is needed. With ``residual`` it also returns x itself (a view) for the residual
+    stream: backward adds that output's gradient to the norm's in the same launch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, scale, out_dtype, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.eps, ctx.scale, ctx.bias_dtype = eps, scale, bias.dtype if bias is not None else None
+        out = rms_norm(x, weight, bias, eps, scale, out_dtype)
+        return (out, x.view_as(x)) if residual else out
+
+    @staticmethod
+    def backward(ctx, grad, grad_x=None):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = rms_norm_backward(grad, x, weight, ctx.eps, ctx.scale, need_x, need_w or need_b, grad_x)
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None, None, None, None, None)
+
+
+def rms_norm_kernel(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None, *,
+                    scale: float = 1.0, out_dtype: torch.dtype | None = None,
+                    residual: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(x / sqrt(mean(x^2, -1) + eps) * weight + bias) * scale, (..., D) in ``out_dtype`` (default x's): the
+    Triton twin of :func:`tvq.layers.norm.rms_norm` (times ``scale``), every step in float32, the result cast once.
+
+    x (..., D) any leading dims and strides, D at most :data:`MAX_D`; weight and bias (D,) both or neither.
+    Gradients reach x (in its dtype), weight and bias (in theirs), only those that need one. ``residual``: return
+    (out, x), x for the residual stream (x + f(out)), whose gradient the norm's backward kernel adds to its own
+    (no separate add).
+    """
+    if x.dim() == 0:
+        raise ValueError("rms_norm_kernel: x needs a last dim to normalize")
+    D = x.shape[-1]
+    if (weight is None) != (bias is None):
+        raise ValueError("rms_norm_kernel: weight and bias must both be given or both be None")
+    if weight is not None and (weight.shape != (D,) or bias.shape != (D,)):
+        raise ValueError(f"rms_norm_kernel: weight and bias ({D},) expected, got {tuple(weight.shape)} and "
+                         f"{tuple(bias.shape)}")
+    if D > MAX_D:
+        raise ValueError(f"rms_norm_kernel: rows of at most {MAX_D} elements, got {D}")
+    return _RMSNorm.apply(x, weight, bias, float(eps), float(scale), out_dtype or x.dtype, residual)
