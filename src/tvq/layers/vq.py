@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tvq.layers.host_flags import HostFlags
 from tvq.ops.cache import code_statistics
+from tvq.ops.kernels import kernels_enabled
 
 
 _RECOMPUTING = contextvars.ContextVar("tvq_recomputing", default=False)
@@ -128,15 +129,21 @@ class VectorQuantizer(HostFlags):
         """Quantize keys k (B, H, T, D_k); token_mask (B, T) bool excludes padding from stats."""
         c_full = self.codebook()  # (H, S, D_k), in the parameters' dtype
         c = c_full.to(k.dtype)
-        with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
-            # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), one fused product per (b, h);
-            # in at least fp32 (under autocast too) so the codes are the fp32 argmin
-            dd = torch.promote_types(torch.promote_types(k.dtype, c_full.dtype), torch.float32)
-            B, H, T, K = k.shape
-            cb = c_full.to(dd).expand(B, H, -1, K).reshape(B * H, -1, K)  # (B H, S, D_k)
-            dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2), k.to(dd).reshape(B * H, T, K),
-                                 cb.transpose(1, 2), alpha=-2)  # (B H, T, S)
-            codes = dist.argmin(-1).view(B, H, T)
+        # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), in at least fp32 (under autocast too) so the
+        # codes are the fp32 argmin: one kernel on the Triton path (no (T, S) distances in memory), else one fused
+        # product per (b, h) and an argmin
+        dd = torch.promote_types(torch.promote_types(k.dtype, c_full.dtype), torch.float32)
+        if dd == torch.float32 and kernels_enabled(k):
+            from tvq.ops.kernels.vq_codes import vq_codes_kernel
+
+            codes = vq_codes_kernel(k, c_full)  # (B, H, T)
+        else:
+            with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+                B, H, T, K = k.shape
+                cb = c_full.to(dd).expand(B, H, -1, K).reshape(B * H, -1, K)  # (B H, S, D_k)
+                dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2),
+                                     k.to(dd).reshape(B * H, T, K), cb.transpose(1, 2), alpha=-2)  # (B H, T, S)
+                codes = dist.argmin(-1).view(B, H, T)
         heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
         c_z = c[heads, codes]  # (B, H, T, D_k)
         k_st = c_z + (k - k.detach()) if k.requires_grad else c_z  # straight-through estimator

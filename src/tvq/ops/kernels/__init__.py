@@ -1,5 +1,5 @@
 """Fused Triton kernels: the blockwise attention (``scores``, ``cache_scan``, ``window_values``), the per-code sums
-(``code_sums``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU and gate, ``residual``: dropout,
+(``code_sums``), each key's nearest codeword (``vq_codes``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU and gate, ``residual``: dropout,
 LayerDrop and the residual add). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
 is tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
 

@@ -4,7 +4,9 @@
 Block n of a row p (P = B H rows) reads the cache C_n (S, D_v): ``start`` plus the values of the valid
 keys of blocks 0..n-1, summed per code. The output is ``p_cache[n] @ (C_n / count_n)``: the scan
 (:func:`cache_scan`) writes the per-block MEANS (P, nb, S, D_v) in the compute dtype, and a batched GEMM
-in the compute dtype reads them. The exact per-code sums stay in float32 on chip: a program owns one
+in the compute dtype reads them (:func:`cache_read_kernel`), or the window's value kernel reads them as it adds
+the window's share (:func:`tvq.ops.kernels.window_values.block_values_kernel`: the blockwise path's choice, whose
+cache output then never goes through HBM). The exact per-code sums stay in float32 on chip: a program owns one
 (BS, BD) tile of one row's cache and walks the blocks in order, adding each block's keys with a one-hot
 (BS, L) @ values (L, BD) product (``tl.dot``: tensor cores on a GPU), so there are no atomics and no float32
 cache ever reaches HBM. Backward (:func:`cache_scan_backward`) is the reverse scan.
@@ -207,20 +209,31 @@ def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[sl
     return [slice(r, min(r + size, P)) for r in range(0, P, size)]
 
 
-def cache_read_forward(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
-                       first_valid: Tensor, keep_means: bool) -> tuple[Tensor, Tensor | None]:
-    """The cache read's output (P, nb, L, D_v) and, with ``keep_means``, the means to save for backward where they
-    are no larger than the blocks' values (S <= L) and of one row group (enwik8: S = L = 512, the same 2 bytes per
-    value element that a recomputation would write and read again); else None (backward recomputes them).
-    Arguments as :func:`cache_read_kernel`'s after its checks."""
+def cache_means(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor, first_valid: Tensor):
+    """The scan over row groups whose means stay under :data:`_CHUNK_BYTES`: yields (rows, means (P', nb, S, D_v)
+    in weights' dtype). Arguments as :func:`cache_read_kernel`'s after its checks."""
     P, nb, L, S = weights.shape
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v), a view
-    groups = _row_groups(P, nb, S, values.shape[-1], weights.dtype)
+    for r in _row_groups(P, nb, S, values.shape[-1], weights.dtype):
+        yield r, cache_scan(codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+
+
+def keep_means(weights: Tensor, values: Tensor) -> bool:
+    """Whether backward gets the forward's means (saved) rather than recomputing them: where they are no larger than
+    the blocks' values (S <= L) and of one row group (enwik8: S = L = 512, the same 2 bytes per value element that a
+    recomputation would write and read again)."""
+    P, nb, L, S = weights.shape
+    return S <= L and len(_row_groups(P, nb, S, values.shape[-1], weights.dtype)) == 1
+
+
+def cache_read_forward(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+                       first_valid: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
+    """The cache read's output (P, nb, L, D_v) and, if ``keep`` and :func:`keep_means`, the means to save for
+    backward (else None: backward recomputes them)."""
     out, means = [], None
-    for r in groups:
-        means = cache_scan(codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+    for r, means in cache_means(weights, codes, values, start, count, first_valid):
         out.append(weights[r] @ means)  # (P', nb, L, D_v)
-    return _join(out), means if keep_means and S <= L and len(groups) == 1 else None
+    return join(out), means if keep and keep_means(weights, values) else None
 
 
 def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
@@ -246,7 +259,7 @@ def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Te
             g_v.append(g_values)
             g_s.append(g_start)
             del g_means
-    return _join(g_w), _join(g_v), _join(g_s)
+    return join(g_w), join(g_v), join(g_s)
 
 
 class _CacheRead(torch.autograd.Function):
@@ -267,7 +280,7 @@ class _CacheRead(torch.autograd.Function):
         return g_w, None, g_v, g_s, None, None
 
 
-def _join(parts: list[Tensor]) -> Tensor | None:
+def join(parts: list[Tensor]) -> Tensor | None:
     """The row groups' parts of one result (None: not computed); no copy for a single group."""
     return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -21,6 +21,12 @@ Here every kernel reads the values straight from the key list by offset and each
   The straight-through rule (which (query, slot) products give the value a gradient) is a constexpr ``keep``:
   0 all, 1 the block's own slots (w >= M), 2 the near slots (w >= a: old slots are codewords).
 
+The blockwise path runs the cache read and the window product as one autograd node (:func:`block_values_kernel`):
+forward, the same kernel also adds the cache's share, ``cache weights (rows, BS) @ means (BS, BD)`` over S tiles,
+from the scan's per-block means (:mod:`tvq.ops.kernels.cache_scan`), so the cache read's output is never written;
+backward, the window's ``g_values`` kernel starts from the cache read's gradient of the values, so the values get
+one gradient tensor instead of two that autograd would add.
+
 The score kernel's backward (:mod:`tvq.ops.kernels.scores`) calls the forward and ``g_values`` ops directly for
 the keys' side (p := ds_win, values := keys: g_qu; grad := qu: the keys' gradient, keep the key rule).
 
@@ -65,10 +71,11 @@ def _cast(x, like_ptr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(p_ptr, v_ptr, acc_ptr, out_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
-                HAS_ACC: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """out tile (BA, BD) of one (p, n) = acc + sum over window tiles of p_win (BA, BW) @ values (BW, BD)."""
+def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d,
+                HAS_ACC: tl.constexpr, HAS_CACHE: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr,
+                BS: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """out tile (BA, BD) of one (p, n) = acc + sum over window tiles of p_win (BA, BW) @ values (BW, BD) [+ sum over
+    code tiles of the cache's weights (BA, BS) @ means (BS, BD) (HAS_CACHE)]."""
     pid = tl.program_id(0).to(tl.int64)
     n_d, n_a = tl.cdiv(Dv, BD), tl.cdiv(L, BA)
     td, ta, pn = pid % n_d, (pid // n_d) % n_a, pid // (n_d * n_a)
@@ -90,6 +97,15 @@ def _fwd_kernel(p_ptr, v_ptr, acc_ptr, out_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
         v = tl.load(v_row + (n * L + w[:, None]) * sv_r + d[None, :] * sv_d, mask=w_ok[:, None] & d_ok[None, :],
                     other=0.0)  # (BW, BD)
         acc = tl.dot(_cast(pt, out_ptr, UPCAST), _cast(v, out_ptr, UPCAST), acc, input_precision=PRECISION)
+    if HAS_CACHE:
+        for s0 in range(0, S, BS):
+            s = s0 + tl.arange(0, BS)  # (BS,)
+            s_ok = s < S
+            cw = tl.load(cw_ptr + (pn * L + a[:, None]) * S + s[None, :], mask=a_ok[:, None] & s_ok[None, :],
+                         other=0.0)  # (BA, BS)
+            m = tl.load(m_ptr + (pn * S + s[:, None]) * Dv + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # (BS, BD)
+            acc = tl.dot(_cast(cw, out_ptr, UPCAST), _cast(m, out_ptr, UPCAST), acc, input_precision=PRECISION)
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -170,25 +186,32 @@ def _check(p_win: Tensor, values: Tensor) -> tuple[int, int, int, int, int, int]
 
 
 @torch.library.custom_op("tvq_kernels::window_values", mutates_args=())
-def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w].
+def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype,
+                  cache_w: Tensor | None = None, means: Tensor | None = None) -> Tensor:
+    """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]
+    [+ sum_s cache_w[p, n, a, s] means[p, n, s]: the cache read's product, whose output then never goes through
+    HBM].
 
-    p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None;
-    products in ``dtype``, sums in float32."""
+    p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None,
+    cache_w (P, nb, L, S) and means (P, nb, S, D_v) both or neither; products in ``dtype``, sums in float32."""
     P, nb, L, W, M, Dv = _check(p_win, values)
     out = values.new_empty(P, nb, L, Dv, dtype=dtype)
     if not out.numel():
         return out
+    S = cache_w.shape[-1] if cache_w is not None else 16
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
+    BS = tile(S, TILES["window"])
     grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(Dv, BD),)
-    _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out, out,
-                      nb, L, W, Dv, *values.stride(), HAS_ACC=acc is not None, BA=BA, BW=BW, BD=BD,
-                      **dot_options(dtype))
+    has_cache = cache_w is not None
+    _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out,
+                      cache_w.contiguous() if has_cache else out, means.contiguous() if has_cache else out, out,
+                      nb, L, W, S, Dv, *values.stride(), HAS_ACC=acc is not None, HAS_CACHE=has_cache, BA=BA, BW=BW,
+                      BS=BS, BD=BD, **dot_options(dtype))
     return out
 
 
 @window_values.register_fake
-def _(p_win, values, acc, dtype):
+def _(p_win, values, acc, dtype, cache_w=None, means=None):
     P, nb, L, _ = p_win.shape
     return values.new_empty(P, nb, L, values.shape[-1], dtype=dtype)
 
@@ -244,9 +267,9 @@ def _name(dtype: torch.dtype) -> str:
 
 
 @register_flops("tvq_kernels::window_values")
-def _(p_win, values, acc, dtype):
-    """(L, W) @ (W, D_v) per block, in ``dtype``."""
-    return _name(dtype), 2 * p_win.numel() * values.shape[-1]
+def _(p_win, values, acc, dtype, cache_w=None, means=None):
+    """(L, W) @ (W, D_v) per block [and (L, S) @ (S, D_v)], in ``dtype``."""
+    return _name(dtype), 2 * (p_win.numel() + (cache_w.numel() if cache_w is not None else 0)) * values.shape[-1]
 
 
 @register_flops("tvq_kernels::window_values_grad_weights")
@@ -309,12 +332,15 @@ class _BlockValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p_win, values, weights, codes, start, count, first_valid, keep, dtype, cache_grad):
-        from tvq.ops.kernels.cache_scan import cache_read_forward
+        from tvq.ops.kernels.cache_scan import cache_means, join, keep_means
 
-        acc, means = cache_read_forward(weights, codes, values, start, count, first_valid, ctx.needs_input_grad[2])
-        ctx.save_for_backward(p_win, values, weights, codes, start, count, first_valid, means)
+        out, means = [], None
+        for r, means in cache_means(weights, codes, values, start, count, first_valid):  # the scan, then one kernel
+            out.append(window_values(p_win[r], values[r], None, dtype, weights[r], means))  # for both products
+        saved = means if ctx.needs_input_grad[2] and keep_means(weights, values) else None
+        ctx.save_for_backward(p_win, values, weights, codes, start, count, first_valid, saved)
         ctx.keep, ctx.dtype, ctx.cache_grad = keep, dtype, cache_grad
-        return window_values(p_win, values, acc, dtype)
+        return join(out)
 
     @staticmethod
     def backward(ctx, grad):
