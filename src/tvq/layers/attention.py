@@ -94,7 +94,6 @@ class Attention(HostFlags):
             self._set_host("warmup_steps", 0)
             self._warming = True
         self.drop_sin = nn.Dropout(config.dropout_sin)
-        self.drop_res = nn.Dropout(config.dropout_res)
         self.sin = SinusoidTable(config.mem_len + 1, config.d_model, config.rel_pos_base)  # (M + 1, D), in the model's dtype
 
     def reset_parameters(self) -> None:

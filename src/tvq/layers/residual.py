@@ -22,8 +22,9 @@ def add_residual(x: Tensor, res: Tensor, dropout: float, layerdrop: float, train
     """x + LayerDrop(Dropout(res)) (both only in training): x (B, T, D) the residual stream, res (B, T, D) the
     branch. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one kernel each way, its dropout mask drawn
     in the kernel from a seed (:mod:`tvq.ops.kernels.residual`: the same distribution as ``F.dropout``, another
-    random stream); elsewhere op by op."""
-    if kernels_enabled(x):
+    random stream); elsewhere, and inside ``torch.compile`` (whose graph the host-drawn seed would break; inductor
+    fuses these ops itself), op by op."""
+    if kernels_enabled(x) and not torch.compiler.is_compiling():
         from tvq.ops.kernels.residual import layer_drop_scale, residual_dropout
 
         if not training:
