@@ -92,6 +92,14 @@ def clone_with(model: TransformerVQ, **overrides) -> TransformerVQ:
     return other
 
 
+def decoded(model: TransformerVQ, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The logits (B, T - prefix, V) of stepping ``model.decoder`` through ids[:, prefix:] after a forward over
+    the first ``prefix`` tokens: what a test compares with the forward's logits over the same positions."""
+    with torch.no_grad():
+        decoder = model.decoder(model(ids[:, :prefix]).state)
+        return torch.stack([decoder.step(ids[:, t]) for t in range(prefix, ids.shape[1])], 1)
+
+
 @pytest.fixture
 def ids():
     torch.manual_seed(123)

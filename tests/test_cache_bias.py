@@ -4,7 +4,7 @@ path adds it the same way (float64, outputs and gradients), and it is off by def
 import pytest
 import torch
 
-from conftest import make_model, tiny_config
+from conftest import decoded, make_model, tiny_config
 from test_equivalence import ATOL, assert_blockwise_equals_quadratic
 
 
@@ -58,11 +58,7 @@ def test_decoder_equals_forward(ids, head_type):
     model = biased(head_type=head_type).eval()
     ids = ids[:, :60]
     full = model(ids).logits
-    with torch.no_grad():
-        prefix = model(ids[:, :5])
-        decoder = model.decoder(prefix.state)
-        steps = [decoder.step(ids[:, t]) for t in range(5, ids.shape[1])]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(decoded(model, ids, 5), full[:, 5:], atol=ATOL, rtol=0)
 
 
 def test_checkpoint_round_trip(ids):

@@ -4,7 +4,7 @@ attention ignores the cache exactly as ``agg_cache=False`` does, then uses it; t
 import pytest
 import torch
 
-from conftest import make_model, tiny_config
+from conftest import decoded, make_model, tiny_config
 from test_equivalence import ATOL
 
 HEAD_TYPES = ["shga", "mqa"]
@@ -70,11 +70,7 @@ def test_decoder_follows_the_warmup(ids):
     ids = ids[:, :40]
     for _ in range(2):  # during the warm-up (window only), then after it (with the cache)
         full = model(ids).logits
-        with torch.no_grad():
-            prefix = model(ids[:, :5])
-            decoder = model.decoder(prefix.state)
-            steps = [decoder.step(ids[:, t]) for t in range(5, ids.shape[1])]
-        torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(decoded(model, ids, 5), full[:, 5:], atol=ATOL, rtol=0)
         model.train().update_codebooks()
         model.eval()
 

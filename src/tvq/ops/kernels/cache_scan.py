@@ -226,16 +226,6 @@ def keep_means(weights: Tensor, values: Tensor) -> bool:
     return S <= L and len(_row_groups(P, nb, S, values.shape[-1], weights.dtype)) == 1
 
 
-def cache_read_forward(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
-                       first_valid: Tensor, keep: bool) -> tuple[Tensor, Tensor | None]:
-    """The cache read's output (P, nb, L, D_v) and, if ``keep`` and :func:`keep_means`, the means to save for
-    backward (else None: backward recomputes them)."""
-    out, means = [], None
-    for r, means in cache_means(weights, codes, values, start, count, first_valid):
-        out.append(weights[r] @ means)  # (P', nb, L, D_v)
-    return join(out), means if keep and keep_means(weights, values) else None
-
-
 def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
                         first_valid: Tensor, saved_means: Tensor | None, need_w: bool,
                         keys_too: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -263,15 +253,18 @@ def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Te
 
 
 class _CacheRead(torch.autograd.Function):
-    """out[:, n] = weights[:, n] @ means_n (:func:`cache_read_forward`, :func:`cache_read_backward`). ``values`` is
+    """out[:, n] = weights[:, n] @ means_n (the means from :func:`cache_means`; :func:`cache_read_backward`). ``values`` is
     the whole key list (P, N, D_v), its first nb L rows the blocks' keys: the reverse scan writes its gradient whole
     (the rest zero), so that no slice's backward pads it."""
 
     @staticmethod
     def forward(ctx, weights, codes, values, start, count, first_valid):
-        out, means = cache_read_forward(weights, codes, values, start, count, first_valid, ctx.needs_input_grad[0])
-        ctx.save_for_backward(weights, codes, values, start, count, first_valid, means)
-        return out
+        out, means = [], None
+        for r, means in cache_means(weights, codes, values, start, count, first_valid):
+            out.append(weights[r] @ means)  # (P', nb, L, D_v)
+        saved = means if ctx.needs_input_grad[0] and keep_means(weights, values) else None
+        ctx.save_for_backward(weights, codes, values, start, count, first_valid, saved)
+        return join(out)
 
     @staticmethod
     def backward(ctx, grad):
