@@ -480,6 +480,7 @@ def _make_recorder():
             self.gemms: Counter = Counter()  # (phase, op, shape a, shape b, dtype) -> calls
             self.gemm_flops: Counter = Counter()
             self.byte_sites: Counter = Counter()  # (phase, op, site) -> operand bytes
+            self.count_sites: Counter = Counter()  # (phase, op, site) -> kernels
             self.parts: dict[tuple, _Stats] = {}  # (phase, "attention" or "rest") -> stats
 
         def _stats(self) -> list[_Stats]:
@@ -498,6 +499,7 @@ def _make_recorder():
             traffic = nbytes if args is None else _traffic(name, args, inputs, outputs)
             site = _site()
             self.byte_sites[(self.phase, name, site)] += nbytes
+            self.count_sites[(self.phase, name, site)] += 1
             part = "attention" if any(m in site for m in ATTENTION_MODULES) and not any(
                 m in site for m in REST_MODULES) else "rest"
             for s in [*self._stats(), self.parts.setdefault((self.phase, part), _Stats())]:
@@ -946,6 +948,8 @@ def _measure_deterministic_or_not(config, seq_len, batch_size, mode, amp, decode
         "ops_by_bytes": [[name, total.ops[name], b] for name, b in total.op_bytes.most_common(top)],
         "bytes_by_site": [[phase, name, site, b] for (phase, name, site), b in rec.byte_sites.most_common()
                           if phase in phases][:top],
+        "kernels_by_site": [[phase, name, site, n] for (phase, name, site), n in rec.count_sites.most_common()
+                            if phase in phases][:top],
         "parts": {
             "what": "the step split by where its ops come from: 'attention' = " + ", ".join(ATTENTION_MODULES)
                     + " but " + ", ".join(REST_MODULES) + " (the VQ attention core that a dense model replaces by its attention kernel; backward ops "

@@ -35,6 +35,7 @@ class Quantized:
     keys: Tensor    # (B, H, T, D_k) quantized keys; straight-through: gradient flows to the input keys
     codes: Tensor   # (B, H, T) long, the assigned code of each key
     commit: Tensor  # () mean over tokens of sum over heads ||k - sg(c_z)||^2
+    codebook: Tensor  # (H, S, D_k) the codewords the keys were quantized against, in the parameters' dtype
 
 
 class CodebookMetrics(Mapping):
@@ -128,15 +129,17 @@ class VectorQuantizer(HostFlags):
     def forward(self, k: Tensor, token_mask: Tensor | None = None) -> Quantized:
         """Quantize keys k (B, H, T, D_k); token_mask (B, T) bool excludes padding from stats."""
         c_full = self.codebook()  # (H, S, D_k), in the parameters' dtype
-        c = c_full.to(k.dtype)
         # argmin_s ||k - c_s||^2 = argmin_s (||c_s||^2 - 2 k.c_s), in at least fp32 (under autocast too) so the
-        # codes are the fp32 argmin: one kernel on the Triton path (no (T, S) distances in memory), else one fused
+        # codes are the fp32 argmin: on the Triton path one kernel (no (T, S) distances in memory) that also writes
+        # the straight-through key, the error and the key norms (and one kernel in backward), else one fused
         # product per (b, h) and an argmin
         dd = torch.promote_types(torch.promote_types(k.dtype, c_full.dtype), torch.float32)
+        k_sq = None  # (B, T) ||k||^2 summed over heads, where the kernel wrote it
         if dd == torch.float32 and kernels_enabled(k):
-            from tvq.ops.kernels.vq_codes import vq_codes_kernel
+            from tvq.ops.kernels.vq_codes import quantize_kernel
 
-            codes = vq_codes_kernel(k, c_full)  # (B, H, T)
+            k_st, codes, err, k_sq = quantize_kernel(k, c_full)  # (B, H, T, D_k), (B, H, T), float32 (B, H, T) x 2
+            err, k_sq = err.sum(1), k_sq.sum(1)  # (B, T), summed over heads
         else:
             with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
                 B, H, T, K = k.shape
@@ -144,10 +147,10 @@ class VectorQuantizer(HostFlags):
                 dist = torch.baddbmm(cb.square().sum(-1, keepdim=True).transpose(1, 2),
                                      k.to(dd).reshape(B * H, T, K), cb.transpose(1, 2), alpha=-2)  # (B H, T, S)
                 codes = dist.argmin(-1).view(B, H, T)
-        heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
-        c_z = c[heads, codes]  # (B, H, T, D_k)
-        k_st = c_z + (k - k.detach()) if k.requires_grad else c_z  # straight-through estimator
-        err = (k - c_z).square().sum(-1).sum(1)  # (B, T), summed over heads
+            heads = torch.arange(self.n_head, device=k.device)[None, :, None]  # (1, H, 1)
+            c_z = c_full.to(k.dtype)[heads, codes]  # (B, H, T, D_k)
+            k_st = c_z + (k - k.detach()) if k.requires_grad else c_z  # straight-through estimator
+            err = (k - c_z).square().sum(-1).sum(1)  # (B, T), summed over heads
         if token_mask is None:
             commit = err.mean()
         else:
@@ -155,10 +158,10 @@ class VectorQuantizer(HostFlags):
             commit = (err * w).sum() / w.sum().clamp_min(1.0)
         # a compiled graph recomputes inside itself, never through here (and dynamo cannot read a ContextVar)
         if self.training and (torch.compiler.is_compiling() or not _RECOMPUTING.get()):
-            self._accumulate(k.detach(), codes, err.detach(), token_mask)
+            self._accumulate(k.detach(), codes, err.detach(), token_mask, k_sq)
             if self._kmeans_pending:
                 self._keep_keys(k.detach(), token_mask)
-        return Quantized(k_st, codes, commit)
+        return Quantized(k_st, codes, commit, c_full)
 
     def _keep_keys(self, k: Tensor, token_mask: Tensor | None) -> None:
         """Keep (up to a cap of slots, padding included: shapes stay static) the keys k (B, H, T, D_k) of
@@ -170,20 +173,23 @@ class VectorQuantizer(HostFlags):
             self._init_keys.append((keys[:, :room].to(self.c_sum.dtype), mask))
 
     @torch.no_grad()
-    def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None) -> None:
-        """Add this forward's per-code key sums and counts and its scalars to the accumulator."""
+    def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None,
+                    k_sq: Tensor | None = None) -> None:
+        """Add this forward's per-code key sums and counts and its scalars to the accumulator; err and k_sq (B, T)
+        are the squared errors and key norms summed over heads (k_sq computed from k when None)."""
         acc_dtype = self.c_sum.dtype
         valid = None if token_mask is None else token_mask.flatten()  # (B T,)
         count, k_sum = code_statistics(codes.transpose(0, 1).flatten(1), k.transpose(0, 1).flatten(1, 2), valid,
                                        self.n_code, acc_dtype)  # (H, S), (H, S, D_k)
-        w = torch.ones(err.shape, dtype=acc_dtype, device=err.device) if token_mask is None \
-            else token_mask.to(acc_dtype)  # (B, T)
-        scalars = torch.stack([
-            w.sum(),
-            (err.to(acc_dtype) * w).sum(),
-            (k.to(acc_dtype).square().sum((1, 3)) * w).sum(),
-        ])
-        self._stats += torch.cat([k_sum.flatten(), count.flatten(), scalars])
+        if k_sq is None:
+            k_sq = k.to(acc_dtype).square().sum((1, 3))  # (B, T)
+        per_token = torch.stack([err.to(acc_dtype), k_sq.to(acc_dtype)], -1)  # (B, T, 2)
+        if token_mask is None:
+            tokens = per_token.new_full((1,), float(err.numel()))
+        else:
+            w = token_mask.to(acc_dtype)  # (B, T)
+            per_token, tokens = per_token * w[..., None], w.sum()[None]
+        self._stats += torch.cat([k_sum.flatten(), count.flatten(), tokens, per_token.sum((0, 1))])
 
     def pending_stats(self) -> Tensor:
         """The statistics accumulated since the last update, as one flat vector (zeros if none)."""
