@@ -149,6 +149,29 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("n_invalid", [0, 11, "per row"])
+@pytest.mark.parametrize("nb, L, S", [(3, 8, 20), (2, 70, 130)])
+def test_block_counts_kernel_equals_reference(nb, L, S, n_invalid):
+    """Each block's cache counts: the kernel (float32, running counts on chip) equals the integer scatter and
+    cumsum, for key lists longer than the blocks (strided rows), several code and key tiles, and empty slots."""
+    from tvq.ops.cache import block_counts
+
+    g = torch.Generator().manual_seed(nb * L + S)
+    B, H = 2, 3
+    codes = torch.randint(0, S, (B, H, nb * L + 5), generator=g)[:, :, : nb * L]  # strided rows, as blockwise's
+    count0 = torch.randint(0, 9, (B, H, S), generator=g).float()
+    first = torch.tensor([3, 2 * L + 1]) if n_invalid == "per row" else n_invalid
+    ref = block_counts(codes, first, count0.double(), L)  # the PyTorch path (float64: no kernel)
+    with use_kernels(True):
+        got = block_counts(codes, first, count0, L)
+    assert got.dtype == torch.float32 and got.shape == (B, H, nb, S)
+    assert torch.equal(got.double(), ref)
+    torch.library.opcheck(scan.block_counts, (codes.flatten(0, 1), count0.flatten(0, 1), None, 2, nb, L),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="block_counts"):
+        block_counts(codes[..., :-1], first, count0, L)
+
+
 # blockwise_attention end to end: kernels on (float32) against off (float64)
 
 def attention_inputs(n_invalid, seed=0):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import cache_log_count, cache_read
+from tvq.ops.cache import block_counts, cache_log_count, cache_read
 from tvq.ops.kernels import kernels_enabled
 
 
@@ -178,17 +178,9 @@ def blockwise_attention(
         # (key blocks 0..n-1): count_n = c0 + N_n and value sum c0 m0 + S_n, with N_n, S_n
         # exclusive prefix sums of per-block code statistics. The cache's share of the output,
         # sum_s p_s (c0 m0 + S_n)_s / count_n,s, is then one (L, S) @ (S, D_v) product per block.
-        S = codebook.shape[1]
         blk_codes = codes[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L)
-        if per_row:
-            valid = (torch.arange(nb * L, device=dev) >= n_invalid[:, None]).view(B, 1, nb, L)
-        else:
-            valid = (torch.arange(nb * L, device=dev) >= n_invalid).view(nb, L)
-        # counted in integers: exact, and an integer cumsum is deterministic on CUDA (a float one is not)
-        n_blk = torch.zeros(B, H, nb, S, dtype=torch.long, device=dev).scatter_add_(
-            3, blk_codes, valid.long().expand(B, H, nb, L))
         c0 = count0.to(acc)  # (B, H, S)
-        count = c0[:, :, None] + (n_blk.cumsum(2) - n_blk).to(acc)  # (B, H, nb, S)
+        count = block_counts(codes[:, :, : nb * L], n_invalid, c0, L)  # (B, H, nb, S)
 
     if fused:  # scores, masks and softmax in one Triton kernel (tvq.ops.kernels.scores)
         from tvq.ops.kernels.scores import window_softmax
@@ -265,6 +257,7 @@ def blockwise_attention(
     p_mean = (p_cache / count.clamp_min(1.0)[..., None, :]).to(vals.dtype)  # (B, H, nb, L, S): p_s / count_s
     if per_row:  # zeros stand for empty slots; skipping those empty in every row only saves work: on a CPU,
         # where reading the count is free
+        valid = (torch.arange(nb * L, device=dev) >= n_invalid[:, None]).view(B, 1, nb, L)
         cache_vals = torch.where(valid[..., None], cache_vals, 0.0)
         first_valid = int(n_invalid.min()) if dev.type == "cpu" and not torch.compiler.is_compiling() else 0
     else:

@@ -42,6 +42,36 @@ def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor
     return LayerState(keys[:, :, T:], values[:, :, T:], codes[:, :, T:], count, mean)
 
 
+def block_counts(codes: Tensor, n_invalid: int | Tensor, count0: Tensor, block_len: int) -> Tensor:
+    """The cache's count per code for each block (docs/spec.md section 4) -> (B, H, nb, S): count0 (B, H, S)
+    (the carried cache's) plus the valid keys of blocks 0..n-1 with that code, in count0's dtype.
+
+    codes (B, H, nb L) are the key list's first nb blocks, the first ``n_invalid`` (an int or one per row
+    (B,)) empty slots. Counted in integers: exact, and an integer cumsum is deterministic on CUDA (a float one is
+    not); on the Triton path (:func:`tvq.ops.kernels.kernels_enabled`; float32 counts) one kernel with the running
+    counts on chip (:func:`tvq.ops.kernels.cache_scan.block_counts_kernel`)."""
+    B, H, S = count0.shape
+    L = block_len
+    nb = codes.shape[-1] // L
+    if codes.shape[-1] != nb * L or codes.shape[:2] != (B, H):
+        raise ValueError(f"block_counts: codes (B, H, nb L) and count0 (B, H, S) expected, got {tuple(codes.shape)} "
+                         f"and {tuple(count0.shape)} (L = {L})")
+    if count0.dtype == torch.float32 and kernels_enabled(count0):
+        from tvq.ops.kernels.cache_scan import block_counts_kernel
+
+        first = n_invalid[:, None].expand(B, H).flatten() if isinstance(n_invalid, Tensor) else n_invalid
+        return block_counts_kernel(codes.flatten(0, 1), count0.reshape(B * H, S), first, nb, L).view(B, H, nb, S)
+    blk_codes = codes.unflatten(2, (nb, L))  # (B, H, nb, L)
+    slot = torch.arange(nb * L, device=codes.device)
+    if isinstance(n_invalid, Tensor):
+        valid = (slot >= n_invalid[:, None]).view(B, 1, nb, L)
+    else:
+        valid = (slot >= n_invalid).view(nb, L)
+    n_blk = torch.zeros(B, H, nb, S, dtype=torch.long, device=codes.device).scatter_add_(
+        3, blk_codes, valid.long().expand(B, H, nb, L))  # (B, H, nb, S)
+    return count0[:, :, None] + (n_blk.cumsum(2) - n_blk).to(count0.dtype)
+
+
 def code_statistics(codes: Tensor, values: Tensor, valid: Tensor | None, n_code: int, dtype: torch.dtype):
     """Per-code counts (..., S) and value sums (..., S, D_v) of keys with codes (..., N): the one place
     tvq sums per code (the cache, the codebook statistics, k-means).

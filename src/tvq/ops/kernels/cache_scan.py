@@ -203,6 +203,61 @@ def _(codes, g_means, count, first_valid, values_dtype, n_rows):
     return str(values_dtype).removeprefix("torch."), 2 * P * nb * L * g_means.shape[2] * g_means.shape[3]
 
 
+@triton.jit
+def _block_counts_kernel(codes_ptr, first_ptr, count0_ptr, out_ptr, first_valid, nb, L, S, stride_cp,
+                         PER_ROW: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr):
+    """BS codes of row p: out[p, n] = count0[p] + the valid keys of blocks 0..n-1 per code (int32 on chip)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_s = tl.cdiv(S, BS)
+    ts, p = pid % n_s, pid // n_s
+    s = ts * BS + tl.arange(0, BS)  # (BS,)
+    s_ok = s < S
+    first = tl.load(first_ptr + p) if PER_ROW else first_valid
+    run = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,) float32
+    for n in range(0, nb):
+        tl.store(out_ptr + (p * nb + n) * S + s, run, mask=s_ok)
+        hits = tl.zeros((BS,), dtype=tl.int32)
+        for r0 in range(0, L, BL):
+            i = n * L + r0 + tl.arange(0, BL)  # (BL,) key-list index
+            keep = (r0 + tl.arange(0, BL) < L) & (i >= first)
+            code = tl.load(codes_ptr + p * stride_cp + i, mask=keep, other=-1)  # (BL,), -1: no code
+            hits += tl.sum((code[None, :] == s[:, None]).to(tl.int32), 1)
+        run += hits.to(tl.float32)
+
+
+@torch.library.custom_op("tvq_kernels::block_counts", mutates_args=())
+def block_counts(codes: Tensor, count0: Tensor, first_valid: Tensor | None, first: int, nb: int,
+                 L: int) -> Tensor:
+    """(P, nb, S) float32: count0 (P, S) plus, per code, the valid keys of blocks 0..n-1 of codes (P, >= nb L)
+    (rows may be strided, the last dim dense); keys before first_valid[p] (P,) int32, or ``first`` where
+    first_valid is None, are empty slots."""
+    P, S = count0.shape
+    out = count0.new_empty(P, nb, S)
+    if not out.numel():
+        return out
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    BS, BL = tile(S, 64), tile(L, 64)
+    _block_counts_kernel[(P * triton.cdiv(S, BS),)](
+        codes, first_valid if first_valid is not None else codes, count0.contiguous(), out, first, nb, L, S,
+        codes.stride(0), PER_ROW=first_valid is not None, BS=BS, BL=BL)
+    return out
+
+
+@block_counts.register_fake
+def _(codes, count0, first_valid, first, nb, L):
+    return count0.new_empty(count0.shape[0], nb, count0.shape[1])
+
+
+def block_counts_kernel(codes: Tensor, count0: Tensor, first_valid: int | Tensor, nb: int, L: int) -> Tensor:
+    """Each block's cache counts (P, nb, S) float32 (no gradient): the kernel twin of
+    :func:`tvq.ops.cache.block_counts` for P = B H rows; codes (P, >= nb L), count0 (P, S) float32, first_valid an
+    int or one per row (P,)."""
+    if isinstance(first_valid, Tensor):
+        return block_counts(codes, count0, first_valid.to(dtype=torch.int32).contiguous(), 0, nb, L)
+    return block_counts(codes, count0, None, int(first_valid), nb, L)
+
+
 def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[slice]:
     """Groups of rows whose means (P', nb, S, D_v) stay under :data:`_CHUNK_BYTES`."""
     size = max(1, _CHUNK_BYTES // max(1, nb * S * Dv * dtype.itemsize))
