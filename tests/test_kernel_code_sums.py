@@ -1,6 +1,7 @@
 """The Triton per-code sums (tvq.ops.kernels.code_sums) against the PyTorch code_statistics: counts, sums and the
 values' gradient in float32 (against float64) and float16, every valid-mask form, strided values, the custom op's
-registration, and the state a model carries with the kernels on against off. Without a GPU the kernel runs in
+registration, the fold of the leaving keys into a carried cache (values' and old means' gradients), and the state a
+model carries with the kernels on against off. Without a GPU the kernel runs in
 Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
@@ -77,6 +78,42 @@ def test_opcheck_and_flops():
     torch.library.opcheck(kcs.code_sums, (codes, values, valid, 8), test_utils=utils)
     torch.library.opcheck(kcs.code_sums, (codes, values, None, 8), test_utils=utils)
     assert KERNEL_FLOPS["tvq_kernels::code_sums"](codes, values, valid, 8) == ("float32", 2 * 40 * 8 * 24)
+
+
+@pytest.mark.parametrize("n_invalid", [0, 7, "per row"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_cache_fold_matches_statistics_then_merge(n_invalid, dtype, tol):
+    """cache_fold_kernel = code_statistics + merge_cache (float64): counts exactly, means, and the gradients of the
+    leaving values and of the old means, with strided values and empty slots."""
+    g = torch.Generator().manual_seed(5)
+    B, H, N, S, D = 2, 3, 30, 20, 72
+    codes = torch.randint(0, S, (B, H, N + 6), generator=g)[:, :, :N]
+    values = torch.randn(B, H, N + 6, D, generator=g, dtype=F64)[:, :, :N]
+    count = torch.randint(0, 5, (B, H, S), generator=g).to(F64)
+    mean = torch.randn(B, H, S, D, generator=g, dtype=F64)
+    first = torch.tensor([2, 13]) if n_invalid == "per row" else n_invalid
+    grad = torch.randn(B, H, S, D, generator=g, dtype=F64)
+
+    v_ref, m_ref = values.clone().requires_grad_(), mean.clone().requires_grad_()
+    valid = torch.arange(N) >= (first[:, None, None] if isinstance(first, torch.Tensor) else first)
+    n, s_ = reference(codes, v_ref, valid, S)
+    want_c, want_m = cache.merge_cache(count, m_ref, n, s_)
+    want_gv, want_gm = torch.autograd.grad(want_m, (v_ref, m_ref), grad)
+
+    v_in, m_in = values.to(dtype).requires_grad_(), mean.float().requires_grad_()
+    with use_kernels(True):
+        got_c, got_m = kcs.cache_fold_kernel(codes, v_in, first, count.float(), m_in)
+    got_gv, got_gm = torch.autograd.grad(got_m, (v_in, m_in), grad.float())
+    assert got_c.dtype == got_m.dtype == torch.float32 and got_gv.dtype == dtype
+    assert torch.equal(got_c.to(F64), want_c)
+    close(got_m, want_m, tol)
+    close(got_gv, want_gv, tol)
+    close(got_gm, want_gm, 1e-5)
+    args = (codes.flatten(0, 1), v_in.detach().flatten(0, 1), None, 3, count.float().flatten(0, 1),
+            m_in.detach().flatten(0, 1))
+    torch.library.opcheck(kcs.cache_fold, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="cache_fold_kernel"):
+        kcs.cache_fold_kernel(codes, v_in, first, count.float()[..., 1:], m_in)
 
 
 def test_model_state_with_kernels_matches():

@@ -35,10 +35,16 @@ def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor
     count, mean = state.cache_count, state.cache_mean  # (B, H, S), (B, H, S, D_v)
     if agg_cache:
         leaving = values[:, :, :T] if grad_thru_cache else values[:, :, :T].detach()  # (B, H, T, D_v)
-        slot = torch.arange(T, device=keys.device)
-        valid = slot >= (n_invalid[:, None, None] if isinstance(n_invalid, Tensor) else n_invalid)  # (B, 1, T) or (T,)
-        n, s = code_statistics(codes[:, :, :T], leaving, valid, n_code, mean.dtype)
-        count, mean = merge_cache(count, mean, n, s)
+        if mean.dtype == torch.float32 and count.dtype == torch.float32 and kernels_enabled(leaving):
+            from tvq.ops.kernels.code_sums import cache_fold_kernel
+
+            # one kernel: the sums folded in on chip (tvq.ops.kernels.code_sums)
+            count, mean = cache_fold_kernel(codes[:, :, :T], leaving, n_invalid, count, mean)
+        else:
+            slot = torch.arange(T, device=keys.device)
+            valid = slot >= (n_invalid[:, None, None] if isinstance(n_invalid, Tensor) else n_invalid)  # (B, 1, T)/(T,)
+            n, s = code_statistics(codes[:, :, :T], leaving, valid, n_code, mean.dtype)
+            count, mean = merge_cache(count, mean, n, s)
     return LayerState(keys[:, :, T:], values[:, :, T:], codes[:, :, T:], count, mean)
 
 

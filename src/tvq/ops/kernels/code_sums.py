@@ -11,6 +11,11 @@ atomics, no float32 copy. The S tiles of a row are the grid's fastest axis, so t
 tiles from L2 (S / BS re-reads otherwise). The counts come from the same one-hot (the D_v tile 0 programs).
 
 Gradient (only the sums have one): a valid key r gets g_sums[code[r]] (a gather, in PyTorch), an empty one zero.
+
+:func:`cache_fold_kernel` is the same kernel folding the sums into a carried cache as it writes them (the state's
+advance, :func:`tvq.ops.cache.advance_state`): per code the new count c + n and mean m + (sum - n m) / max(c + n, 1)
+(:func:`tvq.ops.cache.merge_cache`'s formula), with the empty slots given as each row's first valid key, so no
+mask, no sums and none of the merge's six elementwise kernels go through HBM.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from tvq.ops.kernels.common import dot_options, tile
 
 
 @triton.jit
-def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, N, S, D, stride_vp, stride_vn,
-                 HAS_VALID: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One (BS, BD) tile of row p's sums (and, for D tile 0, its BS counts) over the row's N keys."""
+def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_ptr, count0_ptr, mean0_ptr, first_int,
+                 N, S, D, stride_cp, stride_vp, stride_vn, HAS_VALID: tl.constexpr, FIRST: tl.constexpr, FOLD: tl.constexpr,
+                 BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BS, BD) tile of row p's sums (and, for D tile 0, its BS counts) over the row's N keys; FIRST: keys
+    before first[p] (else first_int) skipped; FOLD: the counts and means of the cache (count0, mean0) with the sums folded in are
+    written instead."""
     pid = tl.program_id(0).to(tl.int64)
     n_s, n_d = tl.cdiv(S, BS), tl.cdiv(D, BD)
     ts, td, p = pid % n_s, (pid // n_s) % n_d, pid // (n_s * n_d)
@@ -39,12 +46,13 @@ def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, N, S, D
     s_ok, d_ok = s < S, d < D
     acc = tl.zeros((BS, BD), dtype=tl.float32)
     cnt = tl.zeros((BS,), dtype=tl.float32)
+    first = tl.load(first_ptr + p) if FIRST else first_int
     for r0 in range(0, N, BL):
         r = r0 + tl.arange(0, BL)  # (BL,)
-        keep = r < N
+        keep = (r < N) & (r >= first)
         if HAS_VALID:
             keep = keep & (tl.load(valid_ptr + p * N + r, mask=keep, other=0) != 0)
-        code = tl.load(codes_ptr + p * N + r, mask=keep, other=-1)  # (BL,), -1: no code
+        code = tl.load(codes_ptr + p * stride_cp + r, mask=keep, other=-1)  # (BL,), -1: no code
         v = tl.load(values_ptr + p * stride_vp + r[:, None] * stride_vn + d[None, :],
                     mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BL, BD)
         if UPCAST:
@@ -52,7 +60,14 @@ def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, N, S, D
         hit = code[None, :] == s[:, None]  # (BS, BL)
         acc = tl.dot(tl.where(hit, 1.0, 0.0).to(v.dtype), v, acc, input_precision=PRECISION)
         cnt += tl.sum(tl.where(hit, 1.0, 0.0), 1)
-    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=s_ok[:, None] & d_ok[None, :])
+    ok = s_ok[:, None] & d_ok[None, :]
+    if FOLD:  # merge_cache: count c + n, mean m + (sum - n m) / max(c + n, 1)
+        c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
+        m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
+        new = c0 + cnt
+        acc = m0 + (acc - cnt[:, None] * m0) / tl.maximum(new, 1.0)[:, None]
+        cnt = new
+    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=ok)
     if td == 0:
         tl.store(counts_ptr + p * S + s, cnt, mask=s_ok)
 
@@ -69,12 +84,23 @@ def code_sums(codes: Tensor, values: Tensor, valid: Tensor | None, n_code: int) 
     sums = values.new_empty(P, n_code, D, dtype=torch.float32)
     if not sums.numel() or not N:
         return counts.zero_(), sums.zero_()
-    BS, BD, BL = tile(n_code, 64), tile(D, 64), tile(N, 32)
-    grid = (triton.cdiv(n_code, BS) * triton.cdiv(D, BD) * P,)
-    _sums_kernel[grid](codes.contiguous(), valid.contiguous() if valid is not None else codes, values, counts, sums,
-                       N, n_code, D, values.stride(0), values.stride(1), HAS_VALID=valid is not None,
-                       BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
+    codes = codes.contiguous()
+    _launch(codes, values, counts, sums, valid=valid.contiguous() if valid is not None else None)
     return counts, sums
+
+
+def _launch(codes: Tensor, values: Tensor, counts: Tensor, sums: Tensor, valid: Tensor | None = None,
+            first: Tensor | None = None, first_int: int = 0, cache: tuple[Tensor, Tensor] | None = None) -> None:
+    """Run the kernel over codes (P, N) (rows strided, last dim dense) and values (P, N, D) (last dim dense)."""
+    (P, N), S, D = codes.shape, counts.shape[1], values.shape[-1]
+    BS, BD, BL = tile(S, 64), tile(D, 64), tile(N, 32)
+    grid = (triton.cdiv(S, BS) * triton.cdiv(D, BD) * P,)
+    dummy = codes  # pointers never read
+    count0, mean0 = cache if cache is not None else (dummy, dummy)
+    _sums_kernel[grid](codes, dummy if valid is None else valid, values, counts, sums,
+                       dummy if first is None else first, count0, mean0, first_int, N, S, D, codes.stride(0), values.stride(0),
+                       values.stride(1), HAS_VALID=valid is not None, FIRST=first is not None, FOLD=cache is not None,
+                       BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
 
 
 @code_sums.register_fake
@@ -122,3 +148,84 @@ def code_sums_kernel(codes: Tensor, values: Tensor, valid: Tensor | None, n_code
     mask = None if valid is None else valid.expand(codes.shape).reshape(P, N)
     counts, sums = _CodeSums.apply(codes.reshape(P, N), values.reshape(P, N, values.shape[-1]), mask, n_code)
     return counts.view(*lead, n_code), sums.view(*lead, n_code, values.shape[-1])
+
+
+@torch.library.custom_op("tvq_kernels::cache_fold", mutates_args=())
+def cache_fold(codes: Tensor, values: Tensor, first: Tensor | None, first_int: int, count: Tensor,
+               mean: Tensor) -> tuple[Tensor, Tensor]:
+    """(count', mean') (P, S), (P, S, D) float32: the cache (count (P, S), mean (P, S, D) float32) with the keys of
+    codes (P, N) and values (P, N, D) folded in, keys before first[p] (P,) int32 (``first_int`` where first is
+    None) skipped (rows may be strided, the last dims dense)."""
+    P, N = codes.shape
+    new_count, new_mean = torch.empty_like(count), torch.empty_like(mean)
+    if not new_mean.numel():
+        return new_count.copy_(count), new_mean
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    _launch(codes, values, new_count, new_mean, first=None if first is None else first.contiguous(),
+            first_int=first_int, cache=(count.contiguous(), mean.contiguous()))
+    return new_count, new_mean
+
+
+@cache_fold.register_fake
+def _(codes, values, first, first_int, count, mean):
+    return torch.empty_like(count), torch.empty_like(mean)
+
+
+@register_flops("tvq_kernels::cache_fold")
+def _(codes, values, first, first_int, count, mean):
+    """The one-hot products: (S, N) @ (N, D) per row, in the values' dtype."""
+    return str(values.dtype).removeprefix("torch."), 2 * codes.numel() * count.shape[1] * values.shape[-1]
+
+
+class _CacheFold(torch.autograd.Function):
+    """(count', mean') by the kernel. Gradients (PyTorch; a carried state's gradient is rare): g_sum = g_mean' /
+    max(count', 1) reaches each valid key's value at its code, and the old mean gets g_mean' (1 - n / max(count', 1)),
+    n = count' - count the keys folded in."""
+
+    @staticmethod
+    def forward(ctx, codes, values, first, first_int, count, mean):
+        new_count, new_mean = cache_fold(codes, values, first, first_int, count, mean)
+        ctx.mark_non_differentiable(new_count)
+        ctx.save_for_backward(codes, first, count, new_count)
+        ctx.first_int = first_int
+        ctx.values_dtype = values.dtype
+        return new_count, new_mean
+
+    @staticmethod
+    def backward(ctx, _, g_mean):
+        codes, first, count, new_count = ctx.saved_tensors
+        if g_mean is None:
+            return None, None, None, None, None, None
+        denom = new_count.clamp_min(1.0)[..., None]  # (P, S, 1)
+        g_values = None
+        if ctx.needs_input_grad[1]:
+            g_sum = g_mean / denom  # (P, S, D)
+            g_values = g_sum.gather(1, codes[..., None].expand(*codes.shape, g_sum.shape[-1]))  # (P, N, D)
+            slot = torch.arange(codes.shape[1], device=codes.device)
+            valid = slot >= (ctx.first_int if first is None else first[:, None])  # (P, N) or (N,)
+            g_values = torch.where(valid[..., None], g_values, 0.0).to(ctx.values_dtype)
+        g_mean0 = g_mean * (1 - (new_count - count)[..., None] / denom) if ctx.needs_input_grad[5] else None
+        return None, g_values, None, None, None, g_mean0
+
+
+def cache_fold_kernel(codes: Tensor, values: Tensor, n_invalid: int | Tensor, count: Tensor,
+                      mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The cache (count (B, H, S), mean (B, H, S, D) float32) with the keys leaving the window folded in: codes
+    (B, H, N), values (B, H, N, D), the first ``n_invalid`` (an int or one per row (B,)) empty slots. The kernel
+    twin of :func:`tvq.ops.cache.code_statistics` then :func:`tvq.ops.cache.merge_cache` (float32); gradients
+    reach the values and the old mean."""
+    B, H, N = codes.shape
+    S, D = count.shape[-1], values.shape[-1]
+    if values.shape[:3] != (B, H, N) or count.shape != (B, H, S) or mean.shape != (B, H, S, D):
+        raise ValueError(f"cache_fold_kernel: codes (B, H, N), values (B, H, N, D), count (B, H, S) and mean "
+                         f"(B, H, S, D) expected, got {tuple(codes.shape)}, {tuple(values.shape)}, "
+                         f"{tuple(count.shape)} and {tuple(mean.shape)}")
+    first = n_invalid.to(device=codes.device, dtype=torch.int32)[:, None].expand(B, H).reshape(B * H) \
+        if isinstance(n_invalid, Tensor) else None
+    new_count, new_mean = _CacheFold.apply(codes.flatten(0, 1), values.flatten(0, 1), first,
+                                           0 if first is not None else int(n_invalid), count.reshape(B * H, S),
+                                           mean.reshape(B * H, S, D))
+    return new_count.view(B, H, S), new_mean.view(B, H, S, D)
