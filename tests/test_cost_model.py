@@ -59,8 +59,10 @@ def without_timing(r: dict) -> dict:
 def test_result_has_every_field(results):
     r = results["train1"]
     for key in ("meta", "summary", "phases", "per_sublayer", "syncs", "ops_by_count", "ops_by_bytes", "gemms",
-                "sublayer_ops_by_count", "views", "allocations"):
+                "sublayer_ops_by_count", "kernels_by_site", "views", "allocations"):
         assert key in r, key
+    phase, op, site, n = r["kernels_by_site"][0]  # the site that runs most kernels
+    assert phase in r["phases"] and op.startswith(("aten.", "tvq")) and site and n >= 1
     for key in ("kernels", "kernels_per_step", "gemm_flops", "gemm_flops_total", "fp32_share", "operand_bytes",
                 "operand_bytes_per_token", "traffic_bytes_per_token", "syncs", "syncs_per_step",
                 "saved_for_backward_bytes", "saved_for_backward_bytes_per_token", "tokens"):
@@ -196,7 +198,8 @@ def test_the_triton_kernels_count_as_one_kernel_each(results):
     assert kern["meta"]["kernels"] is True
     ops = {name: n for name, n, _ in kern["ops_by_count"]}  # rows: op, count, bytes
     for op in ("tvq_kernels.window_scores", "tvq_kernels.window_scores_backward", "tvq_kernels.cache_scan",
-               "tvq_kernels.cache_scan_backward"):
+               "tvq_kernels.cache_scan_backward", "tvq_kernels.block_counts", "tvq_kernels.vq_quantize",
+               "tvq_kernels.vq_quantize_backward", "tvq_kernels.cache_fold"):
         assert ops.get(op, 0) >= 1, op
     assert "tvq.cache_read run op by op" not in kern["meta"]["special_cases"]
     a, b = kern["per_sublayer"]["total"], torch_["per_sublayer"]["total"]
