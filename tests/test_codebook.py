@@ -1,9 +1,11 @@
 """Vector quantization: assignment, straight-through gradient, EMA update, distributed statistics."""
 
+import copy
+
 import pytest
 import torch
 
-from tvq.layers.vq import VectorQuantizer
+from tvq.layers.vq import VectorQuantizer, apply_updates
 from conftest import make_model
 
 
@@ -52,6 +54,27 @@ def test_ema_update_closed_form():
     assert vq.pending_stats().abs().sum() == 0  # cleared
     assert 0 < metrics["usage"] <= 1 and 0 <= metrics["entropy"] <= 1 and metrics["rel_err"] > 0
     assert metrics["tokens"] == 80
+
+
+@pytest.mark.parametrize("revive", [0.0, 0.5])
+def test_batched_update_equals_one_quantizer_at_a_time(revive):
+    """apply_updates (a model's update: multi-tensor ops over all its quantizers) gives every quantizer exactly
+    its own apply_update's buffers, and the mean of their metrics: other decays and shapes, revival included."""
+    torch.manual_seed(0)
+    vqs = [VectorQuantizer(3, 16, 4, 0.9, revive=revive), VectorQuantizer(3, 16, 4, 0.99, revive=revive),
+           VectorQuantizer(2, 8, 6, 0.9, revive=revive)]
+    for vq in vqs:
+        vq.double().train()(torch.randn(2, vq.n_head, 30, vq.d_k, dtype=torch.float64))
+    twins = copy.deepcopy(vqs)
+    want = [vq.apply_update() for vq in twins]
+    got = apply_updates(vqs, [vq.pending_stats().clone() for vq in vqs])
+    for vq, twin in zip(vqs, twins):
+        assert torch.equal(vq.c_sum, twin.c_sum) and torch.equal(vq.c_count, twin.c_count)
+        assert vq.pending_stats().abs().sum() == 0
+    names = {"usage", "dead", "entropy", "rel_err", "tokens"} | ({"revived"} if revive else set())
+    assert set(got) == set(want[0]) == names
+    for name in got:
+        assert got[name] == pytest.approx(sum(m[name] for m in want) / len(want), rel=1e-12)
 
 
 def test_no_statistics_in_eval_mode(ids):

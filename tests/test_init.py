@@ -33,6 +33,12 @@ def test_sinusoids_are_exact_in_the_model_dtype():
     assert not torch.equal(want.float().double(), want)  # (so the check above can fail)
     model.float()
     assert torch.equal(gau.sin(), want.float())
+    scaled = want * model.config.d_k**-0.25  # the scale folded in once, from float64
+    half = gau.sin.scaled(torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, scaled.float().half())  # cast from the model's dtype
+    assert gau.sin.scaled(torch.float16) is half
+    model.double()  # a cast drops the kept table
+    assert gau.sin.scaled(torch.float16) is not half and torch.equal(gau.sin.scaled(torch.float64), scaled)
     assert not any("sin" in name for name in model.state_dict())  # not saved: rebuilt, never loaded
 
 

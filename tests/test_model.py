@@ -41,6 +41,23 @@ def test_state_shapes_and_detach(ids):
     assert not any(t.requires_grad for lay in detached.layers for t in lay._tensors() if t is not None)
 
 
+@pytest.mark.parametrize("attention", ["vq", "full"])
+def test_initial_state_is_zeros_in_disjoint_views(attention):
+    """The model's empty state (one zero fill per dtype) has each sublayer's own shapes and dtypes, and writing
+    one tensor in place (as the decoder does) leaves every other as it was."""
+    model = make_model(attention=attention)
+    state = model.initial_state(3)
+    tensors = [t for layer in state.layers for t in layer._tensors() if t is not None]
+    for layer, attn in zip(state.layers, model.attns):
+        own = attn.initial_state(3, model.compute_dtype(), "cpu")
+        for got, want in zip(layer._tensors(), own._tensors()):
+            assert (got is None and want is None) or (got.dtype == want.dtype and torch.equal(got, want))
+    for t in tensors:
+        t.fill_(1)
+        assert sum(int(u.count_nonzero()) for u in tensors) == t.numel()
+        t.zero_()
+
+
 def test_state_dict_loads_across_block_len(ids):
     a = make_model(block_len=4).eval()
     b = TransformerVQ(a.config.replace(block_len=32)).double().eval()

@@ -45,6 +45,28 @@ class LayerState:
         return (self.keys, self.values, self.codes, self.cache_count, self.cache_mean)
 
 
+def zero_states(layers: list[LayerState], device: torch.device | str) -> list[LayerState]:
+    """Zero-filled states of the shapes and dtypes of ``layers`` (built on any device, e.g. "meta") on ``device``:
+    views of one buffer per dtype, so one fill per dtype rather than one per tensor (five per sublayer; on a GPU
+    a launch each). The views are disjoint: writing one layer's state in place leaves the others as they are."""
+    sizes: dict[torch.dtype, int] = {}
+    for layer in layers:
+        for t in layer._tensors():
+            if t is not None:
+                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    bufs = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}  # (numel,) per dtype
+    used = dict.fromkeys(bufs, 0)
+
+    def carve(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        start = used[t.dtype]
+        used[t.dtype] = start + t.numel()
+        return bufs[t.dtype][start: start + t.numel()].view(t.shape)
+
+    return [LayerState(*(carve(t) for t in layer._tensors())) for layer in layers]
+
+
 @dataclass
 class TransformerVQState:
     """The whole model's state: one :class:`LayerState` per attention sublayer and the number of tokens seen.

@@ -45,7 +45,8 @@ Special cases (none edits library code; all live in this module):
   mode undecomposed there and are decomposed as a device would). The fused Triton kernels of
   :mod:`tvq.ops.kernels` (custom ops ``tvq_kernels::*``, chosen for CUDA tensors when Triton is installed, as on
   a GPU; ``kernels=False`` or ``--no-kernels`` measures the PyTorch path) count as one kernel each: operand bytes are their inputs and
-  outputs, GEMM FLOPs those their op registered (:func:`tvq.ops.kernels.register_flops`).
+  outputs, GEMM FLOPs those their op registered (:func:`tvq.ops.kernels.register_flops`); an op that launches
+  several kernels or moves a scratch buffer of its own registers both (:func:`tvq.ops.kernels.register_launches`).
 - Reading a device scalar (``item``/``int``/``bool``/``float``, ``_local_scalar_dense``) returns 0 (``False``,
   ``0.0``) after counting a sync; ``tolist`` counts one sync (``FakeTensor.tolist`` would read element by
   element: it is replaced during the measurement) and returns zeros; a boolean-mask index, ``nonzero`` and
@@ -119,7 +120,7 @@ ALLOCATIONS = frozenset({
 # dtype and device only; ``zero_`` and ``fill_`` overwrite theirs)
 FILLS = frozenset({
     "aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like", "aten.ones_like", "aten.full_like",
-    "aten.zero_", "aten.fill_",
+    "aten.zero_", "aten.fill_", "aten._foreach_zero_",
 })
 # GEMMs: (index of the left operand, index of the right operand) among the op's arguments
 GEMMS = {
@@ -396,6 +397,37 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes in place (its schema's ``(a!)`` arguments): the outputs of one that returns
+    nothing (``torch._foreach_mul_`` and the other in-place multi-tensor ops)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            out += _tensors(args[i] if i < len(args) else kwargs.get(arg.name))
+    return out
+
+
+# CUDA's multi-tensor apply (ATen/native/cuda/MultiTensorApply.cuh): one launch takes at most this many tensors
+# per list (by the number of lists the op reads or writes; fewer with a list of scalars) and 320 chunks of 65,536
+# elements
+_MTA_MAX_TENSORS = (110, 64, 48, 36, 30)
+_MTA_MAX_TENSORS_SCALARLIST = (96, 64, 48, 36, 30)
+_MTA_MAX_CHUNKS, _MTA_CHUNK = 320, 65536
+
+
+def _foreach_launches(args) -> int:
+    """Kernel launches of a ``torch._foreach_*`` op on CUDA: its lists packed into launches by the limits above
+    (a lower bound: the packing is greedy and per list)."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not lists:
+        return 1
+    depth = min(len(lists), len(_MTA_MAX_TENSORS))
+    scalars = any(isinstance(a, (list, tuple)) and a and not isinstance(a[0], torch.Tensor) for a in args)
+    max_tensors = (_MTA_MAX_TENSORS_SCALARLIST if scalars else _MTA_MAX_TENSORS)[depth - 1]
+    chunks = sum(-(-t.numel() // _MTA_CHUNK) for t in lists[0])
+    return max(1, -(-len(lists[0]) // max_tensors), -(-chunks // _MTA_MAX_CHUNKS))
+
+
 def _placeholder(dtype: torch.dtype):
     if dtype == torch.bool:
         return False
@@ -494,16 +526,17 @@ def _make_recorder():
                 s.syncs += 1
             self.sync_sites[(self.phase, kind, _site())] += 1
 
-        def kernel(self, name: str, inputs: list, outputs: list, flops: tuple | None = None, args=None) -> None:
-            nbytes = sum(_unique_bytes(t) for t in inputs) + sum(_unique_bytes(t) for t in outputs)
-            traffic = nbytes if args is None else _traffic(name, args, inputs, outputs)
+        def kernel(self, name: str, inputs: list, outputs: list, flops: tuple | None = None, args=None,
+                   launches: int = 1, scratch: int = 0) -> None:
+            nbytes = sum(_unique_bytes(t) for t in inputs) + sum(_unique_bytes(t) for t in outputs) + scratch
+            traffic = (nbytes if args is None else _traffic(name, args, inputs, outputs)) + scratch
             site = _site()
             self.byte_sites[(self.phase, name, site)] += nbytes
-            self.count_sites[(self.phase, name, site)] += 1
+            self.count_sites[(self.phase, name, site)] += launches
             part = "attention" if any(m in site for m in ATTENTION_MODULES) and not any(
                 m in site for m in REST_MODULES) else "rest"
             for s in [*self._stats(), self.parts.setdefault((self.phase, part), _Stats())]:
-                s.kernels += 1
+                s.kernels += launches
                 s.bytes += nbytes
                 s.traffic += traffic
                 s.ops[name] += 1
@@ -551,17 +584,19 @@ def _make_recorder():
             if name in ALLOCATIONS:
                 self.allocations[(self.phase, name)] += 1
                 return out
-            outputs = _tensors(out)
+            outputs = _tensors(out) or _written(func, args, kwargs)  # an in-place op may return nothing
             if not outputs:
                 self.non_kernels[name] += 1
                 return out
             inputs = [] if name in FILLS else _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
-            flops = None
+            flops, launches, scratch = None, 1, 0
             if kernel_op:
-                from tvq.ops.kernels import KERNEL_FLOPS
+                from tvq.ops.kernels import KERNEL_FLOPS, KERNEL_LAUNCHES
 
                 count = KERNEL_FLOPS.get(func._schema.name)
                 flops = count(*args, **kwargs) if count is not None else None
+                if func._schema.name in KERNEL_LAUNCHES:
+                    launches, scratch = KERNEL_LAUNCHES[func._schema.name](*args, **kwargs)
             elif name in GEMMS:
                 i, j = GEMMS[name]
                 a, b = args[i], args[j]
@@ -570,7 +605,9 @@ def _make_recorder():
                 self.gemms[(self.phase, name, tuple(a.shape), tuple(b.shape), dtype)] += 1
             if name == "aten.cumsum" and (outputs[0].is_floating_point() or outputs[0].is_complex()):
                 self.special[NONDETERMINISTIC_CUMSUM] += 1
-            self.kernel(name, inputs, outputs, flops, args)
+            if name.startswith("aten._foreach_"):
+                launches = _foreach_launches(args)
+            self.kernel(name, inputs, outputs, flops, args, launches, scratch)
             return out
 
         def _data_dependent(self, func, name, args, kwargs):

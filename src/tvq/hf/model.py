@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tvq.hf.cache import TransformerVQCache
 from tvq.hf.config import TransformerVQHFConfig
-from tvq.layers.position import SinusoidTable, sinusoids
+from tvq.layers.position import SinusoidTable
 from tvq.models.transformer_vq import IGNORE_INDEX, LEGACY_KEY_RENAMES, TransformerVQ
 
 
@@ -91,8 +91,7 @@ class TransformerVQForCausalLM(PreTrainedModel, GenerationMixin):
         sinusoid tables, buffers that are computed and never saved, are recomputed here, as
         ``from_pretrained`` builds the model on the meta device and leaves them uninitialised."""
         if isinstance(module, SinusoidTable):
-            with torch.no_grad():
-                module.table.copy_(sinusoids(module.n_pos, module.width, module.base, dtype=torch.float64))
+            module.reset_table()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

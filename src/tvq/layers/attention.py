@@ -94,7 +94,8 @@ class Attention(HostFlags):
             self._set_host("warmup_steps", 0)
             self._warming = True
         self.drop_sin = nn.Dropout(config.dropout_sin)
-        self.sin = SinusoidTable(config.mem_len + 1, config.d_model, config.rel_pos_base)  # (M + 1, D), in the model's dtype
+        # (M + 1, D) in the model's dtype; scaled() by D_k^-1/4 as q and k are (position_terms)
+        self.sin = SinusoidTable(config.mem_len + 1, config.d_model, config.rel_pos_base, config.d_k**-0.25)
 
     def reset_parameters(self) -> None:
         """Paper initialisation: fan-in scaled normal kernels; zero u, v and norm bias."""
@@ -128,13 +129,14 @@ class Attention(HostFlags):
 
     def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
-        per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k (sinusoid dropout in training)."""
+        per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k (sinusoid dropout in training), in
+        ``dtype`` (the compute dtype: q + u then stays in it, with no cast of the (B, H, T, D_k) sums)."""
         cfg = self.config
         Hkv, Dk, M = cfg.n_kv_head, cfg.d_k, cfg.mem_len
-        scale = Dk**-0.25
-        rel = self.w_r(self.drop_sin(self.sin().to(dtype)))  # (M + 1, H_kv D_k)
-        rel = rel.view(M + 1, Hkv, Dk).transpose(0, 1) * scale  # (H_kv, M + 1, D_k)
-        return rel, self.xl_u * scale, self.xl_v * scale
+        rel = self.w_r(self.drop_sin(self.sin.scaled(dtype)))  # (M + 1, H_kv D_k), the scale in the table
+        rel = rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
+        u, v = (torch.stack([self.xl_u, self.xl_v]) * Dk**-0.25).to(dtype)  # (H_q, D_k) each
+        return rel, u, v
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
         """The empty state, one key/value head per codebook (see :class:`tvq.state.LayerState`)."""

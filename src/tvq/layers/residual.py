@@ -14,7 +14,7 @@ def layer_drop(res: Tensor, p: float, training: bool) -> Tensor:
     1 / (1 - p), in training; unchanged otherwise."""
     if not training or p == 0:
         return res
-    keep = torch.rand(res.shape[0], 1, 1, device=res.device) >= p  # (B, 1, 1)
+    keep = torch.empty(res.shape[0], 1, 1, device=res.device).bernoulli_(1 - p)  # (B, 1, 1) float32 0 or 1
     return res * keep.to(res.dtype) / (1 - p)
 
 

@@ -216,22 +216,13 @@ class VectorQuantizer(HostFlags):
         each update (``metrics["revived"]``: the fraction of codes).
         """
         stats = (self.pending_stats() if stats is None else stats).clone()  # the accumulator is cleared next
+        return apply_updates([self], [stats], all_reduce)
+
+    def _split_stats(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Views of a flat statistics vector: k_sum (H, S, D_k), count (H, S), and tokens, err, norm (0-dim)."""
         H, S, K = self.n_head, self.n_code, self.d_k
-        k_sum = stats[: H * S * K].view(H, S, K)
-        count = stats[H * S * K: H * S * (K + 1)].view(H, S)
         tokens, err, norm = stats[H * S * (K + 1):].unbind()
-        self._stats.zero_()
-        if self._kmeans_pending:
-            self._kmeans_init(all_reduce)
-            return self._metrics(count, tokens, err, norm)
-        self.c_sum.mul_(self.decay).add_(k_sum, alpha=1 - self.decay)
-        self.c_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
-        metrics = self._metrics(count, tokens, err, norm)
-        if self.revive > 0:
-            revived = self._revive(k_sum, count, err / (tokens * H).clamp_min(1.0))
-            metrics = CodebookMetrics(metrics.names + ("revived",),
-                                      lambda m=metrics: torch.cat([m.values(), revived[None]]))
-        return metrics
+        return stats[: H * S * K].view(H, S, K), stats[H * S * K: H * S * (K + 1)].view(H, S), tokens, err, norm
 
     # ------------------------------------------------------------ codebook tools (not in the paper)
     def _offsets(self, seed: int, shape, scale: Tensor) -> Tensor:
@@ -339,10 +330,10 @@ class VectorQuantizer(HostFlags):
         sq = (second - sums.square().sum(-1) / counts.clamp_min(1.0)).clamp_min(0.0)  # sum ||k - mean||^2
         return sums, counts, sq
 
-    def _metrics(self, count: Tensor, tokens: Tensor, err: Tensor, norm: Tensor) -> CodebookMetrics:
+    def _metrics(self, count: Tensor, tokens: Tensor, err: Tensor, norm: Tensor, dead: Tensor) -> CodebookMetrics:
         """Health of the statistics just applied (count (H, S), tokens, err, norm 0-dim: views of a copy
-        of them) and of the EMA counts now (copied: later updates change them)."""
-        dead = (self.c_count < 1.0).to(count.dtype).mean()  # fraction with EMA count < 1
+        of them) and of the EMA counts now (``dead``: the fraction with EMA count < 1, computed now: later updates
+        change the counts)."""
         S = self.n_code
 
         def compute() -> Tensor:
@@ -356,3 +347,46 @@ class VectorQuantizer(HostFlags):
                 tokens,
             ])
         return CodebookMetrics(("usage", "dead", "entropy", "rel_err", "tokens"), compute)
+
+
+def _dead_fractions(quantizers: list[VectorQuantizer]) -> list[Tensor]:
+    """Each quantizer's fraction of codes with EMA count < 1 (0-dim), in one pass when all have one shape."""
+    counts = [q.c_count for q in quantizers]
+    if len({c.shape for c in counts}) == 1:
+        return list((torch.stack(counts) < 1.0).to(counts[0].dtype).mean((1, 2)).unbind())  # (n,) -> n x ()
+    return [(c < 1.0).to(c.dtype).mean() for c in counts]
+
+
+@torch.no_grad()
+def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
+                  all_reduce: Callable[[Tensor], object] | None = None) -> CodebookMetrics:
+    """:meth:`VectorQuantizer.apply_update` of several quantizers (a model's sublayers) with their flat ``stats``
+    (copies, not the accumulators, which are cleared here); returns the mean of their metrics.
+
+    The EMA steps of all of them run as multi-tensor ops (``torch._foreach_*``: on a GPU one launch per op for every
+    sublayer together, where one op per buffer costs about nine launches per sublayer), with the same arithmetic
+    as one quantizer's: c <- c * decay, then c += (1 - decay) * stats."""
+    torch._foreach_zero_([q._stats for q in quantizers])
+    parts = [q._split_stats(st) for q, st in zip(quantizers, stats)]
+    ema = [i for i, q in enumerate(quantizers) if not q._kmeans_pending]
+    for i in (i for i in range(len(quantizers)) if i not in ema):  # k-means replaces the first update
+        quantizers[i]._kmeans_init(all_reduce)
+    by_decay: dict[float, list[int]] = {}
+    for i in ema:
+        by_decay.setdefault(quantizers[i].decay, []).append(i)
+    for decay, idx in by_decay.items():
+        bufs = [quantizers[i].c_sum for i in idx] + [quantizers[i].c_count for i in idx]
+        new = [parts[i][0] for i in idx] + [parts[i][1] for i in idx]
+        torch._foreach_mul_(bufs, decay)
+        torch._foreach_add_(bufs, new, alpha=1 - decay)
+    dead = _dead_fractions(quantizers)
+    metrics = []
+    for i, q in enumerate(quantizers):
+        k_sum, count, tokens, err, norm = parts[i]
+        m = q._metrics(count, tokens, err, norm, dead[i])
+        if i in ema and q.revive > 0:
+            revived = q._revive(k_sum, count, err / (tokens * q.n_head).clamp_min(1.0))
+            m = CodebookMetrics(m.names + ("revived",), lambda m=m, r=revived: torch.cat([m.values(), r[None]]))
+        metrics.append(m)
+    return metrics[0] if len(metrics) == 1 else CodebookMetrics.mean(metrics)
+

@@ -17,9 +17,9 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
-from tvq.layers.vq import CodebookMetrics, recomputing
+from tvq.layers.vq import apply_updates, recomputing
 from tvq.sampling import sample_next
-from tvq.state import TransformerVQState
+from tvq.state import TransformerVQState, zero_states
 
 IGNORE_INDEX = -100
 
@@ -116,9 +116,10 @@ class TransformerVQ(nn.Module):
     # ------------------------------------------------------------------ state
     def initial_state(self, batch_size: int) -> TransformerVQState:
         """The empty state: nothing seen yet. Keys and values in the compute dtype (the autocast dtype where
-        autocast is on, else the parameters'), the cache in float32 or wider."""
-        p = self.embed.weight
-        return TransformerVQState([a.initial_state(batch_size, self.compute_dtype(), p.device) for a in self.attns], 0)
+        autocast is on, else the parameters'), the cache in float32 or wider; one zero fill per dtype for all the
+        sublayers (:func:`tvq.state.zero_states`)."""
+        shapes = [a.initial_state(batch_size, self.compute_dtype(), "meta") for a in self.attns]
+        return TransformerVQState(zero_states(shapes, self.embed.weight.device), 0)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype products run in here and now: autocast's where it is on for the model's device, else the
@@ -333,8 +334,7 @@ class TransformerVQ(nn.Module):
         flat = self.codebook_stats()
         if all_reduce is not None:
             all_reduce(flat)
-        return CodebookMetrics.mean([q.apply_update(stats, all_reduce)
-                                     for q, stats in zip(quantizers, flat.split([q.stats_numel for q in quantizers]))])
+        return apply_updates(quantizers, list(flat.split([q.stats_numel for q in quantizers])), all_reduce)
 
     # -------------------------------------------------------------- generation
     def decoder(self, state: TransformerVQState, compile: bool = False, cuda_graph: bool = False,

@@ -95,8 +95,10 @@ def run_case(model: TransformerVQ, overrides: dict) -> dict[str, torch.Tensor]:
         rec[f"grad/{i:03d}"] = p.grad
     rec["codebook_stats"] = model.codebook_stats()
     model.update_codebooks()
-    # the buffers, but the statistics accumulator (a buffer since issue 24: it is recorded above)
-    for i, b in enumerate(b for name, b in model.named_buffers() if not name.endswith("quantizer._stats")):
+    # the buffers, but the statistics accumulator (a buffer since issue 24: it is recorded above) and the scaled
+    # sinusoid table (a buffer since issue 25, derived from the table)
+    for i, b in enumerate(b for name, b in model.named_buffers()
+                          if not name.endswith(("quantizer._stats", "sin.scaled_table"))):
         rec[f"buffer/{i:03d}"] = b
     for i, layer in enumerate(out2.state.layers):
         for name in ("keys", "values", "codes", "cache_count", "cache_mean"):

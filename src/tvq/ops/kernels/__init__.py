@@ -28,10 +28,24 @@ _forced: bool | None = None
 KERNEL_FLOPS: dict[str, Callable[..., tuple[str, int]]] = {}
 
 
+# custom op name -> (launches, scratch bytes) for given arguments, for an op that launches more than one kernel or
+# moves a scratch buffer of its own through HBM (written and read inside the op); absent: one launch, no scratch
+KERNEL_LAUNCHES: dict[str, Callable[..., tuple[int, int]]] = {}
+
+
 def register_flops(op_name: str):
     """Decorator: ``fn(*args, **kwargs) -> (dtype name, FLOPs)`` of the kernel op ``op_name``, for the cost model."""
     def register(fn):
         KERNEL_FLOPS[op_name] = fn
+        return fn
+    return register
+
+
+def register_launches(op_name: str):
+    """Decorator: ``fn(*args, **kwargs) -> (launches, scratch bytes)`` of the kernel op ``op_name``, for the cost
+    model (scratch: bytes of the op's own temporaries written and read back, beyond its inputs and outputs)."""
+    def register(fn):
+        KERNEL_LAUNCHES[op_name] = fn
         return fn
     return register
 

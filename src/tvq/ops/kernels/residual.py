@@ -191,13 +191,12 @@ def draw_seed() -> int:
 
 
 def layer_drop_scale(n: int, p: float, device: torch.device | str | None = None) -> Tensor | None:
-    """LayerDrop's row_scale for :func:`residual_dropout`: (n,) float32 keep_b / (1 - p), keep_b = rand >= p, drawn
-    on ``device`` as :func:`tvq.layers.residual.layer_drop` draws it (the same random numbers for the same
-    generator state); None when p == 0. For training only (the caller checks)."""
+    """LayerDrop's row_scale for :func:`residual_dropout`: (n,) float32 keep_b / (1 - p), keep_b ~ Bernoulli(1 - p),
+    drawn on ``device`` as :func:`tvq.layers.residual.layer_drop` draws it (the same rows for the same generator
+    state); None when p == 0. For training only (the caller checks)."""
     if p == 0:
         return None
-    keep = torch.rand(n, device=device) >= p
-    return keep.float() / (1 - p)
+    return torch.empty(n, device=device).bernoulli_(1 - p).div_(1 - p)  # two kernels: the draw, the scale
 
 
 def residual_dropout(x: Tensor, res: Tensor, p: float = 0.0, row_scale: Tensor | None = None,
