@@ -238,15 +238,19 @@ def test_compiles_in_one_graph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_flops_for_the_cost_model():
-    from tvq.ops.kernels import KERNEL_FLOPS
+def test_flops_and_launches_for_the_cost_model():
+    from tvq.ops.kernels import KERNEL_FLOPS, KERNEL_LAUNCHES
 
     P, nb, L, S, Dv = 2, 3, 8, 16, 24
     codes, g_means = torch.zeros(P, nb, L, dtype=torch.long), torch.empty(P, nb, S, Dv, dtype=torch.bfloat16)
     values, start = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16), torch.empty(P, S, Dv)
     fwd = KERNEL_FLOPS["tvq_kernels::cache_scan"](codes, values, start, None, None, torch.bfloat16)
     bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, torch.bfloat16, nb * L)
-    assert fwd == ("bfloat16", 2 * P * (nb - 1) * L * S * Dv) and bwd == ("bfloat16", 2 * P * nb * L * S * Dv)
+    assert fwd == ("bfloat16", 2 * P * (nb - 1) * L * S * Dv) and bwd == ("bfloat16", 0)
+    launches = KERNEL_LAUNCHES["tvq_kernels::cache_scan_backward"]
+    assert launches(codes, g_means, None, None, torch.bfloat16, nb * L) == (2, P * nb * (S + L) * Dv * 2)
+    assert launches(codes, g_means, None, None, torch.float32, nb * L + 4)[0] == 2  # the gather zeroes the tail
+    assert "tvq_kernels::cache_scan" not in KERNEL_LAUNCHES  # one launch, no scratch
 
 
 @pytest.mark.parametrize("S", [8, 16])

@@ -116,6 +116,47 @@ def test_cache_fold_matches_statistics_then_merge(n_invalid, dtype, tol):
         kcs.cache_fold_kernel(codes, v_in, first, count.float()[..., 1:], m_in)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_walk_split_into_chunks_matches(monkeypatch, dtype, tol):
+    """Where the grid is small the keys are summed in chunks and the partials added in order: the same counts
+    (exactly) and sums as one walk, and as the float64 reference, for the statistics (with a valid mask) and the
+    cache fold (per-row empty slots), gradients included."""
+    g = torch.Generator().manual_seed(7)
+    B, H, N, S, D = 2, 1, 150, 20, 72
+    codes = torch.randint(0, S, (B, H, N), generator=g)
+    values = torch.randn(B, H, N, D, generator=g, dtype=F64)
+    valid = torch.rand(B, H, N, generator=g) > 0.2
+    count = torch.randint(0, 5, (B, H, S), generator=g).to(F64)
+    mean = torch.randn(B, H, S, D, generator=g, dtype=F64)
+    first = torch.tensor([3, 40])
+    grad = torch.randn(B, H, S, D, generator=g, dtype=F64)
+
+    def run():
+        v_in, m_in = values.to(dtype).requires_grad_(), mean.float().requires_grad_()
+        with use_kernels(True):
+            n, s_ = cache.code_statistics(codes, v_in, valid, S, torch.float32)
+            c, m = kcs.cache_fold_kernel(codes, v_in, first, count.float(), m_in)
+        gv, gm = torch.autograd.grad((s_ * grad.float()).sum() + (m * grad.float()).sum(), (v_in, m_in))
+        return n, s_, c, m, gv, gm
+
+    one = run()
+    monkeypatch.setattr(kcs, "SPLIT_BELOW_PROGRAMS", 10**9)
+    monkeypatch.setattr(kcs, "MIN_CHUNK_KEYS", 1)
+    assert kcs._chunks(B * H, N, S, D, *kcs._tiles(N, S, D))[0] == 5  # 150 keys in chunks of 32
+    assert kcs._launches(codes.flatten(0, 1), values.flatten(0, 1), S) == (2, 2 * 5 * B * H * S * (D + 1) * 4)
+    split = run()
+    assert torch.equal(split[0], one[0]) and torch.equal(split[2], one[2])  # counts exact
+    for a, b in zip(split, one):
+        close(a, b.double(), 1e-5)
+    want_n, want_s = reference(codes, values.to(dtype).to(F64), valid, S)
+    assert torch.equal(split[0].to(F64), want_n)
+    close(split[1], want_s, 1e-5)
+    keep = torch.arange(N) >= first[:, None, None]
+    want_c, want_m = cache.merge_cache(count, mean, *reference(codes, values.to(dtype).to(F64), keep, S))
+    assert torch.equal(split[2].to(F64), want_c)
+    close(split[3], want_m, tol)
+
+
 def test_model_state_with_kernels_matches():
     """A vq model's forward carries the same cache (counts and means) and output with the kernels on as off."""
     model = make_model(dtype=torch.float32)

@@ -27,29 +27,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops
+from tvq.ops.kernels import register_flops, register_launches
 from tvq.ops.kernels.common import dot_options, tile
 
 
 @triton.jit
 def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_ptr, count0_ptr, mean0_ptr, first_int,
-                 N, S, D, stride_cp, stride_vp, stride_vn, HAS_VALID: tl.constexpr, FIRST: tl.constexpr, FOLD: tl.constexpr,
-                 BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One (BS, BD) tile of row p's sums (and, for D tile 0, its BS counts) over the row's N keys; FIRST: keys
-    before first[p] (else first_int) skipped; FOLD: the counts and means of the cache (count0, mean0) with the sums folded in are
-    written instead."""
+                 N, S, D, P, chunk, stride_cp, stride_vp, stride_vn, HAS_VALID: tl.constexpr, FIRST: tl.constexpr,
+                 FOLD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One (BS, BD) tile of row p's sums (and, for D tile 0, its BS counts) over the row's keys k chunk ..
+    (k + 1) chunk - 1, k the program's chunk (the slowest grid axis; counts (K, P, S) and sums (K, P, S, D) hold
+    one slice per chunk); FIRST: keys before first[p] (else first_int) skipped; FOLD (one chunk only): the counts
+    and means of the cache (count0, mean0) with the sums folded in are written instead."""
     pid = tl.program_id(0).to(tl.int64)
     n_s, n_d = tl.cdiv(S, BS), tl.cdiv(D, BD)
-    ts, td, p = pid % n_s, (pid // n_s) % n_d, pid // (n_s * n_d)
+    ts, td, p, k = pid % n_s, (pid // n_s) % n_d, (pid // (n_s * n_d)) % P, pid // (n_s * n_d * P)
+    counts_ptr += k * P * S
+    sums_ptr += k * P * S * D
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     d = td * BD + tl.arange(0, BD)  # (BD,)
     s_ok, d_ok = s < S, d < D
     acc = tl.zeros((BS, BD), dtype=tl.float32)
     cnt = tl.zeros((BS,), dtype=tl.float32)
     first = tl.load(first_ptr + p) if FIRST else first_int
-    for r0 in range(0, N, BL):
+    end = tl.minimum(N, (k + 1) * chunk)
+    for r0 in range(k * chunk, end, BL):
         r = r0 + tl.arange(0, BL)  # (BL,)
-        keep = (r < N) & (r >= first)
+        keep = (r < end) & (r >= first)
         if HAS_VALID:
             keep = keep & (tl.load(valid_ptr + p * N + r, mask=keep, other=0) != 0)
         code = tl.load(codes_ptr + p * stride_cp + r, mask=keep, other=-1)  # (BL,), -1: no code
@@ -62,6 +67,34 @@ def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_p
         cnt += tl.sum(tl.where(hit, 1.0, 0.0), 1)
     ok = s_ok[:, None] & d_ok[None, :]
     if FOLD:  # merge_cache: count c + n, mean m + (sum - n m) / max(c + n, 1)
+        c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
+        m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
+        new = c0 + cnt
+        acc = m0 + (acc - cnt[:, None] * m0) / tl.maximum(new, 1.0)[:, None]
+        cnt = new
+    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=ok)
+    if td == 0:
+        tl.store(counts_ptr + p * S + s, cnt, mask=s_ok)
+
+
+@triton.jit
+def _reduce_kernel(part_counts_ptr, part_sums_ptr, counts_ptr, sums_ptr, count0_ptr, mean0_ptr, K, P, S, D,
+                   FOLD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """One (BS, BD) tile of row p: the K chunks' partial counts (K, P, S) and sums (K, P, S, D) added in chunk
+    order (float32, deterministic), then folded into the cache as :func:`_sums_kernel` does (FOLD)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_s, n_d = tl.cdiv(S, BS), tl.cdiv(D, BD)
+    ts, td, p = pid % n_s, (pid // n_s) % n_d, pid // (n_s * n_d)
+    s = ts * BS + tl.arange(0, BS)  # (BS,)
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    s_ok, d_ok = s < S, d < D
+    ok = s_ok[:, None] & d_ok[None, :]
+    acc = tl.zeros((BS, BD), dtype=tl.float32)
+    cnt = tl.zeros((BS,), dtype=tl.float32)
+    for k in range(K):
+        acc += tl.load(part_sums_ptr + ((k * P + p) * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)
+        cnt += tl.load(part_counts_ptr + (k * P + p) * S + s, mask=s_ok, other=0.0)
+    if FOLD:
         c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
         m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
         new = c0 + cnt
@@ -89,18 +122,52 @@ def code_sums(codes: Tensor, values: Tensor, valid: Tensor | None, n_code: int) 
     return counts, sums
 
 
+# Below this many programs the walk over the keys is split into chunks (each chunk's partial sums written in
+# float32, then added in order by :func:`_reduce_kernel`): ~4 programs per SM of an H100/H200 (132 SMs). One
+# program per (S, D) tile walking every key was measured on an H200 at 0.6 ms a call at 32k tokens (the codebook's
+# statistics over d_k = 128: 16 programs in all), latency-bound.
+SPLIT_BELOW_PROGRAMS = 512
+MIN_CHUNK_KEYS = 1024  # keys per chunk at least: shorter walks cost less than the partials' traffic and launch
+
+
+def _chunks(P: int, N: int, S: int, D: int, BS: int, BD: int, BL: int) -> tuple[int, int]:
+    """(K chunks, keys per chunk, a multiple of BL) for a walk over N keys of a grid of P S/BS D/BD programs."""
+    base = P * triton.cdiv(S, BS) * triton.cdiv(D, BD)
+    K = max(1, min(triton.cdiv(SPLIT_BELOW_PROGRAMS, base), N // MIN_CHUNK_KEYS)) if base < SPLIT_BELOW_PROGRAMS else 1
+    chunk = triton.cdiv(triton.cdiv(N, K), BL) * BL
+    return triton.cdiv(N, chunk), chunk
+
+
+def _tiles(N: int, S: int, D: int) -> tuple[int, int, int]:
+    return tile(S, 64), tile(D, 64), tile(N, 32)
+
+
 def _launch(codes: Tensor, values: Tensor, counts: Tensor, sums: Tensor, valid: Tensor | None = None,
             first: Tensor | None = None, first_int: int = 0, cache: tuple[Tensor, Tensor] | None = None) -> None:
-    """Run the kernel over codes (P, N) (rows strided, last dim dense) and values (P, N, D) (last dim dense)."""
+    """Run the kernel over codes (P, N) (rows strided, last dim dense) and values (P, N, D) (last dim dense), in
+    K chunks of keys and a reduction where one walk per tile would leave the GPU mostly idle (:func:`_chunks`)."""
     (P, N), S, D = codes.shape, counts.shape[1], values.shape[-1]
-    BS, BD, BL = tile(S, 64), tile(D, 64), tile(N, 32)
-    grid = (triton.cdiv(S, BS) * triton.cdiv(D, BD) * P,)
+    BS, BD, BL = _tiles(N, S, D)
+    K, chunk = _chunks(P, N, S, D, BS, BD, BL)
+    tiles = triton.cdiv(S, BS) * triton.cdiv(D, BD) * P
     dummy = codes  # pointers never read
     count0, mean0 = cache if cache is not None else (dummy, dummy)
-    _sums_kernel[grid](codes, dummy if valid is None else valid, values, counts, sums,
-                       dummy if first is None else first, count0, mean0, first_int, N, S, D, codes.stride(0), values.stride(0),
-                       values.stride(1), HAS_VALID=valid is not None, FIRST=first is not None, FOLD=cache is not None,
-                       BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
+    part_counts, part_sums = (counts, sums) if K == 1 else (counts.new_empty(K, P, S), sums.new_empty(K, P, S, D))
+    _sums_kernel[(tiles * K,)](codes, dummy if valid is None else valid, values, part_counts, part_sums,
+                               dummy if first is None else first, count0, mean0, first_int, N, S, D, P, chunk,
+                               codes.stride(0), values.stride(0), values.stride(1), HAS_VALID=valid is not None,
+                               FIRST=first is not None, FOLD=cache is not None and K == 1, BS=BS, BD=BD, BL=BL,
+                               **dot_options(values.dtype))
+    if K > 1:
+        _reduce_kernel[(tiles,)](part_counts, part_sums, counts, sums, count0, mean0, K, P, S, D,
+                                 FOLD=cache is not None, BS=BS, BD=BD)
+
+
+def _launches(codes: Tensor, values: Tensor, S: int) -> tuple[int, int]:
+    """(launches, scratch bytes: the partials written and read) of :func:`_launch`, for the cost model."""
+    (P, N), D = codes.shape, values.shape[-1]
+    K, _ = _chunks(P, N, S, D, *_tiles(N, S, D))
+    return (1, 0) if K == 1 else (2, 2 * K * P * S * (D + 1) * 4)
 
 
 @code_sums.register_fake
@@ -108,6 +175,11 @@ def _(codes, values, valid, n_code):
     P = codes.shape[0]
     return (codes.new_empty(P, n_code, dtype=torch.float32),
             values.new_empty(P, n_code, values.shape[-1], dtype=torch.float32))
+
+
+@register_launches("tvq_kernels::code_sums")
+def _(codes, values, valid, n_code):
+    return _launches(codes, values, n_code)
 
 
 @register_flops("tvq_kernels::code_sums")
@@ -172,6 +244,11 @@ def cache_fold(codes: Tensor, values: Tensor, first: Tensor | None, first_int: i
 @cache_fold.register_fake
 def _(codes, values, first, first_int, count, mean):
     return torch.empty_like(count), torch.empty_like(mean)
+
+
+@register_launches("tvq_kernels::cache_fold")
+def _(codes, values, first, first_int, count, mean):
+    return _launches(codes, values, count.shape[1])
 
 
 @register_flops("tvq_kernels::cache_fold")
