@@ -1,27 +1,29 @@
-"""The one script to run when a GPU is lent (issue 24, item 6).
+"""The one script to run when a GPU is lent (issues 24 and 25).
 
-    PYTHONPATH=src python benchmarks/gpu_first.py [--json PATH] [--compile] [--budget SECONDS]
+    PYTHONPATH=src python benchmarks/gpu_first.py [--json PATH] [--compile] [--budget-scale X] [--parts a,b]
     DEV=cpu PYTHONPATH=src python benchmarks/gpu_first.py --json /tmp/g.json   # CPU dry run, tiny shapes (CI)
 
-Parts, each with its own time budget (work left in a part once over budget is recorded "skipped: budget";
-the JSON is rewritten after every measurement, so a kill keeps what was done):
-  equivalence  blockwise vs quadratic attention on the device vs float64 CPU, outputs and grads;
-               on CUDA with and without the Triton kernels, fp32/fp16/bf16, both straight-through rules, left padding;
-               a tiny whole model's logits on the device vs CPU float64; pytest tests/test_golden.py if pytest exists
-  train32k     enwik8 shape, B = 1, 32k tokens: vq vs SDPA training tokens/s and peak memory, eager and compiled;
-               vq with the fused Triton kernels (tvq.ops.kernels, the default on CUDA when Triton imports) and
-               without them (vq_torch: the PyTorch path)
-  crossover    the same at 8k and 131k (grad checkpointing at 131k; OOM recorded)
-  profile      torch.profiler over one vq training step: top 15 kernels by device time, kernel count
+Parts, in this order, each with its own time budget (work left in a part once over budget is recorded
+"skipped: budget"; the JSON is rewritten after every measurement, so a kill keeps what was done):
+  equivalence  the Triton kernels first: blockwise attention with the kernels (tvq.ops.kernels, the default on
+               CUDA) in bf16, fp16 and fp32 vs float64 on the CPU, outputs and grads, both straight-through rules,
+               left padding; then the PyTorch path and the quadratic reference on the device; a tiny whole model
+               with the kernels vs without them on the device (loss and every parameter's gradient, fp32 and
+               bf16 autocast) and its fp32 logits vs float64 on the CPU
+  train32k     enwik8 shape, B = 1, 32k tokens: vq (the kernels), vq_torch (the PyTorch path) and SDPA training
+               tokens/s and peak memory, eager
+  crossover    the same at 8k and 131k (grad checkpointing at 131k, no vq_torch there; OOM recorded)
+  profile      the cost model's step (tvq.bench.cost: enwik8 preset, bf16 autocast, forward with labels,
+               backward, update_codebooks) at 8k and 32k under torch.profiler: CUDA kernel count (to set beside
+               the cost model's count), the kernels' device time against the step's wall time, top 25 kernels
   decode       decode at position 65,536: tvq eager, tvq CUDA graph, SDPA static KV cache
+  compiled     torch.compile: vq and SDPA at 32k, then 8k (always on CUDA; on CPU with --compile)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 import traceback
 
@@ -40,6 +42,10 @@ class Report:
         self.path, self.data = path, {"device": DEV, "torch": torch.__version__, "parts": {}}
         if torch.cuda.is_available() and not CPU:
             self.data["gpu"] = torch.cuda.get_device_name()
+        from tvq.ops.kernels import HAVE_TRITON
+        if HAVE_TRITON:
+            import triton
+            self.data["triton"] = triton.__version__
 
     def part(self, name):
         return self.data["parts"].setdefault(name, {"status": "running", "results": {}})
@@ -97,7 +103,7 @@ def build(impl, grad_checkpoint=False):
 def loss_of(model, ids):
     from tvq.models.transformer_vq import TransformerVQ
     labels = ids.roll(-1, 1)
-    if isinstance(model, TransformerVQ):
+    if isinstance(getattr(model, "_orig_mod", model), TransformerVQ):  # also under torch.compile
         return model(ids, labels=labels).loss
     logits, _ = model(ids, None)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -117,7 +123,7 @@ def train_speed(impl, T, compile_=False, grad_checkpoint=False, repeats=3, deadl
     rec = {"impl": impl, "seq_len": T, "batch": 1, "compiled": compile_, "grad_checkpoint": grad_checkpoint,
            "triton_kernels": impl == "vq" and HAVE_TRITON and not CPU}
     if compile_:
-        step_fn = torch.compile(model)
+        step_fn = torch.compile(model, dynamic=False)  # one static graph per length (no dynamic recompile)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
     ids = torch.randint(0, min(vocab, 256), (1, T), device=DEV)
 
@@ -186,18 +192,33 @@ def part_equivalence(rep, budget, args):
     tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
     ok = True
     from tvq.ops.kernels import HAVE_TRITON, use_kernels
-    paths = [("blockwise", blockwise_attention, contextlib.nullcontext), ("quadratic", quadratic_attention,
-                                                                          contextlib.nullcontext)]
-    if HAVE_TRITON and not CPU:  # "blockwise" ran the Triton kernels (tvq.ops.kernels); the PyTorch path too
+    paths = []
+    if HAVE_TRITON and not CPU:  # "blockwise" runs the Triton kernels (tvq.ops.kernels); "blockwise_torch" not
+        paths.append(("blockwise", blockwise_attention, contextlib.nullcontext))
         paths.append(("blockwise_torch", blockwise_attention, lambda: use_kernels(False)))
-    for rule, thru, ninv in switches:
-        case = f"{rule}_thru{int(thru)}_ninv{ninv.tolist() if isinstance(ninv, torch.Tensor) else ninv}"
-        ref_out, ref_grads = run(quadratic_attention, torch.float64, "cpu", rule, thru, ninv)
-        for name, fn, ctx in paths:
-            for dt in (torch.float32, torch.float16, torch.bfloat16):
-                dn = str(dt).split(".")[1]
-                with ctx():
-                    out, grads = run(fn, dt, DEV, rule, thru, ninv)
+    else:
+        paths.append(("blockwise", blockwise_attention, contextlib.nullcontext))
+    paths.append(("quadratic", quadratic_attention, contextlib.nullcontext))
+    refs = {}
+    for name, fn, ctx in paths:
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            dn = str(dt).split(".")[1]
+            for rule, thru, ninv in switches:
+                case = f"{rule}_thru{int(thru)}_ninv{ninv.tolist() if isinstance(ninv, torch.Tensor) else ninv}"
+                if time.time() > budget:
+                    res[f"{name}_{dn}_{case}"] = "skipped: budget"
+                    continue
+                if case not in refs:
+                    refs[case] = run(quadratic_attention, torch.float64, "cpu", rule, thru, ninv)
+                ref_out, ref_grads = refs[case]
+                try:
+                    with ctx():
+                        out, grads = run(fn, dt, DEV, rule, thru, ninv)
+                except Exception as e:
+                    ok = False
+                    res[f"{name}_{dn}_{case}"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                    rep.save()
+                    continue
                 scale = ref_out.abs().max().item() + 1e-12
                 err = (out - ref_out).abs().max().item() / scale
                 gerr = max((g - r).abs().max().item() / (r.abs().max().item() + 1e-12)
@@ -206,21 +227,46 @@ def part_equivalence(rep, budget, args):
                 ok &= good
                 res[f"{name}_{dn}_{case}"] = {"out_rel_err": err, "grad_rel_err": gerr, "tol": tol[dn], "ok": good}
                 rep.save()
-    # whole model: tiny config, device fp32 vs CPU float64
-    from tvq.config import TransformerVQConfig
+    # whole model: tiny config without dropout
     from tvq.models.transformer_vq import TransformerVQ
     from tvq.bench.runner import model_config
-    cfg = model_config("enwik8", "vq", {k: v for k, v in dict(
-        d_model=32, d_k=8, d_v=64, n_code=16, block_len=16, mem_len=16).items()})
-    try:
-        cfg = cfg.replace(n_layer=2)
-    except Exception:
-        pass
+    cfg = model_config("enwik8", "vq", dict(d_model=32, d_k=16, d_v=64, n_code=16, block_len=16, mem_len=16,
+                                            n_layer=2, dropout_emb=0.0, dropout_sin=0.0, dropout_res=0.0,
+                                            layerdrop=0.0))
     torch.manual_seed(0)
     m64 = TransformerVQ(cfg).double().eval()
+    ids = torch.randint(0, 256, (2, 64))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU: the kernels through Triton's interpreter
+    if HAVE_TRITON and (interpret or not CPU) and time.time() < budget:
+        # the kernels against the PyTorch path on the device: the quantizer, RMSNorm, gate and residual kernels
+        # besides the attention ones, forward and backward, training mode (EMA statistics, commit loss)
+        mdev = TransformerVQ(cfg).to(DEV).train()
+        mdev.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in m64.state_dict().items()})
+        for amp in (False, True) if not CPU else (False,):  # the interpreter runs no bf16
+            key = f"model_kernels_vs_torch_{'bf16_autocast' if amp else 'fp32'}"
+            got = {}
+            try:
+                for on in (True, False):
+                    mdev.zero_grad(set_to_none=True)
+                    with use_kernels(on), torch.autocast("cuda" if not CPU else "cpu", dtype=torch.bfloat16, enabled=amp):
+                        loss = mdev(ids.to(DEV), labels=ids.roll(-1, 1).to(DEV)).loss
+                    loss.backward()
+                    got[on] = (loss.item(), {n: q.grad.double().cpu() for n, q in mdev.named_parameters()
+                                             if q.grad is not None})
+                t = 5e-2 if amp else 1e-4
+                lerr = abs(got[True][0] - got[False][0]) / abs(got[False][0])
+                gerr = max((got[True][1][n] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
+                           for n, g in got[False][1].items())
+                good = lerr <= t and gerr <= 4 * t and set(got[True][1]) == set(got[False][1])
+                res[key] = {"loss_rel_err": lerr, "grad_rel_err": gerr, "params_with_grad": len(got[False][1]),
+                            "tol": t, "ok": good}
+            except Exception as e:
+                good = False
+                res[key] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            ok &= good
+            rep.save()
     mdev = TransformerVQ(cfg).to(DEV).eval()
     mdev.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in m64.state_dict().items()})
-    ids = torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         want = m64(ids).logits
         got = mdev(ids.to(DEV)).logits.double().cpu()
@@ -228,86 +274,105 @@ def part_equivalence(rep, budget, args):
     res["model_logits_fp32_vs_f64"] = {"max_abs_err": err, "tol": 1e-3, "ok": err <= 1e-3}
     ok &= err <= 1e-3
     rep.save()
-    try:
-        import pytest  # noqa: F401
-        if time.time() < budget:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_golden.py"],
-                               capture_output=True, text=True, timeout=max(5, budget - time.time()),
-                               env={**os.environ, "PYTHONPATH": "src"})
-            res["pytest_golden"] = {"rc": r.returncode, "tail": r.stdout[-400:]}
-            ok &= r.returncode == 0
-        else:
-            res["pytest_golden"] = "skipped: budget"
-    except ImportError:
-        res["pytest_golden"] = "skipped: pytest not installed"
-    except subprocess.TimeoutExpired:
-        res["pytest_golden"] = "skipped: budget"
     p["ok"] = bool(ok)
 
 
-def _train_part(rep, name, lens, budget, args):
+def _train_part(rep, name, cases, budget, args):
+    """``cases``: (seq_len, impl, compiled) in order; grad checkpointing from 64k tokens (on a GPU)."""
     p = rep.part(name)
-    for T in lens:
-        for impl in ("vq", "vq_torch", "sdpa"):
-            for comp in ((False, True) if args.compile or not CPU else (False,)):
-                if impl == "vq_torch" and comp:  # compiled: vq only (inductor calls the kernels' custom ops)
-                    continue
-                key = f"{impl}_{T}_{'compiled' if comp else 'eager'}"
-                if time.time() > budget:
-                    p["results"][key] = "skipped: budget"
-                    rep.save()
-                    continue
-                gc = T >= (65536 if not CPU else 10**9)
-                try:
-                    p["results"][key] = train_speed(impl, T, comp, gc, repeats=2 if CPU else 3, deadline=budget)
-                except Exception as e:
-                    p["results"][key] = "oom" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
-                    if not CPU:
-                        torch.cuda.empty_cache()
-                rep.save()
+    for T, impl, comp in cases:
+        key = f"{impl}_{T}_{'compiled' if comp else 'eager'}"
+        if time.time() > budget:
+            p["results"][key] = "skipped: budget"
+            rep.save()
+            continue
+        gc = T >= (65536 if not CPU else 10**9)
+        try:
+            p["results"][key] = train_speed(impl, T, comp, gc, repeats=2 if CPU else 3, deadline=budget)
+        except Exception as e:
+            p["results"][key] = "oom" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+            if not CPU:
+                torch.cuda.empty_cache()
+        rep.save()
 
 
 def part_train32k(rep, budget, args):
-    _train_part(rep, "train32k", [512 if CPU else 32768], budget, args)
+    T = 512 if CPU else 32768
+    _train_part(rep, "train32k", [(T, impl, False) for impl in ("vq", "vq_torch", "sdpa")], budget, args)
 
 
 def part_crossover(rep, budget, args):
-    _train_part(rep, "crossover", [256 if CPU else 8192, 1024 if CPU else 131072], budget, args)
+    short, long_ = (256, 1024) if CPU else (8192, 131072)
+    _train_part(rep, "crossover", [(short, impl, False) for impl in ("vq", "vq_torch", "sdpa")]
+                + [(long_, impl, False) for impl in ("vq", "sdpa")], budget, args)
+
+
+def part_compiled(rep, budget, args):
+    p = rep.part("compiled")
+    if CPU and not args.compile:
+        p["status"] = "skipped"
+        p["results"]["note"] = "skipped: on CPU only with --compile"
+        return
+    lens = (512, 256) if CPU else (32768, 8192)
+    _train_part(rep, "compiled", [(T, impl, True) for T in lens for impl in ("vq", "sdpa")], budget, args)
 
 
 def part_profile(rep, budget, args):
+    """The cost model's training step (tvq.bench.cost.measure, mode "train") under the profiler, at two lengths:
+    the CUDA kernel count (beside the cost model's), the kernels' summed device time against the step's wall
+    time (the share of the step the GPU is busy: eager launch overhead is the rest), top kernels."""
     from torch.profiler import ProfilerActivity, profile
+
+    from tvq.bench.cost import preset_config
+    from tvq.models.transformer_vq import TransformerVQ
     p = rep.part("profile")
-    T = 512 if CPU else 32768
-    model = build("vq").to(DEV)
-    ids = torch.randint(0, 256, (1, T), device=DEV)
+    cfg = preset_config("enwik8", enwik8_overrides() or None)
+    torch.manual_seed(0)
+    model = TransformerVQ(cfg).to(DEV).train()
+    for T in (256, 512) if CPU else (8192, 32768):
+        if time.time() > budget:
+            p["results"][str(T)] = "skipped: budget"
+            continue
+        ids = torch.randint(0, 256, (1, T), device=DEV)
 
-    def step():
-        with autocast():
-            loss = loss_of(model, ids)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        def step():
+            with autocast():
+                out = model(ids, labels=ids.roll(-1, 1))
+            out.loss.backward()
+            model.update_codebooks()
+            model.zero_grad(set_to_none=True)
 
-    step()
-    sync()
-    acts = [ProfilerActivity.CPU] + ([] if CPU else [ProfilerActivity.CUDA])
-    with profile(activities=acts) as prof:
+        step()
         step()
         sync()
-    evs = prof.key_averages()
-    attr = "self_cpu_time_total" if CPU else ("self_device_time_total" if hasattr(evs[0], "self_device_time_total")
-                                             else "self_cuda_time_total")
-    rows = [e for e in evs if getattr(e, attr, 0) > 0]
-    if not CPU:
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-        p["results"]["kernel_count"] = len(kernels)
-    else:
-        p["results"]["op_count"] = sum(e.count for e in evs if e.key.startswith("aten::"))
-    rows.sort(key=lambda e: -getattr(e, attr))
-    p["results"]["seq_len"] = T
-    p["results"]["top15"] = [{"name": e.key[:120], "time_us": round(getattr(e, attr), 1), "count": e.count}
-                             for e in rows[:15]]
-    p["results"]["timing_field"] = attr
+        t = time.time()
+        step()
+        sync()
+        wall = time.time() - t
+        acts = [ProfilerActivity.CPU] + ([] if CPU else [ProfilerActivity.CUDA])
+        with profile(activities=acts) as prof:
+            step()
+            sync()
+        res = p["results"][str(T)] = {"step_wall_ms": round(wall * 1e3, 2)}
+        if not CPU:
+            dev = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+            copies = [e for e in dev if e.name.lower().startswith(("memcpy", "memset"))]
+            busy = sum(e.time_range.elapsed_us() for e in dev)
+            res.update(kernel_count=len(dev) - len(copies), memcpy_memset_count=len(copies),
+                       kernels_device_ms=round(busy / 1e3, 2), gpu_busy_share=round(busy / 1e3 / (wall * 1e3), 3))
+            by_name = {}
+            for e in dev:
+                n, c, us = by_name.get(e.name, (e.name, 0, 0.0))
+                by_name[e.name] = (n, c + 1, us + e.time_range.elapsed_us())
+            res["top25"] = [{"name": n[:120], "count": c, "time_us": round(us, 1)}
+                            for n, c, us in sorted(by_name.values(), key=lambda r: -r[2])[:25]]
+        else:
+            evs = prof.key_averages()
+            res["op_count"] = sum(e.count for e in evs if e.key.startswith("aten::"))
+            res["top25"] = [{"name": e.key[:120], "count": e.count, "time_us": round(e.self_cpu_time_total, 1)}
+                            for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:25]]
+        rep.save()
+    p["results"]["step"] = "enwik8 preset (dropouts on), bf16 autocast, forward with labels, backward, update_codebooks"
 
 
 def _decode_rate(step, tok, n, deadline):
@@ -383,8 +448,8 @@ def part_decode(rep, budget, args):
     res["sdpa_static_kv_note"] = "attention + qkv per layer over a preallocated cache (no MLP/out-proj): a lower bound on SDPA decode cost"
 
 
-PARTS = [("equivalence", part_equivalence, 60), ("train32k", part_train32k, 80), ("crossover", part_crossover, 90),
-         ("profile", part_profile, 30), ("decode", part_decode, 40)]
+PARTS = [("equivalence", part_equivalence, 90), ("train32k", part_train32k, 60), ("crossover", part_crossover, 110),
+         ("profile", part_profile, 30), ("decode", part_decode, 40), ("compiled", part_compiled, 120)]
 
 
 def main(argv=None):
@@ -408,7 +473,8 @@ def main(argv=None):
         p["budget_s"] = secs * args.budget_scale
         try:
             fn(rep, start + secs * args.budget_scale, args)
-            p["status"] = "ok"
+            if p["status"] == "running":
+                p["status"] = "ok"
         except Exception as e:
             p["status"] = "oom" if is_oom(e) else "error"
             p["error"] = f"{type(e).__name__}: {str(e)[:500]}"

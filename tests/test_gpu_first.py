@@ -16,7 +16,7 @@ def test_gpu_first_cpu_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     parts = d["parts"]
-    assert set(parts) == {"equivalence", "train32k", "crossover", "profile", "decode"}
+    assert set(parts) == {"equivalence", "train32k", "crossover", "profile", "decode", "compiled"}
     for name, p in parts.items():
         assert p["status"] in ("ok", "skipped"), (name, p.get("error"))
     assert parts["equivalence"]["ok"] is True, parts["equivalence"]["results"]
@@ -26,7 +26,8 @@ def test_gpu_first_cpu_dry_run(tmp_path):
                 assert rec.startswith("skipped"), (key, rec)
             else:
                 assert 0 < rec["tokens_per_s"] < 1e9, (key, rec)
-    assert parts["profile"]["results"]["top15"]
+    for T in ("256", "512"):
+        assert parts["profile"]["results"][T]["top25"] and parts["profile"]["results"][T]["step_wall_ms"] > 0
     dec = parts["decode"]["results"]
     assert dec["position"] > 0
     for k in ("tvq_eager_tokens_per_s", "sdpa_static_kv_tokens_per_s"):
