@@ -17,6 +17,8 @@ Parts, in this order, each with its own time budget (work left in a part once ov
                backward, update_codebooks) at 8k and 32k under torch.profiler: CUDA kernel count (to set beside
                the cost model's count), the kernels' device time against the step's wall time, top 25 kernels
   decode       decode at position 65,536: tvq eager, tvq CUDA graph, SDPA static KV cache
+  graphed      a whole training step (forward, backward, SGD step) captured in one CUDA graph and replayed, vq and
+               SDPA at 8k and 32k: the step without host overhead (not run yet on a GPU)
   compiled     torch.compile: vq and SDPA at 32k, then 8k (always on CUDA; on CPU with --compile)
 """
 from __future__ import annotations
@@ -307,6 +309,71 @@ def part_crossover(rep, budget, args):
                 + [(long_, impl, False) for impl in ("vq", "sdpa")], budget, args)
 
 
+def graphed_speed(impl, T, repeats=3):
+    """A whole training step (forward, backward, SGD step) captured in one CUDA graph and replayed: the step without
+    host overhead (the eager step at 8k is host-bound). PyTorch's whole-network capture recipe: warm-up on a side
+    stream, capture with the gradients unset, replay."""
+    from tvq.ops.kernels import HAVE_TRITON
+    model = build("vq" if impl == "vq_torch" else impl).to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    ids = torch.randint(0, 256, (1, T), device=DEV)
+    rec = {"impl": impl, "seq_len": T, "batch": 1, "cuda_graph": True,
+           "triton_kernels": impl == "vq" and HAVE_TRITON and not CPU}
+
+    def step():
+        with autocast(), kernels(impl):
+            loss = loss_of(model, ids)
+        loss.backward()
+        opt.step()
+
+    reset_peak()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    t = time.time()
+    with torch.cuda.graph(graph):
+        step()
+    sync()
+    rec["capture_s"] = round(time.time() - t, 3)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.time()
+        graph.replay()
+        sync()
+        times.append(time.time() - t)
+    best = min(times)
+    rec.update(step_s=round(best, 4), tokens_per_s=round(T / best, 1), peak_gb=peak_gb())
+    del graph, model, opt
+    return rec
+
+
+def part_graphed(rep, budget, args):
+    p = rep.part("graphed")
+    if CPU:
+        p["status"] = "skipped"
+        p["results"]["note"] = "skipped: needs CUDA"
+        return
+    for T in (8192, 32768):
+        for impl in ("vq", "sdpa"):
+            key = f"{impl}_{T}_cuda_graph"
+            if time.time() > budget:
+                p["results"][key] = "skipped: budget"
+            else:
+                try:
+                    p["results"][key] = graphed_speed(impl, T)
+                except Exception as e:
+                    p["results"][key] = "oom" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+                    torch.cuda.empty_cache()
+            rep.save()
+
+
 def part_compiled(rep, budget, args):
     p = rep.part("compiled")
     if CPU and not args.compile:
@@ -449,7 +516,8 @@ def part_decode(rep, budget, args):
 
 
 PARTS = [("equivalence", part_equivalence, 90), ("train32k", part_train32k, 60), ("crossover", part_crossover, 110),
-         ("profile", part_profile, 30), ("decode", part_decode, 40), ("compiled", part_compiled, 120)]
+         ("profile", part_profile, 30), ("decode", part_decode, 40), ("graphed", part_graphed, 60),
+         ("compiled", part_compiled, 120)]
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ def test_gpu_first_cpu_dry_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     parts = d["parts"]
-    assert set(parts) == {"equivalence", "train32k", "crossover", "profile", "decode", "compiled"}
+    assert set(parts) == {"equivalence", "train32k", "crossover", "profile", "decode", "graphed", "compiled"}
     for name, p in parts.items():
         assert p["status"] in ("ok", "skipped"), (name, p.get("error"))
     assert parts["equivalence"]["ok"] is True, parts["equivalence"]["results"]
