@@ -32,6 +32,23 @@ from tvq.ops.kernels.common import dot_options, tile
 
 
 @triton.jit
+def _store(acc, cnt, counts_ptr, sums_ptr, count0_ptr, mean0_ptr, p, s, d, td, S, D, FOLD: tl.constexpr):
+    """Write one tile's sums acc (BS, BD) and, from the D tile 0 program, its counts cnt (BS,); FOLD: the cache
+    (count0, mean0) with them folded in instead (merge_cache: count c + n, mean m + (sum - n m) / max(c + n, 1))."""
+    s_ok = s < S
+    ok = s_ok[:, None] & (d < D)[None, :]
+    if FOLD:
+        c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
+        m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
+        new = c0 + cnt
+        acc = m0 + (acc - cnt[:, None] * m0) / tl.maximum(new, 1.0)[:, None]
+        cnt = new
+    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=ok)
+    if td == 0:
+        tl.store(counts_ptr + p * S + s, cnt, mask=s_ok)
+
+
+@triton.jit
 def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_ptr, count0_ptr, mean0_ptr, first_int,
                  N, S, D, P, chunk, stride_cp, stride_vp, stride_vn, HAS_VALID: tl.constexpr, FIRST: tl.constexpr,
                  FOLD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr,
@@ -65,16 +82,7 @@ def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_p
         hit = code[None, :] == s[:, None]  # (BS, BL)
         acc = tl.dot(tl.where(hit, 1.0, 0.0).to(v.dtype), v, acc, input_precision=PRECISION)
         cnt += tl.sum(tl.where(hit, 1.0, 0.0), 1)
-    ok = s_ok[:, None] & d_ok[None, :]
-    if FOLD:  # merge_cache: count c + n, mean m + (sum - n m) / max(c + n, 1)
-        c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
-        m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
-        new = c0 + cnt
-        acc = m0 + (acc - cnt[:, None] * m0) / tl.maximum(new, 1.0)[:, None]
-        cnt = new
-    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=ok)
-    if td == 0:
-        tl.store(counts_ptr + p * S + s, cnt, mask=s_ok)
+    _store(acc, cnt, counts_ptr, sums_ptr, count0_ptr, mean0_ptr, p, s, d, td, S, D, FOLD)
 
 
 @triton.jit
@@ -94,15 +102,7 @@ def _reduce_kernel(part_counts_ptr, part_sums_ptr, counts_ptr, sums_ptr, count0_
     for k in range(K):
         acc += tl.load(part_sums_ptr + ((k * P + p) * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)
         cnt += tl.load(part_counts_ptr + (k * P + p) * S + s, mask=s_ok, other=0.0)
-    if FOLD:
-        c0 = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,)
-        m0 = tl.load(mean0_ptr + (p * S + s[:, None]) * D + d[None, :], mask=ok, other=0.0)  # (BS, BD)
-        new = c0 + cnt
-        acc = m0 + (acc - cnt[:, None] * m0) / tl.maximum(new, 1.0)[:, None]
-        cnt = new
-    tl.store(sums_ptr + (p * S + s[:, None]) * D + d[None, :], acc, mask=ok)
-    if td == 0:
-        tl.store(counts_ptr + p * S + s, cnt, mask=s_ok)
+    _store(acc, cnt, counts_ptr, sums_ptr, count0_ptr, mean0_ptr, p, s, d, td, S, D, FOLD)
 
 
 @torch.library.custom_op("tvq_kernels::code_sums", mutates_args=())
