@@ -151,3 +151,41 @@ def test_full_attention_has_no_codebooks(attention, ids):
     model(ids)
     assert model.update_codebooks() == {}
     assert model.codebook_stats().numel() == 0
+
+
+def _fresh(vq, dtype=None):
+    book = vq.c_sum / vq.c_count.clamp_min(0.01)[..., None]
+    return book if dtype is None else book.to(dtype)
+
+
+def test_codebook_is_kept_until_its_buffers_change():
+    """codebook() is computed once per update (and per dtype), and again whenever c_sum or c_count is written or
+    replaced: an EMA update, a load, a write by hand."""
+    vq = quantizer().train()
+    first = vq.codebook()
+    assert vq.codebook() is first and vq.codebook(torch.float32) is vq.codebook(torch.float32)
+    torch.testing.assert_close(vq.codebook(torch.float32), _fresh(vq, torch.float32), atol=0, rtol=0)
+    vq(torch.randn(2, 3, 20, 4, dtype=torch.float64))
+    vq.apply_update()  # refreshed by the update, in both dtypes asked for before
+    assert vq.codebook() is not first
+    torch.testing.assert_close(vq.codebook(), _fresh(vq), atol=0, rtol=0)
+    torch.testing.assert_close(vq.codebook(torch.float32), _fresh(vq, torch.float32), atol=0, rtol=0)
+    with torch.no_grad():
+        vq.c_sum[0, 0] += 1.0  # a write by hand
+    torch.testing.assert_close(vq.codebook(), _fresh(vq), atol=0, rtol=0)
+    other = quantizer(seed=1)
+    vq.load_state_dict(other.state_dict())
+    torch.testing.assert_close(vq.codebook(), other.codebook(), atol=0, rtol=0)
+    vq.c_count = vq.c_count * 2  # replaced
+    torch.testing.assert_close(vq.codebook(), _fresh(vq), atol=0, rtol=0)
+
+
+def test_batched_codebook_refresh_equals_each_quantizer():
+    qs = [quantizer(seed=s).train() for s in range(3)]
+    for q in qs:
+        q.codebook(torch.float32)  # a forward under autocast asks for the compute dtype
+        q(torch.randn(2, 3, 20, 4, dtype=torch.float64))
+    apply_updates(qs, [q.pending_stats().clone() for q in qs])
+    for q in qs:
+        for dtype in (torch.float64, torch.float32):
+            torch.testing.assert_close(q.codebook(dtype), _fresh(q, dtype), atol=0, rtol=0)

@@ -197,7 +197,8 @@ class Attention(HostFlags):
             values = torch.cat([state.values.to(v.dtype), v], 2)  # (B, H_kv, M + T, D_v)
             codes = torch.cat([state.codes, quant.codes], 2)  # (B, H_kv, M + T)
             n_invalid = empty_slots(M, pos, start)  # int or (B,)
-            cache = (per_query_head(quant.codebook, Hq, 0),  # (H_q, S, D_k)
+            # the codebook in the compute dtype, cast once per update (VectorQuantizer.codebook), not per forward
+            cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
             attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention

@@ -104,6 +104,8 @@ class VectorQuantizer(HostFlags):
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
+        self._codebooks: dict[torch.dtype, Tensor] = {}  # codebook()'s results, valid for _codebook_key
+        self._codebook_key: tuple | None = None
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
             self.register_buffer("kmeans_pending", torch.tensor(True))
             self._set_host("kmeans_pending", True)
@@ -118,9 +120,26 @@ class VectorQuantizer(HostFlags):
     def _kmeans_pending(self) -> bool:
         return self.init == "kmeans" and self._host("kmeans_pending", bool)
 
-    def codebook(self) -> Tensor:
-        """The codewords C = c_sum / max(c_count, 0.01) -> (H, S, D_k)."""
-        return self.c_sum / self.c_count.clamp_min(0.01)[..., None]
+    def codebook(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The codewords C = c_sum / max(c_count, 0.01) -> (H, S, D_k), in ``dtype`` (default the buffers').
+
+        Kept between calls (per dtype) until either buffer is replaced or written (told by its identity and
+        version, as :class:`tvq.layers.host_flags.HostFlags` tells its flags): the codebook changes once per optimizer
+        step, so a forward neither divides nor casts it again (on a GPU three launches per sublayer and step).
+        Computed afresh inside torch.compile, under inference mode (whose tensors autograd could not save later) and
+        when a buffer requires grad.
+        Callers must not write the result in place."""
+        dtype = dtype or self.c_sum.dtype
+        if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or self.c_sum.requires_grad
+                or self.c_count.requires_grad):  # a graph of its own: not kept across steps
+            return (self.c_sum / self.c_count.clamp_min(0.01)[..., None]).to(dtype)
+        key = (id(self.c_sum), self.c_sum._version, id(self.c_count), self.c_count._version)
+        if self._codebook_key != key:
+            self._codebooks = {self.c_sum.dtype: self.c_sum / self.c_count.clamp_min(0.01)[..., None]}
+            self._codebook_key = key
+        if dtype not in self._codebooks:
+            self._codebooks[dtype] = self._codebooks[self.c_sum.dtype].to(dtype)
+        return self._codebooks[dtype]
 
     @property
     def stats_numel(self) -> int:
@@ -139,7 +158,8 @@ class VectorQuantizer(HostFlags):
             from tvq.ops.kernels.vq_codes import quantize_kernel
 
             k_st, codes, err, k_sq = quantize_kernel(k, c_full)  # (B, H, T, D_k), (B, H, T), float32 (B, H, T) x 2
-            err, k_sq = err.sum(1), k_sq.sum(1)  # (B, T), summed over heads
+            # (B, T), summed over heads (one head: a view, and a view in backward: no kernel)
+            err, k_sq = (err.squeeze(1), k_sq.squeeze(1)) if self.n_head == 1 else (err.sum(1), k_sq.sum(1))
         else:
             with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
                 B, H, T, K = k.shape
@@ -388,5 +408,28 @@ def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
             revived = q._revive(k_sum, count, err / (tokens * q.n_head).clamp_min(1.0))
             m = CodebookMetrics(m.names + ("revived",), lambda m=m, r=revived: torch.cat([m.values(), r[None]]))
         metrics.append(m)
+    _refresh_codebooks(quantizers)
     return metrics[0] if len(metrics) == 1 else CodebookMetrics.mean(metrics)
+
+
+@torch.no_grad()
+def _refresh_codebooks(quantizers: list[VectorQuantizer]) -> None:
+    """Compute the new codebooks of quantizers of one shape in one batch (a stack of the buffers, one division, one
+    cast per dtype the forwards asked for: five launches a step, where a forward would take three per sublayer) and
+    keep them as :meth:`VectorQuantizer.codebook`'s results."""
+    if torch.compiler.is_compiling():
+        return
+    groups: dict[tuple, list[VectorQuantizer]] = {}
+    for q in quantizers:
+        if not (q.c_sum.requires_grad or q.c_count.requires_grad or torch.is_inference_mode_enabled()):
+            groups.setdefault((q.c_sum.shape, q.c_sum.dtype, q.c_sum.device, q.c_count.dtype), []).append(q)
+    for group in groups.values():
+        c_sum = torch.stack([q.c_sum for q in group])  # (n, H, S, D_k)
+        c_count = torch.stack([q.c_count for q in group])  # (n, H, S)
+        books = {c_sum.dtype: c_sum / c_count.clamp_min(0.01)[..., None]}  # (n, H, S, D_k)
+        for dtype in {dt for q in group for dt in q._codebooks} - {c_sum.dtype}:
+            books[dtype] = books[c_sum.dtype].to(dtype)
+        for i, q in enumerate(group):
+            q._codebooks = {dt: book[i] for dt, book in books.items()}
+            q._codebook_key = (id(q.c_sum), q.c_sum._version, id(q.c_count), q.c_count._version)
 

@@ -231,8 +231,7 @@ class TransformerVQ(nn.Module):
         """Embed, run the attention (and MLP) sublayers, read out: -> (logits (B, T, V), new state, commitment loss)."""
         x = self.drop_emb(self.embed(input_ids))  # (B, T, D)
         pos = state.pos + (0 if context is None else context.rank * input_ids.shape[1])  # of the first token
-        commit = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        layers = []
+        layers, commits = [], []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, (attn, layer_state) in enumerate(zip(self.attns, state.layers)):
             if recompute:  # keep only each sublayer's inputs; backward runs it again (same dropout masks)
@@ -246,7 +245,9 @@ class TransformerVQ(nn.Module):
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
-            commit = commit + layer_commit
+            commits.append(layer_commit)
+        # one sum of the sublayers' commitment losses (not an add per sublayer: a launch each on a GPU)
+        commit = torch.stack(commits).sum().to(torch.promote_types(x.dtype, torch.float32))
         T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
         return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
 
