@@ -33,7 +33,7 @@ def reference_softmax(qu, keys, pos, n_invalid, cache, cache_bias, divide, key_k
     content = qu @ k_win.transpose(-1, -2)  # (B, H, nb, L, W)
     if key_keep is not None:  # the same scores; the dropped pairs' gradient reaches qu only
         content = torch.where(key_keep, content, qu @ k_win.detach().transpose(-1, -2))
-    s = content + torch.where(near, pos.gather(-1, j.clamp(0, M).expand(Bq, Hq, nb, Lq, W)), 0.0)
+    s = content + torch.where(near, pos.gather(-1, (M - j).clamp(0, M).expand(Bq, Hq, nb, Lq, W)), 0.0)  # distance
     bias = cache_bias.view(Hq, 1, 1, 1) if cache_bias is not None else 0.0
     if cache is not None:
         s = torch.where(j < 0, s + bias, s)

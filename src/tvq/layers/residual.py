@@ -20,14 +20,14 @@ def layer_drop(res: Tensor, p: float, training: bool) -> Tensor:
 
 def add_residual(x: Tensor, res: Tensor, dropout: float, layerdrop: float, training: bool) -> Tensor:
     """x + LayerDrop(Dropout(res)) (both only in training): x (B, T, D) the residual stream, res (B, T, D) the
-    branch. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one kernel each way, its dropout mask drawn
-    in the kernel from a seed (:mod:`tvq.ops.kernels.residual`: the same distribution as ``F.dropout``, another
-    random stream); elsewhere, and inside ``torch.compile`` (whose graph the host-drawn seed would break; inductor
-    fuses these ops itself), op by op."""
+    branch. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one kernel each way, its dropout mask and
+    LayerDrop's rows drawn in the kernel from a seed (:mod:`tvq.ops.kernels.residual`: the same distributions as
+    ``F.dropout`` and :func:`layer_drop`, another random stream); elsewhere, and inside ``torch.compile`` (whose
+    graph the host-drawn seed would break; inductor fuses these ops itself), op by op."""
     if kernels_enabled(x) and not torch.compiler.is_compiling():
-        from tvq.ops.kernels.residual import layer_drop_scale, residual_dropout
+        from tvq.ops.kernels.residual import residual_dropout
 
         if not training:
             return residual_dropout(x, res)
-        return residual_dropout(x, res, dropout, layer_drop_scale(x.shape[0], layerdrop, x.device))
+        return residual_dropout(x, res, dropout, layerdrop)
     return x + layer_drop(F.dropout(res, dropout, training), layerdrop, training)

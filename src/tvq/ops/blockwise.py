@@ -107,6 +107,18 @@ class _KeepGradMatmul(torch.autograd.Function):
         return grad_a, grad_b, None, None
 
 
+def positional_scores(qv: Tensor, rel: Tensor) -> Tensor:
+    """qv (B, H, nb, L, D_k) @ rel (H, M + 1, D_k)^T -> (B, H, nb, L, M + 1), by distance. With one row or one head
+    as one (H, B nb L, D_k) @ (H, D_k, M + 1) product of views: rel's gradient is then that GEMM's, with no sum over
+    a broadcast (a ``qv @ rel[:, None]^T`` would expand rel over B and nb, and reduce its gradient in one more
+    kernel)."""
+    B, H, nb, L, Dk = qv.shape
+    if B > 1 and H > 1:  # (H, B nb L, D_k) would be a copy
+        return qv @ rel[:, None].transpose(-1, -2)
+    x = qv.transpose(0, 1).reshape(H, B * nb * L, Dk)  # a view
+    return torch.bmm(x, rel.transpose(1, 2)).view(H, B, nb, L, -1).transpose(0, 1)
+
+
 def blockwise_attention(
     q: Tensor,
     keys: Tensor,
@@ -186,7 +198,7 @@ def blockwise_attention(
         from tvq.ops.kernels.scores import window_softmax
 
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else qu.dtype
-        pos = qv @ rel.flip(1)[:, None].transpose(-1, -2)  # (B, H, nb, L, M + 1), pos[a, j]: distance M - j
+        pos = positional_scores(qv, rel)  # (B, H, nb, L, M + 1), pos[a, d]: distance d
         # key_keep by name: the block's own slots (w >= M) or the near ones (w >= a)
         key_rule = None if key_keep is None else "own" if straight_through == "block" else "near"
         # p_cache (B, H, nb, L, S or 0) not divided by the count, in the values' dtype (the cache read divides)

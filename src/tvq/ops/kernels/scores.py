@@ -4,8 +4,8 @@ Block n of L queries of a row p (P = B H rows) scores a window of W = M + L keys
 cache, its S codewords. Today that is ~8 full passes over (P, nb, L, W + S) tensors: the content product,
 the skewed positional matrix (a pad and a copy), its masks, the cache scores, a ``cat``, the softmax, the
 split and ``p_cache / count``. Here one program owns a tile of query rows of one (p, n): it reads the window's
-keys straight from ``keys`` by offset (no window copy), adds the positional term ``pos[a, w - a]`` (``pos =
-qv @ rel.flip(1)^T`` (P, nb, L, M + 1) comes from PyTorch, which keeps rel's and v's gradients there), masks
+keys straight from ``keys`` by offset (no window copy), adds the positional term ``pos[a, M + a - w]`` (``pos =
+qv @ rel^T`` (P, nb, L, M + 1), by distance, comes from PyTorch, which keeps rel's and v's gradients there), masks
 by distance and empty slots, scores the codewords, and writes the softmax weights once in the values' dtype
 (plus a float32 log-sum-exp per row for backward). Backward recomputes the weights from the saved inputs and
 the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch. The D_k-wide
@@ -82,7 +82,7 @@ def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bi
     """(BA, BW) float32 scores of query rows a of block n against window slots w, masked with -inf.
 
     Slot w holds key n L + w, at distance M + a - w from query a: near (0 <= w - a <= M) content +
-    pos[a, w - a], old (w < a) content + bias with the cache (else -inf), future (w - a > M) -inf;
+    pos[a, M + a - w], old (w < a) content + bias with the cache (else -inf), future (w - a > M) -inf;
     an empty slot (key index < ninv) is -inf, per row only for the real queries (index >= ninv)."""
     d = tl.arange(0, BD)
     slot = n * L + w  # (BW,) key index
@@ -91,7 +91,7 @@ def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bi
     s = _dot(qu, k, PRECISION)  # (BA, BW) float32
     j = w[None, :] - a[:, None]  # (BA, BW): M - distance
     near = (j >= 0) & (j <= M)
-    s += tl.load(pos_row + a[:, None] * (M + 1) + j, mask=near & (a[:, None] < L), other=0.0).to(tl.float32)
+    s += tl.load(pos_row + a[:, None] * (M + 1) + (M - j), mask=near & (a[:, None] < L), other=0.0).to(tl.float32)
     if AGG:
         s = tl.where(j < 0, s + bias, s)
         seen = j <= M
@@ -199,7 +199,7 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
                        BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                        PRECISION: tl.constexpr):
     """ds = p (dp - delta), delta = rowsum(p dp), for BA query rows of one (p, n), p recomputed from the lse:
-    a sweep for delta, a sweep writing ds_win, ds_cache, d_pos[a, j] = ds_win[a, a + j] (0 <= j <= M) and
+    a sweep for delta, a sweep writing ds_win, ds_cache, d_pos[a, d] = ds_win[a, M + a - d] (0 <= d <= M) and
     each row's sum of ds over the columns that carry the cache bias (old slots and codewords)."""
     pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
         qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
@@ -234,7 +234,7 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
         ds = tl.exp(s - lse[:, None]) * (g - delta[:, None])  # (BA, BW)
         tl.store(ds_win_ptr + rows[:, None] * W + w[None, :], ds.to(ds_win_ptr.dtype.element_ty), mask=in_tile)
         j = w[None, :] - a[:, None]
-        tl.store(d_pos_ptr + rows[:, None] * (M + 1) + j, ds.to(d_pos_ptr.dtype.element_ty),
+        tl.store(d_pos_ptr + rows[:, None] * (M + 1) + (M - j), ds.to(d_pos_ptr.dtype.element_ty),
                  mask=in_tile & (j >= 0) & (j <= M))
         if AGG:
             biased += tl.sum(tl.where(j < 0, ds, 0.0), 1)
@@ -307,13 +307,13 @@ def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tens
                            lse: Tensor, g_win: Tensor, g_cache: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the scores given those of :func:`window_scores`' weights: ds_win (B, H, nb, L, W) and
     ds_cache (B, H, nb, L, S) in qu's dtype (the compute dtype, as the GEMMs that read them), d_pos
-    (B, H, nb, L, M + 1) = ds_win[a, a + j] in pos's dtype, and the per-row sum of ds over the columns that
+    (B, H, nb, L, M + 1) = ds_win[a, M + a - d] (distance d) in pos's dtype, and the per-row sum of ds over the columns that
     carry the cache bias (B, H, nb, L) float32 (zeros without the cache)."""
     B, H, nb, L, _ = qu.shape
     W, S = pos.shape[-1] - 1 + L, g_cache.shape[-1]
     ds_win = qu.new_empty(B, H, nb, L, W)
     ds_cache = qu.new_empty(B, H, nb, L, S)
-    d_pos = pos.new_empty(pos.shape)  # every entry written: slot a + j is in the window for 0 <= j <= M
+    d_pos = pos.new_empty(pos.shape)  # every entry written: slot M + a - d is in the window for 0 <= d <= M
     d_bias = qu.new_zeros(B, H, nb, L, dtype=torch.float32)
     inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
     cache_io = (g_cache.contiguous(), ds_cache, d_bias) if S else (lse, lse, lse)  # without the cache never touched
@@ -377,7 +377,7 @@ def window_softmax(qu: Tensor, keys: Tensor, pos: Tensor, *, n_invalid: int | Te
     max(count, 1) under ``divide``: the weights of the cache's means).
 
     qu (B, H, nb, L, D_k) = q + u, keys (B, H, M + nb L, D_k) (the windows are read in place), pos
-    (B, H, nb, L, M + 1) the positional scores ``(q + v) @ rel.flip(1)^T``, ``cache`` = (codebook (H, S, D_k),
+    (B, H, nb, L, M + 1) the positional scores ``(q + v) @ rel^T`` (pos[a, d]: distance d), ``cache`` = (codebook (H, S, D_k),
     count (B, H, nb, S)) or None (no cache columns, old window keys -inf), ``cache_bias`` (H,) added to the
     cache's scores and the old window keys' (with the cache only), ``key_keep`` the straight-through rule: the
     (query a, slot w) pairs whose score gradient reaches the key, None (all), "own" (the block's own slots, w >= M)
