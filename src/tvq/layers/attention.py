@@ -131,12 +131,15 @@ class Attention(HostFlags):
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
         per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k (sinusoid dropout in training), in
         ``dtype`` (the compute dtype: q + u then stays in it, with no cast of the (B, H, T, D_k) sums)."""
+        u, v = (torch.stack([self.xl_u, self.xl_v]) * self.config.d_k**-0.25).to(dtype)  # (H_q, D_k) each
+        return self.relative_embeddings(dtype), u, v
+
+    def relative_embeddings(self, dtype: torch.dtype) -> Tensor:
+        """:meth:`position_terms`' relative embeddings alone, the sinusoid table read in ``dtype``."""
         cfg = self.config
         Hkv, Dk, M = cfg.n_kv_head, cfg.d_k, cfg.mem_len
         rel = self.w_r(self.drop_sin(self.sin.scaled(dtype)))  # (M + 1, H_kv D_k), the scale in the table
-        rel = rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
-        u, v = (torch.stack([self.xl_u, self.xl_v]) * Dk**-0.25).to(dtype)  # (H_q, D_k) each
-        return rel, u, v
+        return rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
         """The empty state, one key/value head per codebook (see :class:`tvq.state.LayerState`)."""
@@ -176,7 +179,11 @@ class Attention(HostFlags):
         q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
         k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
-        rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
+        blockwise = self.quantizer is not None and cfg.attn_impl != "quadratic"
+        if blockwise:  # u and v as they are: blockwise_attention scales them and adds them to q (one kernel)
+            rel, u, vb = self.relative_embeddings(h.dtype), self.xl_u, self.xl_v
+        else:
+            rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
         rel = per_query_head(rel, Hq, 0)  # (H_q, M + 1, D_k)
 
         if self.quantizer is None:
@@ -201,12 +208,13 @@ class Attention(HostFlags):
             cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
-            attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention
+            attend = blockwise_attention if blockwise else quadratic_attention
             use_cache = self.uses_cache()
             attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           block_len=cfg.block_len, agg_cache=use_cache, grad_thru_cache=cfg.grad_thru_cache,
-                          cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias)
+                          cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias,
+                          **({"uv_scale": scale} if blockwise else {}))
             if not use_cache and self.cache_bias is not None:  # cache warm-up: keep the unused offset in the
                 attn = attn + 0.0 * self.cache_bias.sum()  # graph (a zero gradient; DDP wants every parameter)
             new_state = segment_state if context is not None else advance_state(

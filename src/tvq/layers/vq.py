@@ -88,8 +88,9 @@ class VectorQuantizer(HostFlags):
     change under them (a load).
     """
 
-    # layout of the flat statistics vector: per head [sum (S*D_k) | count (S)] then 3 scalars
-    _N_SCALARS = 3  # tokens, total squared quantization error, total squared key norm
+    # layout of the flat statistics vector: [sums (H*S*D_k) | counts (H*S)] then 2 scalars (the tokens are any
+    # head's count summed: every valid token has one code per head)
+    _N_SCALARS = 2  # total squared quantization error, total squared key norm
 
     KMEANS_ITERS = 5  # k-means: 2-means iterations per split, and Lloyd iterations over all keys at the end
     KMEANS_KEYS_PER_CODE = 64  # k-means keeps at most this many keys per code and head (per rank)
@@ -203,13 +204,13 @@ class VectorQuantizer(HostFlags):
                                        self.n_code, acc_dtype)  # (H, S), (H, S, D_k)
         if k_sq is None:
             k_sq = k.to(acc_dtype).square().sum((1, 3))  # (B, T)
-        per_token = torch.stack([err.to(acc_dtype), k_sq.to(acc_dtype)], -1)  # (B, T, 2)
-        if token_mask is None:
-            tokens = per_token.new_full((1,), float(err.numel()))
-        else:
+        err, k_sq = err.to(acc_dtype), k_sq.to(acc_dtype)
+        if token_mask is not None:
             w = token_mask.to(acc_dtype)  # (B, T)
-            per_token, tokens = per_token * w[..., None], w.sum()[None]
-        self._stats += torch.cat([k_sum.flatten(), count.flatten(), tokens, per_token.sum((0, 1))])
+            err, k_sq = err * w, k_sq * w
+        acc_sum, acc_count, acc_err, acc_norm = self._split_stats(self._stats)
+        # one multi-tensor add into the accumulator's views (a launch on a GPU, not a cat and an add)
+        torch._foreach_add_([acc_sum, acc_count, acc_err, acc_norm], [k_sum, count, err.sum(), k_sq.sum()])
 
     def pending_stats(self) -> Tensor:
         """The statistics accumulated since the last update, as one flat vector (zeros if none)."""
@@ -238,11 +239,11 @@ class VectorQuantizer(HostFlags):
         stats = (self.pending_stats() if stats is None else stats).clone()  # the accumulator is cleared next
         return apply_updates([self], [stats], all_reduce)
 
-    def _split_stats(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Views of a flat statistics vector: k_sum (H, S, D_k), count (H, S), and tokens, err, norm (0-dim)."""
+    def _split_stats(self, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Views of a flat statistics vector: k_sum (H, S, D_k), count (H, S), and err, norm (0-dim)."""
         H, S, K = self.n_head, self.n_code, self.d_k
-        tokens, err, norm = stats[H * S * (K + 1):].unbind()
-        return stats[: H * S * K].view(H, S, K), stats[H * S * K: H * S * (K + 1)].view(H, S), tokens, err, norm
+        err, norm = stats[H * S * (K + 1):].unbind()
+        return stats[: H * S * K].view(H, S, K), stats[H * S * K: H * S * (K + 1)].view(H, S), err, norm
 
     # ------------------------------------------------------------ codebook tools (not in the paper)
     def _offsets(self, seed: int, shape, scale: Tensor) -> Tensor:
@@ -350,8 +351,8 @@ class VectorQuantizer(HostFlags):
         sq = (second - sums.square().sum(-1) / counts.clamp_min(1.0)).clamp_min(0.0)  # sum ||k - mean||^2
         return sums, counts, sq
 
-    def _metrics(self, count: Tensor, tokens: Tensor, err: Tensor, norm: Tensor, dead: Tensor) -> CodebookMetrics:
-        """Health of the statistics just applied (count (H, S), tokens, err, norm 0-dim: views of a copy
+    def _metrics(self, count: Tensor, err: Tensor, norm: Tensor, dead: Tensor) -> CodebookMetrics:
+        """Health of the statistics just applied (count (H, S), err, norm 0-dim: views of a copy
         of them) and of the EMA counts now (``dead``: the fraction with EMA count < 1, computed now: later updates
         change the counts)."""
         S = self.n_code
@@ -364,7 +365,7 @@ class VectorQuantizer(HostFlags):
                 dead,
                 entropy / math.log(S) if S > 1 else torch.ones_like(entropy),
                 torch.where(norm > 0, (err / norm.clamp_min(1e-30)).sqrt(), 0.0),  # rel_err: ||k - k_hat|| / ||k||
-                tokens,
+                count[0].sum(),  # tokens: every valid token has one code per head
             ])
         return CodebookMetrics(("usage", "dead", "entropy", "rel_err", "tokens"), compute)
 
@@ -402,10 +403,10 @@ def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
     dead = _dead_fractions(quantizers)
     metrics = []
     for i, q in enumerate(quantizers):
-        k_sum, count, tokens, err, norm = parts[i]
-        m = q._metrics(count, tokens, err, norm, dead[i])
+        k_sum, count, err, norm = parts[i]
+        m = q._metrics(count, err, norm, dead[i])
         if i in ema and q.revive > 0:
-            revived = q._revive(k_sum, count, err / (tokens * q.n_head).clamp_min(1.0))
+            revived = q._revive(k_sum, count, err / count.sum().clamp_min(1.0))  # per token and head
             m = CodebookMetrics(m.names + ("revived",), lambda m=m, r=revived: torch.cat([m.values(), r[None]]))
         metrics.append(m)
     _refresh_codebooks(quantizers)

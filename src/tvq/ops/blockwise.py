@@ -136,6 +136,7 @@ def blockwise_attention(
     cache: tuple[Tensor, Tensor, Tensor],
     straight_through: str = "window",
     cache_bias: Tensor | None = None,
+    uv_scale: float = 1.0,
 ) -> Tensor:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
@@ -147,7 +148,9 @@ def blockwise_attention(
     older. Any ``block_len`` gives the same result; a chunk shorter than it uses one block.
     Gradients follow ``straight_through`` (see :func:`tvq.ops.quadratic_attention`); under
     ``"block"`` they depend on ``block_len``. ``cache_bias`` (H,), if given, is added to the score of every
-    key beyond the window (the cache entries and the older keys of the window's blocks).
+    key beyond the window (the cache entries and the older keys of the window's blocks). u and v (H, D_k), in any
+    float dtype (the parameters), are added to the queries as ``(u * uv_scale).to(q.dtype)`` (one Triton kernel
+    on the kernel path, from float32).
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -162,12 +165,17 @@ def blockwise_attention(
     if pad:  # F.pad copies even when there is nothing to add
         q, keys = F.pad(q, (0, 0, 0, pad)), F.pad(keys, (0, 0, 0, pad))
         vals, codes = F.pad(values, (0, 0, 0, pad)), F.pad(codes, (0, pad))
-    q = q.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
     # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
     fused = kernels_enabled(vals)  # the Triton kernels (tvq.ops.kernels) read the windows in place: none built
     v_win = None if fused else _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
-    qu = q + u[:, None, None]  # (B, H, nb, L, D_k)
-    qv = q + v[:, None, None]
+    if fused:  # one kernel each way (tvq.ops.kernels.query_bias), not eleven
+        from tvq.ops.kernels.query_bias import query_biases_kernel
+
+        qu, qv = query_biases_kernel(q, u, v, uv_scale)  # (B, H, nb L, D_k) each
+    else:
+        u, v = ((u, v) if uv_scale == 1.0 else (u * uv_scale, v * uv_scale))
+        qu, qv = q + u.to(q.dtype)[:, None], q + v.to(q.dtype)[:, None]  # (B, H, nb L, D_k)
+    q, qu, qv = (t.unflatten(2, (nb, L)) for t in (q, qu, qv))  # (B, H, nb, L, D_k)
 
     # window slot w of query a: distance d = M + a - w; near (0 <= d <= M): content + positional score,
     # old (d > M, agg_cache): content only, future (d < 0) or an empty slot (before n_invalid): -inf
