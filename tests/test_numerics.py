@@ -136,3 +136,21 @@ def test_fused_rms_norm_of_the_cuda_path_equals_the_formula():
     g_fused, = torch.autograd.grad((fused * w).sum(), x)
     g_plain, = torch.autograd.grad((plain * w).sum(), x)
     torch.testing.assert_close(g_fused, g_plain, atol=1e-12, rtol=0)
+
+
+def test_joined_weight_is_the_cast_weights_joined():
+    """joined_weight = cat of the casts, and its gradient reaches each weight in its own dtype (float32), split by
+    rows; weights of different widths are refused."""
+    from tvq.ops.linear import joined_weight
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, generator=gen, requires_grad=True)
+    b = torch.randn(4, 5, generator=gen, requires_grad=True)
+    w = joined_weight([a, b], torch.float16)
+    assert w.dtype == torch.float16 and torch.equal(w, torch.cat([a.half(), b.half()]))
+    g = torch.randn(7, 5, generator=gen).half()
+    ga, gb = torch.autograd.grad(w, (a, b), g)
+    assert ga.dtype == gb.dtype == torch.float32
+    assert torch.equal(ga, g[:3].float()) and torch.equal(gb, g[3:].float())
+    with pytest.raises(ValueError, match="one dtype and one width"):
+        joined_weight([a, torch.randn(2, 4)], torch.float16)

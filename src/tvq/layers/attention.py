@@ -30,7 +30,7 @@ from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state
 from tvq.ops.kernels import kernels_enabled
-from tvq.ops.linear import fused_linear_ok, linear
+from tvq.ops.linear import fused_linear_ok, joined_weight, linear
 from tvq.state import LayerState, empty_slots
 
 
@@ -251,7 +251,7 @@ class Attention(HostFlags):
 
             if self._plain_projections():  # one GEMM for q too: h read once, its gradient written once (no add)
                 n_q = self.w_q.out_features
-                w = torch.cat([self.w_q.weight.to(h.dtype), self.w_kvg.weight.to(h.dtype)])  # cast, then join
+                w = joined_weight([self.w_q.weight, self.w_kvg.weight], h.dtype)  # cast and joined in one pass
                 z = F.linear(h, w)  # (B, T, n_q + n_k + n_v + n_g)
                 qk, v, g = gau_activation(z, n_q + n_k, n_v)  # views of the projection, v written
                 q, k = qk.split([n_q, n_k], -1)

@@ -1,4 +1,5 @@
-"""A CPU inference fast path for the attention sublayers' projections: oneDNN's fused linear.
+"""The attention sublayers' projections: a CPU inference fast path (oneDNN's fused linear), and the GPU path's
+joined projection weight (:func:`joined_weight`).
 
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul with a fused activation or residual add, the
 kernel inductor's freezing pass uses) runs bench-small's float32 projections at 195-212 GFLOP/s on
@@ -71,3 +72,29 @@ def linear(x: Tensor, weight: Tensor, act: str | None = None, residual: Tensor |
     if act == "silu":
         y = F.silu(y)
     return y if residual is None else residual + y
+
+
+class _JoinedWeight(torch.autograd.Function):
+    """The weights (rows, D_in) stacked by rows in ``dtype`` with one multi-tensor copy (a launch on a GPU, where
+    a cast of each and a ``cat`` are three); backward one cast of the joined gradient, split by views."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        sizes = [w.shape[0] for w in weights]
+        out = weights[0].new_empty(sum(sizes), weights[0].shape[1], dtype=dtype)  # (sum rows, D_in)
+        torch._foreach_copy_(list(out.split(sizes)), list(weights))
+        ctx.sizes, ctx.dtype = sizes, weights[0].dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *grad.to(ctx.dtype).split(ctx.sizes))
+
+
+def joined_weight(weights: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``torch.cat([w.to(dtype) for w in weights])`` for weights of one dtype and width: one launch forward and one
+    backward on a GPU instead of three each (the projections of a sublayer as one GEMM under autocast)."""
+    if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
+        raise ValueError("joined_weight: weights of one dtype and one width expected, got "
+                         f"{[(tuple(w.shape), w.dtype) for w in weights]}")
+    return _JoinedWeight.apply(dtype, *weights)
