@@ -276,3 +276,30 @@ def test_residual_output_joins_the_gradients(affine):
     assert torch.equal(passed, got_x)
     (got_g,) = torch.autograd.grad(passed + out.sin(), got_x, grad.float())
     close(got_g, want_g, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_groups_of_rows_inside_a_wider_tensor_are_read_in_place(monkeypatch, dtype):
+    """x a (B, T, G, D) view of G heads side by side inside a wider (B, T, n) tensor (the query and key heads of a
+    projection): read where it is (no copy of x), the same output and gradient as the formula."""
+    from tvq.ops.kernels import rms_norm as krn
+    from tvq.ops.kernels.rms_norm import rms_norm_kernel
+
+    B, T, G, D, n = 2, 5, 3, 16, 64
+    z64 = torch.randn(B, T, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+    real = krn._rows
+    monkeypatch.setattr(krn, "_rows", lambda t, d: calls.append(t.data_ptr()) or real(t, d))
+    z = z64.to(dtype).requires_grad_()
+    x = z[..., 8: 8 + G * D].view(B, T, G, D)
+    got = rms_norm_kernel(x, 1e-6, scale=0.5)
+    assert z.data_ptr() + 8 * z.element_size() not in calls  # x was not turned into rows (copied)
+    x64 = z64[..., 8: 8 + G * D].view(B, T, G, D).clone().requires_grad_()
+    want = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * 0.5
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    g = torch.randn(B, T, G, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d_z, = torch.autograd.grad(got, z, g.to(dtype))
+    d_x, = torch.autograd.grad(want, x64, g)
+    torch.testing.assert_close(d_z[..., 8: 8 + G * D].double(), d_x.reshape(B, T, G * D), rtol=tol, atol=tol)
+    assert (d_z[..., :8] == 0).all() and (d_z[..., 8 + G * D:] == 0).all()

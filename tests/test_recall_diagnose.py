@@ -95,7 +95,7 @@ def test_weights_reproduce_the_sublayer(kw):
     rows = ref.gather(2, query_pos[:, None, :, None].expand(-1, ref.shape[1], -1, ref.shape[-1]))
     torch.testing.assert_close(probs @ t["values"].float(), rows, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        _, _, _, g, _ = attn._projections(attn.norm(x0))
+        g = attn._projections(attn.norm(x0))[3]
         out = ref.transpose(1, 2).flatten(2)
         x_next = x0 + attn.w_o(out if g is None else out * g)
     if attn.config.head_type == "shga":  # the next GAU's input

@@ -175,9 +175,13 @@ class Attention(HostFlags):
         # under autocast the norm writes the projections' input in the compute dtype once
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
-        q, k, v, g, fused = self._projections(h)
-        q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
-        k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
+        q, k, v, g, fused, qk = self._projections(h)
+        if qk is not None:  # the query and key heads side by side in the projection: one norm for both
+            qk = self.qk_norm(qk.view(B, T, Hq + Hkv, Dk), scale=scale)  # (B, T, H_q + H_kv, D_k)
+            q, k = (t.transpose(1, 2) for t in qk.split([Hq, Hkv], 2))  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
+        else:
+            q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
+            k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
         blockwise = self.quantizer is not None and cfg.attn_impl != "quadratic"
         if blockwise:  # u and v as they are: blockwise_attention scales them and adds them to q (one kernel)
@@ -232,9 +236,10 @@ class Attention(HostFlags):
             return linear(out, self.w_o.weight, residual=x), new_state, commit
         return add_residual(x, self.w_o(out), cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
 
-    def _projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
-        """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, and whether
-        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM). On the Triton path
+    def _projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, Tensor | None]:
+        """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, whether
+        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM), and q and k side by
+        side (B, T, H_q D_k + H_kv D_k) where one GEMM wrote them so (else None). On the Triton path
         (:func:`tvq.ops.kernels.kernels_enabled`) g is the gate BEFORE its SiLU (the gate's kernel applies it) and
         one kernel writes v's SiLU, and in backward the whole projection's gradient
         (:mod:`tvq.ops.kernels.gate`)."""
@@ -254,18 +259,17 @@ class Attention(HostFlags):
                 w = joined_weight([self.w_q.weight, self.w_kvg.weight], h.dtype)  # cast and joined in one pass
                 z = F.linear(h, w)  # (B, T, n_q + n_k + n_v + n_g)
                 qk, v, g = gau_activation(z, n_q + n_k, n_v)  # views of the projection, v written
-                q, k = qk.split([n_q, n_k], -1)
-            else:
-                q = self.w_q(h)
-                k, v, g = gau_activation(self.w_kvg(h), n_k, n_v)
-            return q, k, v, g, False
+                return None, None, v, g, False, qk
+            q = self.w_q(h)
+            k, v, g = gau_activation(self.w_kvg(h), n_k, n_v)
+            return q, k, v, g, False, None
         else:
             q = self.w_q(h)
             k, vg = self.w_kvg(h).split([n_k, self.w_kvg.out_features - n_k], -1)
             vg = F.silu(vg) if act else vg
         # split, not sliced: backward joins the two gradients in one pass
         v, g = vg.split([n_v, vg.shape[-1] - n_v], -1) if cfg.gated else (vg, None)
-        return q, k, v, g, fused
+        return q, k, v, g, fused, None
 
     def _plain_projections(self) -> bool:
         """Whether the projections are plain ``nn.Linear`` without hooks, so that the fused path, which

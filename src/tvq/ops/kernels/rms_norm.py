@@ -24,7 +24,9 @@ number is float32 (x, weight, bias and the incoming gradient are cast on load), 
   input does not need a gradient.
 
 Inputs may be any (..., D) view whose rows are equally spaced with unit column stride (a slice of a fused
-projection's output is read in place); anything else is copied to contiguous first. Outputs are contiguous.
+projection's output is read in place), or for x a (..., G, D) view of groups of G such rows with the groups equally
+spaced (a token's query and key heads inside the projection's output); anything else is copied to contiguous first.
+Outputs are contiguous.
 
 Bytes per element (rough, from the shapes, not measured: no GPU was at hand), float32 x, bfloat16 compute, with
 weight and bias (the GAU input norm): today (PyTorch's fused rms_norm in x's dtype, then ``* weight``,
@@ -53,7 +55,13 @@ MAX_D = 16384  # longest row the kernels take (the whole row is held on chip)
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, eps, scale,
+def _x_rows(r, sx, G, sxg):
+    """Offsets of x's rows r: G rows sxg apart in each group, groups sx apart (G = 1: rows sx apart)."""
+    return (r // G) * sx + (r % G) * sxg
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, G, sxg, eps, scale,
                 AFFINE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """out rows (BR, D) = (x / rms(x) * weight + bias) * scale, float32 inside, cast on store."""
     pid = tl.program_id(0).to(tl.int64)
@@ -61,7 +69,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, eps, scale,
     d = tl.arange(0, BD)  # (BD,) columns
     d_ok = d < D
     ok = (r < N)[:, None] & d_ok[None, :]
-    x = tl.load(x_ptr + r[:, None] * sx + d[None, :], mask=ok, other=0.0).to(tl.float32)  # (BR, BD)
+    x = tl.load(x_ptr + _x_rows(r, sx, G, sxg)[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)  # (BR, BD)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
     if AFFINE:
         w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32) * scale
@@ -73,7 +81,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, eps, scale,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, sg, sa, eps, scale, n_tiles,
+def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sa, eps, scale, n_tiles,
                 AFFINE: tl.constexpr, X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr,
                 BR: tl.constexpr, BD: tl.constexpr):
     """dx of row tiles pid, pid + n_prog, ... (statistics recomputed from x; with HAS_ADD plus the rows of
@@ -92,7 +100,7 @@ def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, sg, sa
     for t in range(pid, n_tiles, n_prog):
         r = (t * BR + tl.arange(0, BR)).to(tl.int64)  # (BR,)
         ok = (r < N)[:, None] & d_ok[None, :]
-        x = tl.load(x_ptr + r[:, None] * sx + d[None, :], mask=ok, other=0.0).to(tl.float32)  # (BR, BD)
+        x = tl.load(x_ptr + _x_rows(r, sx, G, sxg)[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + r[:, None] * sg + d[None, :], mask=ok, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
         h = x * rstd[:, None]
@@ -115,6 +123,22 @@ def _rows(t: Tensor, D: int) -> Tensor:
     """t as (N, D) rows with unit column stride (a view where one exists, else a contiguous copy)."""
     t2 = t.reshape(-1, D)
     return t2 if t2.stride(1) == 1 or D == 1 else t2.contiguous()
+
+
+def _x_rows_args(x: Tensor, D: int) -> tuple[Tensor, int, int, int]:
+    """x's rows for the kernels: (rows, sx, G, sxg) with row r at (r // G) sx + (r % G) sxg. Evenly spaced rows
+    are one group each (G 1); a (..., G, D) view of G rows per group, the groups evenly spaced (the joint query and
+    key heads of a token inside a wider projection), is read in place; anything else is copied first."""
+    if x.dim() >= 3 and x.stride(-1) == 1 and x.shape[-2] > 1:
+        G = x.shape[-2]
+        try:
+            groups = x.view(-1, G, D)  # (N / G, G, D) without a copy, if the leading dims allow it
+        except RuntimeError:
+            groups = None
+        if groups is not None and groups.shape[0] > 1 and groups.stride(0) != G * groups.stride(1):
+            return groups, groups.stride(0), G, groups.stride(1)
+    x2 = _rows(x, D)
+    return x2, _row_stride(x2), 1, 0
 
 
 def _row_stride(t2: Tensor) -> int:
@@ -149,13 +173,12 @@ def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if not out.numel():
         return out
-    x2 = _rows(x, D)
-    N = x2.shape[0]
+    x2, sx, G, sxg = _x_rows_args(x, D)
+    N = x.numel() // D
     BR, BD, warps = _tile(N, D)
     affine = weight is not None
-    _fwd_kernel[(triton.cdiv(N, BR),)](x2, weight if affine else x2, bias if affine else x2, out, N, D,
-                                       _row_stride(x2), eps, scale, AFFINE=affine, BR=BR, BD=BD,
-                                       num_warps=warps)
+    _fwd_kernel[(triton.cdiv(N, BR),)](x2, weight if affine else x2, bias if affine else x2, out, N, D, sx, G, sxg,
+                                       eps, scale, AFFINE=affine, BR=BR, BD=BD, num_warps=warps)
     return out
 
 
@@ -174,8 +197,8 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     dx = torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device)
     if not (x_grad or param_grad):
         return dx, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    x2 = _rows(x, D)
-    N = x2.shape[0]
+    x2, sx, G, sxg = _x_rows_args(x, D)
+    N = x.numel() // D if D else 0
     if N == 0 or D == 0:
         zeros = x.new_zeros(D if param_grad else 0, dtype=torch.float32)
         return dx, zeros, zeros.clone()
@@ -187,7 +210,7 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
     affine = weight is not None
     _bwd_kernel[(n_prog,)](x2, weight if affine else x2, g2, a2 if a2 is not None else x2, dx if x_grad else x2,
-                           part, N, D, _row_stride(x2), _row_stride(g2), _row_stride(a2) if a2 is not None else 0,
+                           part, N, D, sx, G, sxg, _row_stride(g2), _row_stride(a2) if a2 is not None else 0,
                            eps, scale, n_tiles, AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad,
                            HAS_ADD=a2 is not None, BR=BR, BD=BD, num_warps=warps)
     if not param_grad:
