@@ -105,6 +105,8 @@ class VectorQuantizer(HostFlags):
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
+        # per forward (k_sum (H, S, D_k), count (H, S), err (B, T), k_sq (B, T)), not yet in _stats (add_statistics)
+        self._unadded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._codebooks: dict[torch.dtype, Tensor] = {}  # codebook()'s results, valid for _codebook_key
         self._codebook_key: tuple | None = None
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
@@ -196,8 +198,9 @@ class VectorQuantizer(HostFlags):
     @torch.no_grad()
     def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None,
                     k_sq: Tensor | None = None) -> None:
-        """Add this forward's per-code key sums and counts and its scalars to the accumulator; err and k_sq (B, T)
-        are the squared errors and key norms summed over heads (k_sq computed from k when None)."""
+        """Keep this forward's per-code key sums and counts and its per-token squared errors and key norms (err and
+        k_sq (B, T), summed over heads; k_sq computed from k when None) for the accumulator: :func:`add_statistics`
+        adds them, for every sublayer in one batch, at the end of the model's forward or when they are read."""
         acc_dtype = self.c_sum.dtype
         valid = None if token_mask is None else token_mask.flatten()  # (B T,)
         count, k_sum = code_statistics(codes.transpose(0, 1).flatten(1), k.transpose(0, 1).flatten(1, 2), valid,
@@ -208,16 +211,16 @@ class VectorQuantizer(HostFlags):
         if token_mask is not None:
             w = token_mask.to(acc_dtype)  # (B, T)
             err, k_sq = err * w, k_sq * w
-        acc_sum, acc_count, acc_err, acc_norm = self._split_stats(self._stats)
-        # one multi-tensor add into the accumulator's views (a launch on a GPU, not a cat and an add)
-        torch._foreach_add_([acc_sum, acc_count, acc_err, acc_norm], [k_sum, count, err.sum(), k_sq.sum()])
+        self._unadded.append((k_sum, count, err, k_sq))
 
     def pending_stats(self) -> Tensor:
         """The statistics accumulated since the last update, as one flat vector (zeros if none)."""
+        add_statistics([self])
         return self._stats
 
     def clear_stats(self) -> None:
         """Forget the statistics gathered since the last update (and the keys kept for k-means)."""
+        self._unadded = []
         self._stats.zero_()
         if self.init == "kmeans":
             self._init_keys = []
@@ -379,6 +382,28 @@ def _dead_fractions(quantizers: list[VectorQuantizer]) -> list[Tensor]:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def add_statistics(quantizers: list[VectorQuantizer]) -> None:
+    """Add the statistics the quantizers' forwards kept (:meth:`VectorQuantizer._accumulate`) to their accumulators:
+    the per-token errors and norms summed in one reduction, then one multi-tensor add for everything (three launches
+    for all sublayers on a GPU, where one quantizer at a time takes three each)."""
+    items = [(q, entry) for q in quantizers for entry in q._unadded]
+    if not items:
+        return
+    per_token = [t for _, (_, _, err, k_sq) in items for t in (err, k_sq)]
+    if len({(t.shape, t.dtype) for t in per_token}) == 1:
+        sums = torch.stack(per_token).flatten(1).sum(1).unbind()  # (2 n,): err and k_sq of each forward
+    else:  # forwards of different lengths (segments)
+        sums = [t.sum() for t in per_token]
+    accs, adds = [], []
+    for i, (q, (k_sum, count, _, _)) in enumerate(items):
+        accs += q._split_stats(q._stats)
+        adds += [k_sum, count, sums[2 * i], sums[2 * i + 1]]
+    for q in quantizers:
+        q._unadded = []
+    torch._foreach_add_(accs, adds)
+
+
 def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
                   all_reduce: Callable[[Tensor], object] | None = None) -> CodebookMetrics:
     """:meth:`VectorQuantizer.apply_update` of several quantizers (a model's sublayers) with their flat ``stats``
@@ -387,6 +412,8 @@ def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
     The EMA steps of all of them run as multi-tensor ops (``torch._foreach_*``: on a GPU one launch per op for every
     sublayer together, where one op per buffer costs about nine launches per sublayer), with the same arithmetic
     as one quantizer's: c <- c * decay, then c += (1 - decay) * stats."""
+    for q in quantizers:  # cleared with the accumulator, as if added (``stats`` are copies taken before)
+        q._unadded = []
     torch._foreach_zero_([q._stats for q in quantizers])
     parts = [q._split_stats(st) for q, st in zip(quantizers, stats)]
     ema = [i for i, q in enumerate(quantizers) if not q._kmeans_pending]

@@ -17,7 +17,7 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
-from tvq.layers.vq import apply_updates, recomputing
+from tvq.layers.vq import add_statistics, apply_updates, recomputing
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState, zero_states
 
@@ -248,6 +248,8 @@ class TransformerVQ(nn.Module):
             commits.append(layer_commit)
         # one sum of the sublayers' commitment losses (not an add per sublayer: a launch each on a GPU)
         commit = torch.stack(commits).sum().to(torch.promote_types(x.dtype, torch.float32))
+        if self.training:  # the codebook statistics of this forward, for all sublayers in one batch
+            add_statistics(self._quantizers())
         T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
         return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
 
@@ -311,6 +313,7 @@ class TransformerVQ(nn.Module):
         quantizers = self._quantizers()
         if not quantizers:
             return self.embed.weight.new_zeros(0)
+        add_statistics(quantizers)
         return torch.cat([q.pending_stats() for q in quantizers])
 
     @torch.no_grad()
