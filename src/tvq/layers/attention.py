@@ -183,9 +183,8 @@ class Attention(HostFlags):
             q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
             k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
-        blockwise = self.quantizer is not None and cfg.attn_impl != "quadratic"
-        if blockwise:  # u and v as they are: blockwise_attention scales them and adds them to q (one kernel)
-            rel, u, vb = self.relative_embeddings(h.dtype), self.xl_u, self.xl_v
+        if self.quantizer is not None:  # u and v as they are: the VQ attention scales them and adds them to q
+            rel, u, vb = self.relative_embeddings(h.dtype), self.xl_u, self.xl_v  # (one kernel on the GPU path)
         else:
             rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
         rel = per_query_head(rel, Hq, 0)  # (H_q, M + 1, D_k)
@@ -212,13 +211,13 @@ class Attention(HostFlags):
             cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
-            attend = blockwise_attention if blockwise else quadratic_attention
+            attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention
             use_cache = self.uses_cache()
             attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           block_len=cfg.block_len, agg_cache=use_cache, grad_thru_cache=cfg.grad_thru_cache,
                           cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias,
-                          **({"uv_scale": scale} if blockwise else {}))
+                          uv_scale=scale)
             if not use_cache and self.cache_bias is not None:  # cache warm-up: keep the unused offset in the
                 attn = attn + 0.0 * self.cache_bias.sum()  # graph (a zero gradient; DDP wants every parameter)
             new_state = segment_state if context is not None else advance_state(

@@ -130,10 +130,15 @@ def quadratic_attention(
     cache: tuple[Tensor, Tensor, Tensor],
     straight_through: str = "window",
     cache_bias: Tensor | None = None,
+    uv_scale: float = 1.0,
 ) -> Tensor:
     """:func:`reference_attention` with quantized keys and the gradients of :func:`gradient_rule`: what
     :func:`tvq.ops.blockwise_attention` computes, with the same arguments. ``codes`` is not read (the keys
-    are already codewords); ``cache`` is read with ``agg_cache`` only."""
+    are already codewords); ``cache`` is read with ``agg_cache`` only; u and v are used as
+    ``(u * uv_scale).to(q.dtype)``."""
+    if uv_scale != 1.0:
+        u, v = u * uv_scale, v * uv_scale
+    u, v = u.to(q.dtype), v.to(q.dtype)
     key_grad, value_grad = gradient_rule(q.shape[2], keys.shape[2], mem_len=mem_len, block_len=block_len,
                                          straight_through=straight_through, grad_thru_cache=grad_thru_cache,
                                          device=q.device)
