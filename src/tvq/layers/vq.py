@@ -129,12 +129,13 @@ class VectorQuantizer(HostFlags):
         Kept between calls (per dtype) until either buffer is replaced or written (told by its identity and
         version, as :class:`tvq.layers.host_flags.HostFlags` tells its flags): the codebook changes once per optimizer
         step, so a forward neither divides nor casts it again (on a GPU three launches per sublayer and step).
-        Computed afresh inside torch.compile, under inference mode (whose tensors autograd could not save later) and
-        when a buffer requires grad.
+        Computed afresh inside torch.compile, while a CUDA graph is captured (its replays must divide the buffers as
+        they then are), under inference mode (whose tensors autograd could not save later) and when a buffer
+        requires grad.
         Callers must not write the result in place."""
         dtype = dtype or self.c_sum.dtype
         if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or self.c_sum.requires_grad
-                or self.c_count.requires_grad):  # a graph of its own: not kept across steps
+                or self.c_count.requires_grad or _capturing(self.c_sum)):  # a graph's own: not kept across steps
             return (self.c_sum / self.c_count.clamp_min(0.01)[..., None]).to(dtype)
         key = (id(self.c_sum), self.c_sum._version, id(self.c_count), self.c_count._version)
         if self._codebook_key != key:
@@ -440,12 +441,17 @@ def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
     return metrics[0] if len(metrics) == 1 else CodebookMetrics.mean(metrics)
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of t's device (False on a CPU-only build)."""
+    return t.is_cuda and torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing()
+
+
 @torch.no_grad()
 def _refresh_codebooks(quantizers: list[VectorQuantizer]) -> None:
     """Compute the new codebooks of quantizers of one shape in one batch (a stack of the buffers, one division, one
     cast per dtype the forwards asked for: five launches a step, where a forward would take three per sublayer) and
     keep them as :meth:`VectorQuantizer.codebook`'s results."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(_capturing(q.c_sum) for q in quantizers[:1]):
         return
     groups: dict[tuple, list[VectorQuantizer]] = {}
     for q in quantizers:

@@ -248,8 +248,7 @@ class TransformerVQ(nn.Module):
             commits.append(layer_commit)
         # one sum of the sublayers' commitment losses (not an add per sublayer: a launch each on a GPU)
         commit = torch.stack(commits).sum().to(torch.promote_types(x.dtype, torch.float32))
-        if self.training:  # the codebook statistics of this forward, for all sublayers in one batch
-            add_statistics(self._quantizers())
+        add_statistics(self._quantizers())  # this forward's codebook statistics (if any), all sublayers in one batch
         T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
         return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
 

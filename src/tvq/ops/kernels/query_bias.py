@@ -22,14 +22,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-ROWS = 64  # query rows per program (tests may shrink it)
+ROWS = 64  # query rows per program at most (tests may shrink it)
+ELEMENTS = 4096  # elements of a program's tile at most (rows = ELEMENTS / D_k): registers, not spills
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, u_ptr, v_ptr, qu_ptr, qv_ptr, H, T, D, scale, sq_b, sq_h, sq_t,
+def _fwd_kernel(q_ptr, u_ptr, v_ptr, qu_ptr, qv_ptr, H, T, D, n_t, scale, sq_b, sq_h, sq_t,
                 BT: tl.constexpr, BD: tl.constexpr):
     """Rows t0 .. t0 + BT - 1 of one (b, h): qu = q + scale u[h], qv = q + scale v[h] (outputs contiguous)."""
-    pid_t, p = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis (CUDA caps the others at 65535), row tiles fastest
+    pid_t, p = pid % n_t, pid // n_t
     b, h = p // H, p % H
     t = pid_t * BT + tl.arange(0, BT)  # (BT,)
     d = tl.arange(0, BD)  # (BD,)
@@ -48,7 +50,8 @@ def _bwd_kernel(gu_ptr, gv_ptr, gq_ptr, part_ptr, P, H, T, D, n_t, scale, su_b, 
     """Rows t0 .. t0 + BT - 1 of one (b, h): d_q = d_qu + d_qv, and this program's float32 sums over its rows of
     scale d_qu and scale d_qv, written to part[0, b, h, pid_t] and part[1, b, h, pid_t] (part (2, B, H, n_t, D),
     P = B H)."""
-    pid_t, p = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t, p = pid % n_t, pid // n_t
     b, h = p // H, p % H
     t = pid_t * BT + tl.arange(0, BT)
     d = tl.arange(0, BD)
@@ -61,8 +64,11 @@ def _bwd_kernel(gu_ptr, gv_ptr, gq_ptr, part_ptr, P, H, T, D, n_t, scale, su_b, 
     tl.store(part + P * n_t * D, tl.sum(gv, 0) * scale, mask=d < D)
 
 
-def _grid(B: int, H: int, T: int) -> tuple[int, int]:
-    return triton.cdiv(T, ROWS), B * H
+def _tiles(T: int, D: int) -> tuple[int, int, int]:
+    """(BT rows, BD columns, n_t row tiles) of a (T, D) head."""
+    BD = triton.next_power_of_2(D)
+    BT = max(1, min(ROWS, ELEMENTS // BD, triton.next_power_of_2(max(T, 1))))
+    return BT, BD, triton.cdiv(T, BT)
 
 
 def _strides(x: Tensor) -> tuple[Tensor, int, int, int]:
@@ -80,8 +86,9 @@ def query_biases(q: Tensor, u: Tensor, v: Tensor, scale: float) -> tuple[Tensor,
     qv = torch.empty_like(qu)
     if qu.numel():
         q, sb, sh, st = _strides(q)
-        _fwd_kernel[_grid(B, H, T)](q, u.contiguous(), v.contiguous(), qu, qv, H, T, D, scale, sb, sh, st,
-                                    BT=ROWS, BD=triton.next_power_of_2(D))
+        BT, BD, n_t = _tiles(T, D)
+        _fwd_kernel[(n_t * B * H,)](q, u.contiguous(), v.contiguous(), qu, qv, H, T, D, n_t, scale, sb, sh, st,
+                                    BT=BT, BD=BD)
     return qu, qv
 
 
@@ -96,20 +103,20 @@ def query_biases_backward(g_qu: Tensor, g_qv: Tensor, scale: float) -> tuple[Ten
     scale d_qv) for the gradients g_qu, g_qv (B, H, T, D) of :func:`query_biases`' outputs."""
     B, H, T, D = g_qu.shape
     g_q = torch.empty(B, H, T, D, dtype=g_qu.dtype, device=g_qu.device)
-    n_t = triton.cdiv(T, ROWS)
+    BT, BD, n_t = _tiles(T, D)
     parts = torch.empty(2, B, H, n_t, D, dtype=torch.float32, device=g_qu.device)  # every entry written
     if g_q.numel():
         g_qu, su_b, su_h, su_t = _strides(g_qu)
         g_qv, sv_b, sv_h, sv_t = _strides(g_qv)
-        _bwd_kernel[_grid(B, H, T)](g_qu, g_qv, g_q, parts, B * H, H, T, D, n_t, scale, su_b, su_h, su_t, sv_b,
-                                    sv_h, sv_t, BT=ROWS, BD=triton.next_power_of_2(D))
+        _bwd_kernel[(n_t * B * H,)](g_qu, g_qv, g_q, parts, B * H, H, T, D, n_t, scale, su_b, su_h, su_t, sv_b,
+                                    sv_h, sv_t, BT=BT, BD=BD)
     return g_q, parts
 
 
 @query_biases_backward.register_fake
 def _(g_qu, g_qv, scale):
     B, H, T, D = g_qu.shape
-    return g_qu.new_empty(g_qu.shape), g_qu.new_empty(2, B, H, triton.cdiv(T, ROWS), D, dtype=torch.float32)
+    return g_qu.new_empty(g_qu.shape), g_qu.new_empty(2, B, H, _tiles(T, D)[2], D, dtype=torch.float32)
 
 
 class _QueryBiases(torch.autograd.Function):
