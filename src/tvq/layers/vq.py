@@ -136,14 +136,17 @@ class VectorQuantizer(HostFlags):
         dtype = dtype or self.c_sum.dtype
         if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or self.c_sum.requires_grad
                 or self.c_count.requires_grad or _capturing(self.c_sum)):  # a graph's own: not kept across steps
-            return (self.c_sum / self.c_count.clamp_min(0.01)[..., None]).to(dtype)
-        key = (id(self.c_sum), self.c_sum._version, id(self.c_count), self.c_count._version)
-        if self._codebook_key != key:
-            self._codebooks = {self.c_sum.dtype: self.c_sum / self.c_count.clamp_min(0.01)[..., None]}
-            self._codebook_key = key
+            return _codewords(self.c_sum, self.c_count).to(dtype)
+        if self._codebook_key != self._buffers_key():
+            self._codebooks = {self.c_sum.dtype: _codewords(self.c_sum, self.c_count)}
+            self._codebook_key = self._buffers_key()
         if dtype not in self._codebooks:
             self._codebooks[dtype] = self._codebooks[self.c_sum.dtype].to(dtype)
         return self._codebooks[dtype]
+
+    def _buffers_key(self) -> tuple:
+        """c_sum's and c_count's identity and version: what :meth:`codebook`'s kept results were computed from."""
+        return id(self.c_sum), self.c_sum._version, id(self.c_count), self.c_count._version
 
     @property
     def stats_numel(self) -> int:
@@ -383,7 +386,6 @@ def _dead_fractions(quantizers: list[VectorQuantizer]) -> list[Tensor]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def add_statistics(quantizers: list[VectorQuantizer]) -> None:
     """Add the statistics the quantizers' forwards kept (:meth:`VectorQuantizer._accumulate`) to their accumulators:
     the per-token errors and norms summed in one reduction, then one multi-tensor add for everything (three launches
@@ -405,6 +407,7 @@ def add_statistics(quantizers: list[VectorQuantizer]) -> None:
     torch._foreach_add_(accs, adds)
 
 
+@torch.no_grad()
 def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
                   all_reduce: Callable[[Tensor], object] | None = None) -> CodebookMetrics:
     """:meth:`VectorQuantizer.apply_update` of several quantizers (a model's sublayers) with their flat ``stats``
@@ -441,6 +444,11 @@ def apply_updates(quantizers: list[VectorQuantizer], stats: list[Tensor],
     return metrics[0] if len(metrics) == 1 else CodebookMetrics.mean(metrics)
 
 
+def _codewords(c_sum: Tensor, c_count: Tensor) -> Tensor:
+    """C = c_sum / max(c_count, 0.01): (..., S, D_k) from (..., S, D_k) and (..., S)."""
+    return c_sum / c_count.clamp_min(0.01)[..., None]
+
+
 def _capturing(t: Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream of t's device (False on a CPU-only build)."""
     return t.is_cuda and torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing()
@@ -460,10 +468,10 @@ def _refresh_codebooks(quantizers: list[VectorQuantizer]) -> None:
     for group in groups.values():
         c_sum = torch.stack([q.c_sum for q in group])  # (n, H, S, D_k)
         c_count = torch.stack([q.c_count for q in group])  # (n, H, S)
-        books = {c_sum.dtype: c_sum / c_count.clamp_min(0.01)[..., None]}  # (n, H, S, D_k)
+        books = {c_sum.dtype: _codewords(c_sum, c_count)}  # (n, H, S, D_k)
         for dtype in {dt for q in group for dt in q._codebooks} - {c_sum.dtype}:
             books[dtype] = books[c_sum.dtype].to(dtype)
         for i, q in enumerate(group):
             q._codebooks = {dt: book[i] for dt, book in books.items()}
-            q._codebook_key = (id(q.c_sum), q.c_sum._version, id(q.c_count), q.c_count._version)
+            q._codebook_key = q._buffers_key()
 

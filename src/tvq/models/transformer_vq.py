@@ -313,7 +313,7 @@ class TransformerVQ(nn.Module):
         if not quantizers:
             return self.embed.weight.new_zeros(0)
         add_statistics(quantizers)
-        return torch.cat([q.pending_stats() for q in quantizers])
+        return torch.cat([q._stats for q in quantizers])
 
     @torch.no_grad()
     def update_codebooks(self, all_reduce: Callable[[Tensor], object] | None = None) -> Mapping[str, float]:

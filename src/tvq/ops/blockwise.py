@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from tvq.ops.cache import block_counts, cache_log_count, cache_read
 from tvq.ops.kernels import kernels_enabled
+from tvq.ops.quadratic import scaled_biases
 
 
 def skew(x: Tensor, width: int, fill: Tensor | None = None) -> Tensor:
@@ -173,8 +174,8 @@ def blockwise_attention(
 
         qu, qv = query_biases_kernel(q, u, v, uv_scale)  # (B, H, nb L, D_k) each
     else:
-        u, v = ((u, v) if uv_scale == 1.0 else (u * uv_scale, v * uv_scale))
-        qu, qv = q + u.to(q.dtype)[:, None], q + v.to(q.dtype)[:, None]  # (B, H, nb L, D_k)
+        u, v = scaled_biases(u, v, uv_scale, q.dtype)  # (H, D_k) each
+        qu, qv = q + u[:, None], q + v[:, None]  # (B, H, nb L, D_k)
     q, qu, qv = (t.unflatten(2, (nb, L)) for t in (q, qu, qv))  # (B, H, nb, L, D_k)
 
     # window slot w of query a: distance d = M + a - w; near (0 <= d <= M): content + positional score,

@@ -113,6 +113,13 @@ def gradient_rule(T: int, n_keys: int, *, mem_len: int, block_len: int, straight
     return near, None if grad_thru_cache else near
 
 
+def scaled_biases(u: Tensor, v: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The query biases as the attention adds them: ``(u * scale).to(dtype)`` and ``(v * scale).to(dtype)``."""
+    if scale != 1.0:
+        u, v = u * scale, v * scale
+    return u.to(dtype), v.to(dtype)
+
+
 def quadratic_attention(
     q: Tensor,
     keys: Tensor,
@@ -136,9 +143,7 @@ def quadratic_attention(
     :func:`tvq.ops.blockwise_attention` computes, with the same arguments. ``codes`` is not read (the keys
     are already codewords); ``cache`` is read with ``agg_cache`` only; u and v are used as
     ``(u * uv_scale).to(q.dtype)``."""
-    if uv_scale != 1.0:
-        u, v = u * uv_scale, v * uv_scale
-    u, v = u.to(q.dtype), v.to(q.dtype)
+    u, v = scaled_biases(u, v, uv_scale, q.dtype)
     key_grad, value_grad = gradient_rule(q.shape[2], keys.shape[2], mem_len=mem_len, block_len=block_len,
                                          straight_through=straight_through, grad_thru_cache=grad_thru_cache,
                                          device=q.device)
