@@ -253,3 +253,16 @@ def test_a_fill_counts_only_what_it_writes():
     ops = rec.phases["setup"].op_bytes
     assert ops["aten.new_zeros"] == 40 and ops["aten.zeros_like"] == 4000 and ops["aten.zero_"] == 4000
     assert ops["aten.add"] == 12000
+
+
+def test_a_copy_counts_its_source_read_and_its_destination_written():
+    """copy_ and _foreach_copy_ read the source and write the destination, which they do not read."""
+    import torch
+
+    src, dst = torch.ones(1000), torch.empty(1000, dtype=torch.float16)  # 4,000 and 2,000 bytes
+    rec = cost._make_recorder()
+    with rec:
+        dst.copy_(src)
+        torch._foreach_copy_([dst, dst], [src, src])
+    ops = rec.phases["setup"].op_bytes
+    assert ops["aten.copy_"] == 6000 and ops["aten._foreach_copy_"] == 12000

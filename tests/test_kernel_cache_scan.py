@@ -27,31 +27,33 @@ def rel_err(got, want):
 
 
 def make_read(P, nb, L, S, Dv, first_valid, seed=0):
-    """Random float64 inputs of a cache read: weights (not divided by the count), codes, values, start, the
-    counts (carried ones plus the valid keys of earlier blocks) and the per-row first valid key (P,)."""
+    """Random float64 inputs of a cache read: weights (not divided by the count), codes, values, the carried
+    means, the counts (carried ones plus the valid keys of earlier blocks) and the per-row first valid key (P,)."""
     g = torch.Generator().manual_seed(seed)
     weights = torch.rand(P, nb, L, S, generator=g, dtype=F64)
     codes = torch.randint(0, S, (P, nb, L), generator=g)
     values = torch.randn(P, nb, L, Dv, generator=g, dtype=F64)
-    start = torch.randn(P, S, Dv, generator=g, dtype=F64)
+    mean0 = torch.randn(P, S, Dv, generator=g, dtype=F64)
     first = torch.as_tensor(first_valid).expand(P)  # (P,)
     keep = (torch.arange(nb * L) >= first[:, None]).view(P, nb, L)
     n_blk = torch.zeros(P, nb, S, dtype=F64).scatter_add_(2, codes, keep.to(F64))
     count0 = torch.randint(0, 3, (P, S), generator=g).to(F64)
     count = count0[:, None] + n_blk.cumsum(1) - n_blk  # (P, nb, S)
-    return weights, codes, values, start, count, first
+    return weights, codes, values, mean0, count, first
 
 
-def reference(weights, codes, values, start, count, first):
-    """cache_read (float64) row by row, each with its own first valid key."""
+def reference(weights, codes, values, mean0, count, first):
+    """cache_read (float64) row by row, each with its own first valid key; the carried sums are the carried
+    counts (count[:, 0]) times the means."""
     w = weights / count.clamp_min(1.0)[..., None, :]
+    start = count[:, 0, :, None] * mean0  # (P, S, D_v)
     return torch.cat([cache_read(w[p:p + 1], codes[p:p + 1], values[p:p + 1], start[p:p + 1], int(first[p]))
                       for p in range(len(first))])
 
 
 def check_read(shape, first_valid, dtype, tol, seed=0):
-    weights, codes, values, start, count, first = make_read(*shape, first_valid, seed)
-    ref_in = [t.clone().requires_grad_() for t in (weights, values, start)]
+    weights, codes, values, mean0, count, first = make_read(*shape, first_valid, seed)
+    ref_in = [t.clone().requires_grad_() for t in (weights, values, mean0)]
     want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
     grad = torch.randn_like(want)
     want_grads = torch.autograd.grad((want * grad).sum(), ref_in)
@@ -59,7 +61,7 @@ def check_read(shape, first_valid, dtype, tol, seed=0):
     P, nb, L, Dv = values.shape
     key_list = torch.cat([values.flatten(1, 2), torch.randn(P, 5, Dv, dtype=F64)], 1)  # (P, nb L + 5, D_v)
     kin = [weights.to(dtype).requires_grad_(), key_list.to(dtype).requires_grad_(),
-           start.float().requires_grad_()]
+           mean0.float().requires_grad_()]
     fv = first if isinstance(first_valid, list) else first_valid
     got = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), fv)
     assert got.dtype == dtype and got.shape == want.shape
@@ -67,7 +69,7 @@ def check_read(shape, first_valid, dtype, tol, seed=0):
     assert (got_grads[1][:, nb * L:] == 0).all()
     got_grads[1] = got_grads[1][:, : nb * L].unflatten(1, (nb, L))
     assert rel_err(got, want) < tol
-    for name, x, a, b in zip(("weights", "values", "start"), kin, got_grads, want_grads):
+    for name, x, a, b in zip(("weights", "values", "mean0"), kin, got_grads, want_grads):
         assert a.dtype == x.dtype, name
         assert rel_err(a, b) < tol, name
 
@@ -86,9 +88,9 @@ def test_half_precision(dtype):
 
 
 def test_empty_slots_get_zero_gradient_and_last_block_none():
-    weights, codes, values, start, count, first = make_read(2, 3, 8, 16, 16, 11)
+    weights, codes, values, mean0, count, first = make_read(2, 3, 8, 16, 16, 11)
     values.requires_grad_()
-    out = scan.cache_read_kernel(weights.float(), codes, values.float().flatten(1, 2), start.float(), count.float(),
+    out = scan.cache_read_kernel(weights.float(), codes, values.float().flatten(1, 2), mean0.float(), count.float(),
                                  11)
     (flat,) = torch.autograd.grad(out.sum(), values)  # (P, nb L, D_v)
     flat = flat.flatten(1, 2)
@@ -97,20 +99,20 @@ def test_empty_slots_get_zero_gradient_and_last_block_none():
 
 
 def test_gradients_only_where_asked():
-    """Detached values and start (grad_thru_cache off): only the weights get a gradient."""
-    weights, codes, values, start, count, first = make_read(*SHAPES[0], 0)
+    """Detached values and mean0 (grad_thru_cache off): only the weights get a gradient."""
+    weights, codes, values, mean0, count, first = make_read(*SHAPES[0], 0)
     w = weights.float().requires_grad_()
-    out = scan.cache_read_kernel(w, codes, values.float().flatten(1, 2), start.float(), count.float(), 0)
+    out = scan.cache_read_kernel(w, codes, values.float().flatten(1, 2), mean0.float(), count.float(), 0)
     (g,) = torch.autograd.grad(out.sum(), w)
-    want = torch.autograd.grad(reference(weights.requires_grad_(), codes, values, start, count, first).sum(),
+    want = torch.autograd.grad(reference(weights.requires_grad_(), codes, values, mean0, count, first).sum(),
                                weights)[0]
     assert rel_err(g, want) < 1e-5
 
 
 def test_row_groups(monkeypatch):
     """Means bounded per group of rows (_CHUNK_BYTES): the same outputs and gradients as one group."""
-    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
-    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
+    weights, codes, values, mean0, count, first = make_read(*SHAPES[0], 3)
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), mean0)]
 
     def run():
         out = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
@@ -129,24 +131,29 @@ def test_custom_ops_on_fake_tensors():
         P, nb, L, S, Dv = 2, 3, 8, 16, 24
         codes = torch.zeros(P, nb, L, dtype=torch.long)
         values = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16)
-        start, count = torch.empty(P, S, Dv), torch.empty(P, nb, S)
+        mean0, count = torch.empty(P, S, Dv), torch.empty(P, nb, S)
         first = torch.zeros(P, dtype=torch.int32)
-        means = scan.cache_scan(codes, values, start, count, first, torch.bfloat16)
-        g_values, g_start = scan.cache_scan_backward(codes, means, count, first, torch.bfloat16, nb * L + 4)
+        means = scan.cache_scan(codes, values, mean0, count, first, 0, torch.bfloat16)
+        g_values, g_mean0 = scan.cache_scan_backward(codes, means, count, None, 3, torch.bfloat16, torch.float32,
+                                                     nb * L + 4)
     assert means.shape == (P, nb, S, Dv) and means.dtype == torch.bfloat16
     assert g_values.shape == (P, nb * L + 4, Dv) and g_values.dtype == torch.bfloat16
-    assert g_start.shape == start.shape and g_start.dtype == torch.float32
+    assert g_mean0.shape == mean0.shape and g_mean0.dtype == torch.float32
 
 
 def test_opcheck():
-    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
+    weights, codes, values, mean0, count, first = make_read(*SHAPES[0], 3)
     first = first.to(torch.int32)
-    args = (codes, values.float(), start.float(), count.float(), first, torch.float32)
+    args = (codes, values.float(), mean0.float(), count.float(), first, 0, torch.float32)
     torch.library.opcheck(scan.cache_scan, args, test_utils=("test_schema", "test_faketensor"))
     g_means = torch.randn(*SHAPES[0][:2], 16, 24)
     n_rows = codes.shape[1] * codes.shape[2] + 4
-    torch.library.opcheck(scan.cache_scan_backward, (codes, g_means, count.float(), first, torch.float32, n_rows),
+    torch.library.opcheck(scan.cache_scan, (*args[:4], None, 3, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+    for fv, first_int in ((first, 0), (None, 3)):
+        torch.library.opcheck(scan.cache_scan_backward,
+                              (codes, g_means, count.float(), fv, first_int, torch.float32, torch.float32, n_rows),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("n_invalid", [0, 11, "per row"])
@@ -228,8 +235,8 @@ def test_blockwise_attention_kernels_on_equals_off(straight_through, grad_thru_c
 
 def test_compiles_in_one_graph():
     """torch.compile traces the whole read (the scans through their fake registrations) in one graph."""
-    weights, codes, values, start, count, first = make_read(*SHAPES[0], 3)
-    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
+    weights, codes, values, mean0, count, first = make_read(*SHAPES[0], 3)
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), mean0)]
     compiled = torch.compile(scan.cache_read_kernel, backend="aot_eager", fullgraph=True)
     got = compiled(kin[0], codes, kin[1], kin[2], count.float(), 3)
     got_grads = torch.autograd.grad(got.sum(), kin)
@@ -243,13 +250,13 @@ def test_flops_and_launches_for_the_cost_model():
 
     P, nb, L, S, Dv = 2, 3, 8, 16, 24
     codes, g_means = torch.zeros(P, nb, L, dtype=torch.long), torch.empty(P, nb, S, Dv, dtype=torch.bfloat16)
-    values, start = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16), torch.empty(P, S, Dv)
-    fwd = KERNEL_FLOPS["tvq_kernels::cache_scan"](codes, values, start, None, None, torch.bfloat16)
-    bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, torch.bfloat16, nb * L)
+    values, mean0 = torch.empty(P, nb, L, Dv, dtype=torch.bfloat16), torch.empty(P, S, Dv)
+    fwd = KERNEL_FLOPS["tvq_kernels::cache_scan"](codes, values, mean0, None, None, 0, torch.bfloat16)
+    bwd = KERNEL_FLOPS["tvq_kernels::cache_scan_backward"](codes, g_means, None, None, 0, torch.bfloat16, None, nb * L)
     assert fwd == ("bfloat16", 2 * P * (nb - 1) * L * S * Dv) and bwd == ("bfloat16", 0)
     launches = KERNEL_LAUNCHES["tvq_kernels::cache_scan_backward"]
-    assert launches(codes, g_means, None, None, torch.bfloat16, nb * L) == (2, P * nb * (S + L) * Dv * 2)
-    assert launches(codes, g_means, None, None, torch.float32, nb * L + 4)[0] == 2  # the gather zeroes the tail
+    assert launches(codes, g_means, None, None, 0, torch.bfloat16, None, nb * L) == (2, P * nb * (S + L) * Dv * 2)
+    assert launches(codes, g_means, None, None, 0, torch.float32, None, nb * L + 4)[0] == 2  # the gather zeroes the tail
     assert "tvq_kernels::cache_scan" not in KERNEL_LAUNCHES  # one launch, no scratch
 
 
@@ -257,15 +264,15 @@ def test_flops_and_launches_for_the_cost_model():
 def test_saved_or_recomputed_means_give_the_same_gradients(monkeypatch, S):
     """S <= L: the forward's means are saved for backward; S > L: backward recomputes them (counted scans)."""
     P, nb, L, Dv = 2, 3, 8, 24
-    weights, codes, values, start, count, first = make_read(P, nb, L, S, Dv, 3)
+    weights, codes, values, mean0, count, first = make_read(P, nb, L, S, Dv, 3)
     calls = []
     real = scan.cache_scan
     monkeypatch.setattr(scan, "cache_scan", lambda *a: calls.append(1) or real(*a))
-    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), start)]
+    kin = [t.float().requires_grad_() for t in (weights, values.flatten(1, 2), mean0)]
     out = scan.cache_read_kernel(kin[0], codes, kin[1], kin[2], count.float(), 3)
     got = torch.autograd.grad((out * out).sum(), kin)
     assert len(calls) == (1 if S <= L else 2)
-    ref_in = [t.clone().requires_grad_() for t in (weights, values, start)]
+    ref_in = [t.clone().requires_grad_() for t in (weights, values, mean0)]
     want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
     want_g = torch.autograd.grad((want * want).sum(), ref_in)
     assert rel_err(got[0], want_g[0]) < 1e-5 and rel_err(got[1][:, : nb * L].unflatten(1, (nb, L)), want_g[1]) < 1e-5

@@ -65,6 +65,8 @@ def test_opcheck_and_flops():
     for dst, derr in ((torch.randn_like(k), torch.randn(2, 2, 12)), (None, torch.randn(2, 2, 12)),
                       (torch.randn_like(k), None)):
         torch.library.opcheck(kvq.vq_quantize_backward, (k, codebook, codes, dst, derr), test_utils=utils)
+    torch.library.opcheck(kvq.vq_quantize_backward, (k, codebook, codes, None, None, torch.randn(()), 0.5),
+                          test_utils=utils)
     flops = ("float32", 2 * 2 * 2 * 12 * 8 * 20)
     assert KERNEL_FLOPS["tvq_kernels::vq_codes"](k, codebook) == flops
     assert KERNEL_FLOPS["tvq_kernels::vq_quantize"](k, codebook) == flops
@@ -89,7 +91,8 @@ def test_quantize_forward_and_backward(dtype, tol, B, H, T, S, Dk):
     r, w = torch.randn(B, H, T, Dk, generator=g), torch.randn(B, H, T, generator=g)
     for use_st, use_err in ((True, True), (True, False), (False, True)):
         k = k0.detach().requires_grad_()
-        k_st, codes, err, k_sq = kvq.quantize_kernel(k, codebook)
+        k_st, codes, err, k_sq, none = kvq.quantize_kernel(k, codebook)
+        assert none is None
         loss = (k_st.double() * r).sum() * use_st + (err.double() * w).sum() * use_err
         loss.backward()
         k64 = k0.double().detach().requires_grad_()
@@ -103,6 +106,28 @@ def test_quantize_forward_and_backward(dtype, tol, B, H, T, S, Dk):
         torch.testing.assert_close(k_sq.double(), ref[3], rtol=tol, atol=tol)
         assert k.grad.dtype == dtype
         torch.testing.assert_close(k.grad.double(), k64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("H", [1, 3])
+def test_quantize_mean_error_and_its_gradient(H):
+    """quantize_kernel(mean=True)'s loss err.sum(1).mean() and k's gradient through it (the backward kernel reads
+    the scalar gradient), alone and with the straight-through key's, against float64."""
+    g = torch.Generator().manual_seed(5 + H)
+    B, T, S, Dk = 2, 19, 24, 8
+    codebook = torch.randn(H, S, Dk, generator=g)
+    k0 = torch.randn(B, T, H, Dk, generator=g).transpose(1, 2)  # (B, H, T, D_k), strided
+    r = torch.randn(B, H, T, Dk, generator=g)
+    for use_st in (False, True):
+        k = k0.detach().requires_grad_()
+        k_st, _, err, _, mean_err = kvq.quantize_kernel(k, codebook, mean=True)
+        assert mean_err.shape == () and mean_err.dtype == torch.float32
+        (3.0 * mean_err + (k_st * r).sum() * use_st).backward()
+        k64 = k0.double().detach().requires_grad_()
+        ref = quantize_reference(k64, codebook.double())
+        ref_mean = ref[2].sum(1).mean()
+        (3.0 * ref_mean + (ref[0] * r).sum() * use_st).backward()
+        torch.testing.assert_close(mean_err.double(), ref_mean.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(k.grad.double(), k64.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_quantizer_layer_kernels_equal_pytorch():

@@ -138,19 +138,20 @@ def test_fused_rms_norm_of_the_cuda_path_equals_the_formula():
     torch.testing.assert_close(g_fused, g_plain, atol=1e-12, rtol=0)
 
 
-def test_joined_weight_is_the_cast_weights_joined():
-    """joined_weight = cat of the casts, and its gradient reaches each weight in its own dtype (float32), split by
-    rows; weights of different widths are refused."""
-    from tvq.ops.linear import joined_weight
+def test_cast_weights_are_the_casts_joined_per_group():
+    """cast_weights = per group, the cat of the casts; each weight's gradient in its own dtype (float32), split by
+    rows; a group without a gradient gives none; a group of mixed widths is refused."""
+    from tvq.ops.linear import cast_weights
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 5, generator=gen, requires_grad=True)
-    b = torch.randn(4, 5, generator=gen, requires_grad=True)
-    w = joined_weight([a, b], torch.float16)
-    assert w.dtype == torch.float16 and torch.equal(w, torch.cat([a.half(), b.half()]))
-    g = torch.randn(7, 5, generator=gen).half()
-    ga, gb = torch.autograd.grad(w, (a, b), g)
-    assert ga.dtype == gb.dtype == torch.float32
-    assert torch.equal(ga, g[:3].float()) and torch.equal(gb, g[3:].float())
+    a, b, c = (torch.randn(n, 5, generator=gen, requires_grad=True) for n in (3, 4, 2))
+    d = torch.randn(6, 3, generator=gen, requires_grad=True)
+    ab, cc, dd = cast_weights([[a, b], [c], [d]], torch.float16)
+    assert ab.dtype == cc.dtype == dd.dtype == torch.float16
+    assert torch.equal(ab, torch.cat([a.half(), b.half()])) and torch.equal(cc, c.half()) and torch.equal(dd, d.half())
+    g_ab, g_d = torch.randn(7, 5, generator=gen).half(), torch.randn(6, 3, generator=gen).half()
+    ga, gb, gc, gd = torch.autograd.grad((ab, dd), (a, b, c, d), (g_ab, g_d), allow_unused=True)
+    assert ga.dtype == gb.dtype == gd.dtype == torch.float32 and gc is None
+    assert torch.equal(ga, g_ab[:3].float()) and torch.equal(gb, g_ab[3:].float()) and torch.equal(gd, g_d.float())
     with pytest.raises(ValueError, match="one dtype and one width"):
-        joined_weight([a, torch.randn(2, 4)], torch.float16)
+        cast_weights([[a, torch.randn(2, 4)]], torch.float16)

@@ -122,6 +122,8 @@ FILLS = frozenset({
     "aten.new_zeros", "aten.new_ones", "aten.new_full", "aten.zeros_like", "aten.ones_like", "aten.full_like",
     "aten.zero_", "aten.fill_", "aten._foreach_zero_",
 })
+# copies: kernels that read their source (argument 1) and write their destination (argument 0) without reading it
+COPIES = frozenset({"aten.copy_", "aten._foreach_copy_"})
 # GEMMs: (index of the left operand, index of the right operand) among the op's arguments
 GEMMS = {
     "aten.mm": (0, 1), "aten.bmm": (0, 1), "aten.addmm": (1, 2), "aten.baddbmm": (1, 2), "aten.addbmm": (1, 2),
@@ -591,7 +593,8 @@ def _make_recorder():
             if all(t.device.type == "meta" for t in outputs):
                 self.non_kernels[f"{name} (meta)"] += 1  # shapes only (zero_states' templates): no device work
                 return out
-            inputs = [] if name in FILLS else _tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
+            inputs = [] if name in FILLS else _tensors(args[1]) if name in COPIES else _tensors(
+                (args, {k: v for k, v in kwargs.items() if k != "out"}))
             flops, launches, scratch = None, 1, 0
             if kernel_op:
                 from tvq.ops.kernels import KERNEL_FLOPS, KERNEL_LAUNCHES

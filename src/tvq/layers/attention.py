@@ -30,7 +30,7 @@ from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state
 from tvq.ops.kernels import kernels_enabled
-from tvq.ops.linear import fused_linear_ok, joined_weight, linear
+from tvq.ops.linear import cast_weights, fused_linear_ok, linear
 from tvq.state import LayerState, empty_slots
 
 
@@ -127,18 +127,21 @@ class Attention(HostFlags):
             self._warming = self._host("warmup_steps", int) < self.warmup
         return not self._warming
 
-    def position_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def position_terms(self, dtype: torch.dtype, w_r: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Relative embeddings of distances 0..M per key/value head (H_kv, M + 1, D_k) and the biases u, v
         per query head (H_q, D_k), all scaled by D_k^-1/4 like q and k (sinusoid dropout in training), in
-        ``dtype`` (the compute dtype: q + u then stays in it, with no cast of the (B, H, T, D_k) sums)."""
+        ``dtype`` (the compute dtype: q + u then stays in it, with no cast of the (B, H, T, D_k) sums); ``w_r`` as
+        in :meth:`relative_embeddings`."""
         u, v = (torch.stack([self.xl_u, self.xl_v]) * self.config.d_k**-0.25).to(dtype)  # (H_q, D_k) each
-        return self.relative_embeddings(dtype), u, v
+        return self.relative_embeddings(dtype, w_r), u, v
 
-    def relative_embeddings(self, dtype: torch.dtype) -> Tensor:
-        """:meth:`position_terms`' relative embeddings alone, the sinusoid table read in ``dtype``."""
+    def relative_embeddings(self, dtype: torch.dtype, w_r: Tensor | None = None) -> Tensor:
+        """:meth:`position_terms`' relative embeddings alone, the sinusoid table read in ``dtype``; ``w_r`` the
+        projection's weight already cast (:meth:`_cast_weights`), else the module runs."""
         cfg = self.config
         Hkv, Dk, M = cfg.n_kv_head, cfg.d_k, cfg.mem_len
-        rel = self.w_r(self.drop_sin(self.sin.scaled(dtype)))  # (M + 1, H_kv D_k), the scale in the table
+        sin = self.drop_sin(self.sin.scaled(dtype))  # (M + 1, D), the scale in the table
+        rel = self.w_r(sin) if w_r is None else F.linear(sin, w_r)  # (M + 1, H_kv D_k)
         return rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
@@ -175,7 +178,9 @@ class Attention(HostFlags):
         # under autocast the norm writes the projections' input in the compute dtype once
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
-        q, k, v, g, fused, qk = self._projections(h)
+        # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch each way
+        w_proj, w_o, w_r = self._cast_weights(h.dtype) if self._joined_path(h) else (None, None, None)
+        q, k, v, g, fused, qk = self._projections(h, w_proj)
         if qk is not None:  # the query and key heads side by side in the projection: one norm for both
             qk = self.qk_norm(qk.view(B, T, Hq + Hkv, Dk), scale=scale)  # (B, T, H_q + H_kv, D_k)
             q, k = (t.transpose(1, 2) for t in qk.split([Hq, Hkv], 2))  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
@@ -184,9 +189,9 @@ class Attention(HostFlags):
             k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
         if self.quantizer is not None:  # u and v as they are: the VQ attention scales them and adds them to q
-            rel, u, vb = self.relative_embeddings(h.dtype), self.xl_u, self.xl_v  # (one kernel on the GPU path)
+            rel, u, vb = self.relative_embeddings(h.dtype, w_r), self.xl_u, self.xl_v  # (one kernel on the GPU path)
         else:
-            rel, u, vb = self.position_terms(h.dtype)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
+            rel, u, vb = self.position_terms(h.dtype, w_r)  # (H_kv, M + 1, D_k), (H_q, D_k), (H_q, D_k)
         rel = per_query_head(rel, Hq, 0)  # (H_q, M + 1, D_k)
 
         if self.quantizer is None:
@@ -233,15 +238,33 @@ class Attention(HostFlags):
             out = out * g
         if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
             return linear(out, self.w_o.weight, residual=x), new_state, commit
-        return add_residual(x, self.w_o(out), cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
+        res = self.w_o(out) if w_o is None else F.linear(out, w_o)  # (B, T, D)
+        return add_residual(x, res, cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
 
-    def _projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, Tensor | None]:
+    def _joined_path(self, h: Tensor) -> bool:
+        """Whether the projections run as one GEMM of joined weights (:meth:`_cast_weights`): the gated sublayer
+        on the Triton path, its projections plain."""
+        return self.config.gated and kernels_enabled(h) and self._plain_projections()
+
+    def _cast_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The joined projection weight (n_q + n_k + n_v + n_g, D) in ``dtype``, and w_o's and w_r's weights in it
+        too: all written by one launch (and their gradients by one), where autocast would cast each weight
+        apart both ways. w_o and w_r are passed as they are where already in ``dtype``."""
+        weights = {"o": self.w_o.weight, "r": self.w_r.weight}
+        to_cast = [name for name, w in weights.items() if w.dtype != dtype]
+        w_proj, *cast = cast_weights([[self.w_q.weight, self.w_kvg.weight]] + [[weights[n]] for n in to_cast], dtype)
+        weights.update(zip(to_cast, cast))
+        return w_proj, weights["o"], weights["r"]
+
+    def _projections(self, h: Tensor, w_proj: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, Tensor | None]:
         """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, whether
         oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM), and q and k side by
         side (B, T, H_q D_k + H_kv D_k) where one GEMM wrote them so (else None). On the Triton path
         (:func:`tvq.ops.kernels.kernels_enabled`) g is the gate BEFORE its SiLU (the gate's kernel applies it) and
         one kernel writes v's SiLU, and in backward the whole projection's gradient
-        (:mod:`tvq.ops.kernels.gate`)."""
+        (:mod:`tvq.ops.kernels.gate`); ``w_proj`` the joined weight of :meth:`_cast_weights` there (one GEMM for
+        q too: h read once, its gradient written once, no add)."""
         cfg = self.config
         n_k, n_v = cfg.n_kv_head * cfg.d_k, cfg.n_kv_head * cfg.head_d_v
         act = "silu" if cfg.gated else None
@@ -253,11 +276,9 @@ class Attention(HostFlags):
         elif cfg.gated and kernels_enabled(h):
             from tvq.ops.kernels.gate import gau_activation
 
-            if self._plain_projections():  # one GEMM for q too: h read once, its gradient written once (no add)
-                n_q = self.w_q.out_features
-                w = joined_weight([self.w_q.weight, self.w_kvg.weight], h.dtype)  # cast and joined in one pass
-                z = F.linear(h, w)  # (B, T, n_q + n_k + n_v + n_g)
-                qk, v, g = gau_activation(z, n_q + n_k, n_v)  # views of the projection, v written
+            if w_proj is not None:
+                z = F.linear(h, w_proj)  # (B, T, n_q + n_k + n_v + n_g)
+                qk, v, g = gau_activation(z, self.w_q.out_features + n_k, n_v)  # views of the projection, v written
                 return None, None, v, g, False, qk
             q = self.w_q(h)
             k, v, g = gau_activation(self.w_kvg(h), n_k, n_v)
@@ -275,4 +296,4 @@ class Attention(HostFlags):
         reads their weights directly, computes what their forwards would (not so for, e.g., a LoRA or
         quantized replacement, or a hook)."""
         return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (self.w_q, self.w_kvg, self.w_o))
+                   for m in (self.w_q, self.w_kvg, self.w_r, self.w_o))

@@ -160,11 +160,12 @@ class VectorQuantizer(HostFlags):
         # the straight-through key, the error and the key norms (and one kernel in backward), else one fused
         # product per (b, h) and an argmin
         dd = torch.promote_types(torch.promote_types(k.dtype, c_full.dtype), torch.float32)
-        k_sq = None  # (B, T) ||k||^2 summed over heads, where the kernel wrote it
+        k_sq = commit = None  # (B, T) ||k||^2 summed over heads and the loss (), where the kernel wrote them
         if dd == torch.float32 and kernels_enabled(k):
             from tvq.ops.kernels.vq_codes import quantize_kernel
 
-            k_st, codes, err, k_sq = quantize_kernel(k, c_full)  # (B, H, T, D_k), (B, H, T), float32 (B, H, T) x 2
+            # (B, H, T, D_k), (B, H, T), float32 (B, H, T) x 2, and without a mask the commitment loss ()
+            k_st, codes, err, k_sq, commit = quantize_kernel(k, c_full, mean=token_mask is None)
             # (B, T), summed over heads (one head: a view, and a view in backward: no kernel)
             err, k_sq = (err.squeeze(1), k_sq.squeeze(1)) if self.n_head == 1 else (err.sum(1), k_sq.sum(1))
         else:
@@ -179,7 +180,7 @@ class VectorQuantizer(HostFlags):
             k_st = c_z + (k - k.detach()) if k.requires_grad else c_z  # straight-through estimator
             err = (k - c_z).square().sum(-1).sum(1)  # (B, T), summed over heads
         if token_mask is None:
-            commit = err.mean()
+            commit = err.mean() if commit is None else commit
         else:
             w = token_mask.to(err.dtype)
             commit = (err * w).sum() / w.sum().clamp_min(1.0)

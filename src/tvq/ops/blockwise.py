@@ -267,7 +267,7 @@ def blockwise_attention(
         from tvq.ops.kernels.window_values import block_values_kernel
 
         cache = (p_cache.to(vals.dtype).flatten(0, 1), blk_codes.flatten(0, 1),
-                 (c0[..., None] * mean0.to(acc)).flatten(0, 1), count.flatten(0, 1),
+                 mean0.flatten(0, 1), count.flatten(0, 1),  # the scan multiplies mean0 by count[:, 0] = c0
                  n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid)  # per row: (B H,)
         out = block_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), cache, keep=value_rule, dtype=v_dt,
                                   cache_grad=grad_thru_cache).unflatten(0, (B, H))  # (B, H, nb, L, D_v)

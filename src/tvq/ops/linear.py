@@ -1,5 +1,5 @@
 """The attention sublayers' projections: a CPU inference fast path (oneDNN's fused linear), and the GPU path's
-joined projection weight (:func:`joined_weight`).
+weights cast and joined in one launch (:func:`cast_weights`).
 
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul with a fused activation or residual add, the
 kernel inductor's freezing pass uses) runs bench-small's float32 projections at 195-212 GFLOP/s on
@@ -74,27 +74,53 @@ def linear(x: Tensor, weight: Tensor, act: str | None = None, residual: Tensor |
     return y if residual is None else residual + y
 
 
-class _JoinedWeight(torch.autograd.Function):
-    """The weights (rows, D_in) stacked by rows in ``dtype`` with one multi-tensor copy (a launch on a GPU, where
-    a cast of each and a ``cat`` are three); backward one cast of the joined gradient, split by views."""
+class _CastWeights(torch.autograd.Function):
+    """Groups of weights in ``dtype``, each group's weights (rows, D_in) stacked by rows, all written by one
+    multi-tensor copy (one launch on a GPU, where a cast of each weight and a ``cat`` per group are one launch
+    each); backward one multi-tensor copy of the groups' gradients into the weights' dtype (a group with no
+    gradient gives its weights none)."""
 
     @staticmethod
-    def forward(ctx, dtype, *weights):
-        sizes = [w.shape[0] for w in weights]
-        out = weights[0].new_empty(sum(sizes), weights[0].shape[1], dtype=dtype)  # (sum rows, D_in)
-        torch._foreach_copy_(list(out.split(sizes)), list(weights))
-        ctx.sizes, ctx.dtype = sizes, weights[0].dtype
-        return out
+    def forward(ctx, dtype, sizes, *weights):
+        outs, dst, i = [], [], 0
+        for n in sizes:
+            group = weights[i : i + n]
+            rows = [w.shape[0] for w in group]
+            out = group[0].new_empty(sum(rows), group[0].shape[1], dtype=dtype)  # (sum rows, D_in)
+            outs.append(out)
+            dst.extend(out.split(rows))
+            i += n
+        torch._foreach_copy_(dst, list(weights))
+        ctx.set_materialize_grads(False)
+        ctx.sizes, ctx.rows = sizes, [w.shape[0] for w in weights]
+        ctx.dtypes = [w.dtype for w in weights]
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad):
-        return (None, *grad.to(ctx.dtype).split(ctx.sizes))
+    def backward(ctx, *grads):
+        src, dst, out, i = [], [], [], 0
+        for n, g in zip(ctx.sizes, grads):
+            rows = ctx.rows[i : i + n]
+            if g is None:
+                out.extend([None] * n)
+            else:
+                for part, dt in zip(g.split(rows), ctx.dtypes[i : i + n]):
+                    src.append(part)
+                    dst.append(part.new_empty(part.shape, dtype=dt))
+                    out.append(dst[-1])
+            i += n
+        if dst:
+            torch._foreach_copy_(dst, src)
+        return (None, None, *out)
 
 
-def joined_weight(weights: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """``torch.cat([w.to(dtype) for w in weights])`` for weights of one dtype and width: one launch forward and one
-    backward on a GPU instead of three each (the projections of a sublayer as one GEMM under autocast)."""
-    if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
-        raise ValueError("joined_weight: weights of one dtype and one width expected, got "
-                         f"{[(tuple(w.shape), w.dtype) for w in weights]}")
-    return _JoinedWeight.apply(dtype, *weights)
+def cast_weights(groups: list[list[Tensor]], dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``tuple(torch.cat([w.to(dtype) for w in group]) for group in groups)``: the weights of each group (one
+    dtype and width per group) stacked by rows, every group cast in one launch forward and one backward on a GPU
+    (a sublayer's projections as one GEMM, and its other weights' casts under autocast, which would each be a
+    launch both ways)."""
+    for group in groups:
+        if not group or len({(w.dtype, w.shape[1]) for w in group}) != 1:
+            raise ValueError("cast_weights: each group needs weights of one dtype and one width, got "
+                             f"{[(tuple(w.shape), w.dtype) for w in group]}")
+    return _CastWeights.apply(dtype, tuple(len(g) for g in groups), *(w for g in groups for w in g))

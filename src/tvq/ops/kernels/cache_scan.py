@@ -1,8 +1,9 @@
 """The compressive cache's share of the output as a Triton scan plus one batched GEMM per block
 (the kernel twin of :func:`tvq.ops.cache.cache_read`).
 
-Block n of a row p (P = B H rows) reads the cache C_n (S, D_v): ``start`` plus the values of the valid
-keys of blocks 0..n-1, summed per code. The output is ``p_cache[n] @ (C_n / count_n)``: the scan
+Block n of a row p (P = B H rows) reads the cache C_n (S, D_v): the carried sums (the carried means
+``mean0`` times the carried counts, multiplied on chip) plus the values of the valid keys of blocks 0..n-1,
+summed per code. The output is ``p_cache[n] @ (C_n / count_n)``: the scan
 (:func:`cache_scan`) writes the per-block MEANS (P, nb, S, D_v) in the compute dtype, and a batched GEMM
 in the compute dtype reads them (:func:`cache_read_kernel`), or the window's value kernel reads them as it adds
 the window's share (:func:`tvq.ops.kernels.window_values.block_values_kernel`: the blockwise path's choice, whose
@@ -60,19 +61,23 @@ def _tile_ids(S, Dv, BS: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(codes_ptr, values_ptr, start_ptr, count_ptr, first_valid_ptr, means_ptr,
-                     nb, L, S, Dv, stride_vp, stride_vn, stride_vl,
+def _scan_fwd_kernel(codes_ptr, values_ptr, mean0_ptr, count_ptr, first_ptr, means_ptr, first_valid,
+                     nb, L, S, Dv, stride_vp, stride_vn, stride_vl, PER_ROW: tl.constexpr,
                      BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One (BS, BD) tile of row p's cache: for n = 0..nb-1 write means[p, n] = C_n / max(count_n, 1), then
-    add block n's valid keys (one-hot (BS, BL) @ values (BL, BD), float32 accumulator)."""
+    """One (BS, BD) tile of row p's cache: C_0 = mean0 * count[p, 0] (the carried sums), then for n = 0..nb-1
+    write means[p, n] = C_n / max(count_n, 1) and add block n's valid keys (one-hot (BS, BL) @ values (BL, BD),
+    float32 accumulator). Keys before first_ptr[p] (PER_ROW) or ``first_valid`` are empty slots."""
     ts, td, p = _tile_ids(S, Dv, BS, BD)
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     d = td * BD + tl.arange(0, BD)  # (BD,)
     s_ok, d_ok = s < S, d < Dv
     tile_ok = s_ok[:, None] & d_ok[None, :]  # (BS, BD)
-    acc = tl.load(start_ptr + (p * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    first_valid = tl.load(first_valid_ptr + p)
+    c0 = tl.load(count_ptr + p * nb * S + s, mask=s_ok, other=0.0)  # (BS,) the carried counts
+    acc = tl.load(mean0_ptr + (p * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    acc = acc * c0[:, None]  # (BS, BD)
+    if PER_ROW:
+        first_valid = tl.load(first_ptr + p)
     for n in range(nb):
         row = p * nb + n
         cnt = tl.load(count_ptr + row * S + s, mask=s_ok, other=1.0)  # (BS,)
@@ -93,11 +98,11 @@ def _scan_fwd_kernel(codes_ptr, values_ptr, start_ptr, count_ptr, first_valid_pt
 
 
 @triton.jit
-def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_start_ptr, nb, S, Dv,
+def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_mean0_ptr, nb, S, Dv,
                    BS: tl.constexpr, BD: tl.constexpr):
     """The reverse scan of one (BS, BD) tile, float32 on chip: G_n = sum over n' >= n of g_means[p, n'] /
     max(count_n', 1). Writes g_next[p, n] = G_{n+1} (what block n's keys get; in g_next's dtype, the values')
-    and g_start[p] = G_0. A tile is read and written once per block: the walk is short (nb steps) and the
+    and g_mean0[p] = G_0 count[p, 0] (the carried means' gradient, in g_mean0's dtype). A tile is read and written once per block: the walk is short (nb steps) and the
     per-key gather is :func:`_gather_kernel`'s, in parallel over keys."""
     ts, td, p = _tile_ids(S, Dv, BS, BD)
     s = ts * BS + tl.arange(0, BS)  # (BS,)
@@ -112,12 +117,14 @@ def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_start_ptr, nb, S, Dv,
         cnt = tl.load(count_ptr + (p * nb + n) * S + s, mask=s_ok, other=1.0)  # (BS,)
         tl.store(g_next_ptr + at, g.to(g_next_ptr.dtype.element_ty), mask=tile_ok)
         g += gm.to(tl.float32) / tl.maximum(cnt, 1.0)[:, None]
-    tl.store(g_start_ptr + (p * S + s[:, None]) * Dv + d[None, :], g, mask=tile_ok)
+    c0 = tl.load(count_ptr + p * nb * S + s, mask=s_ok, other=0.0)  # (BS,) the carried counts
+    tl.store(g_mean0_ptr + (p * S + s[:, None]) * Dv + d[None, :],
+             (g * c0[:, None]).to(g_mean0_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _gather_kernel(codes_ptr, g_next_ptr, first_valid_ptr, g_values_ptr, nb, L, S, Dv, n_rows,
-                   BR: tl.constexpr, BD: tl.constexpr):
+def _gather_kernel(codes_ptr, g_next_ptr, first_ptr, g_values_ptr, first_valid, nb, L, S, Dv, n_rows,
+                   PER_ROW: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """BR rows of row p's key list, one D_v tile: a valid key of block n gets g_next[p, n, code] (G_{n+1} at its
     code), an empty slot and a row after the blocks (r >= nb L) zero. Every key is independent: one program per
     (row tile, D_v tile), D_v tiles fastest."""
@@ -127,7 +134,9 @@ def _gather_kernel(codes_ptr, g_next_ptr, first_valid_ptr, g_values_ptr, nb, L, 
     r = tr * BR + tl.arange(0, BR)  # (BR,) key-list rows
     d = td * BD + tl.arange(0, BD)  # (BD,)
     d_ok = d < Dv
-    keep = (r < nb * L) & (r >= tl.load(first_valid_ptr + p))
+    if PER_ROW:
+        first_valid = tl.load(first_ptr + p)
+    keep = (r < nb * L) & (r >= first_valid)
     code = tl.load(codes_ptr + p * nb * L + r, mask=keep, other=0).to(tl.int64)  # (BR,)
     g = tl.load(g_next_ptr + ((p * nb + r // L) * S + code)[:, None] * Dv + d[None, :],
                 mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BR, BD)
@@ -141,79 +150,83 @@ def _grid(P: int, S: int, Dv: int, BS: int, BD: int) -> tuple[int]:
 
 
 @torch.library.custom_op("tvq_kernels::cache_scan", mutates_args=())
-def cache_scan(codes: Tensor, values: Tensor, start: Tensor, count: Tensor, first_valid: Tensor,
+def cache_scan(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
                dtype: torch.dtype) -> Tensor:
-    """(P, nb, S, D_v) in ``dtype``: means[p, n, s] = C_n[s] / max(count[p, n, s], 1), with C_n = start[p] + the
-    values of the keys of blocks 0..n-1 with code s at or after ``first_valid[p]``.
+    """(P, nb, S, D_v) in ``dtype``: means[p, n, s] = C_n[s] / max(count[p, n, s], 1), with C_n = mean0[p] *
+    count[p, 0] (the carried sums) + the values of the keys of blocks 0..n-1 with code s at or after
+    ``first_valid[p]`` (``first`` where first_valid is None).
 
-    codes (P, nb, L) in [0, S), values (P, nb, L, D_v), start (P, S, D_v) float32 sums, count (P, nb, S) float32,
-    first_valid (P,) integers. values may be strided (a view of the keys' values), its last dim dense.
+    codes (P, nb, L) in [0, S), values (P, nb, L, D_v), mean0 (P, S, D_v) the carried means (read in float32),
+    count (P, nb, S) float32 (count[:, 0] the carried counts), first_valid (P,) int32 or None. values may be
+    strided (a view of the keys' values), its last dim dense.
     """
     P, nb, L = codes.shape
     if values.stride(-1) != 1:
         values = values.contiguous()
-    S, Dv = start.shape[1:]
+    S, Dv = mean0.shape[1:]
     means = values.new_empty(P, nb, S, Dv, dtype=dtype)
     BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
     if not means.numel():
         return means
     _scan_fwd_kernel[_grid(P, S, Dv, BS, BD)](
-        codes.contiguous(), values, start.contiguous(), count.contiguous(), first_valid.contiguous(),
-        means, nb, L, S, Dv, *values.stride()[:3], BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
+        codes.contiguous(), values, mean0.contiguous(), count.contiguous(),
+        first_valid if first_valid is not None else codes, means, first, nb, L, S, Dv, *values.stride()[:3],
+        PER_ROW=first_valid is not None, BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
     return means
 
 
 @cache_scan.register_fake
-def _(codes, values, start, count, first_valid, dtype):
+def _(codes, values, mean0, count, first_valid, first, dtype):
     P, nb, _ = codes.shape
-    return values.new_empty(P, nb, *start.shape[1:], dtype=dtype)
+    return values.new_empty(P, nb, *mean0.shape[1:], dtype=dtype)
 
 
 @torch.library.custom_op("tvq_kernels::cache_scan_backward", mutates_args=())
-def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor,
-                        values_dtype: torch.dtype, n_rows: int) -> tuple[Tensor, Tensor]:
+def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
+                        values_dtype: torch.dtype, mean0_dtype: torch.dtype, n_rows: int) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, n_rows, D_v) in ``values_dtype``
     (the gradient of a key list of n_rows >= nb L values whose first nb L are the blocks' keys: the rest get zero)
-    and g_start (P, S, D_v) float32. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1), a valid
-    key of block n gets G_{n+1} at its code (an empty slot zero) and start gets G_0."""
+    and g_mean0 (P, S, D_v) in ``mean0_dtype``. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1),
+    a valid key of block n gets G_{n+1} at its code (an empty slot zero) and mean0 gets G_0 count[:, 0]."""
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
     g_values = g_means.new_empty(P, n_rows, Dv, dtype=values_dtype)
-    g_start = g_means.new_empty(P, S, Dv, dtype=torch.float32)
-    if not g_start.numel():
-        return g_values.zero_(), g_start
+    g_mean0 = g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
+    if not g_mean0.numel():
+        return g_values.zero_(), g_mean0
     g_next = g_means.new_empty(P, nb, S, Dv, dtype=values_dtype)  # (P, nb, S, D_v) G_{n+1}
     BS, BD = tile(S, 64), tile(Dv, 64)
-    _suffix_kernel[_grid(P, S, Dv, BS, BD)](g_means.contiguous(), count.contiguous(), g_next, g_start, nb, S, Dv,
+    _suffix_kernel[_grid(P, S, Dv, BS, BD)](g_means.contiguous(), count.contiguous(), g_next, g_mean0, nb, S, Dv,
                                             BS=BS, BD=BD)
     BR, BD = 32, tile(Dv, 128)  # the rows after the blocks (the last window's M slots) reach no cache: zero
     _gather_kernel[(P * triton.cdiv(n_rows, BR) * triton.cdiv(Dv, BD),)](
-        codes.contiguous(), g_next, first_valid.contiguous(), g_values, nb, L, S, Dv, n_rows, BR=BR, BD=BD)
-    return g_values, g_start
+        codes.contiguous(), g_next, first_valid if first_valid is not None else codes, g_values, first, nb, L, S,
+        Dv, n_rows, PER_ROW=first_valid is not None, BR=BR, BD=BD)
+    return g_values, g_mean0
 
 
 @cache_scan_backward.register_fake
-def _(codes, g_means, count, first_valid, values_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
-    return g_means.new_empty(P, n_rows, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=torch.float32)
+    return g_means.new_empty(P, n_rows, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
 
 
 @register_flops("tvq_kernels::cache_scan")
-def _(codes, values, start, count, first_valid, dtype):
+def _(codes, values, mean0, count, first_valid, first, dtype):
     """The one-hot products: (S, L) @ (L, D_v) per block but the last, in the values' dtype."""
     P, nb, L = codes.shape
-    return str(values.dtype).removeprefix("torch."), 2 * P * max(nb - 1, 0) * L * start.shape[1] * start.shape[2]
+    return str(values.dtype).removeprefix("torch."), 2 * P * max(nb - 1, 0) * L * mean0.shape[1] * mean0.shape[2]
 
 
 @register_flops("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, values_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
     """No products: a suffix sum over blocks and a gather."""
     return str(values_dtype).removeprefix("torch."), 0
 
 
 @register_launches("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, values_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
     """The suffix scan and the gather; scratch: G_{n+1} (P, nb, S, D_v) in the values' dtype, written whole and read
     at each key's code (nb L rows of D_v)."""
     P, nb, L = codes.shape
@@ -283,13 +296,19 @@ def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[sl
     return [slice(r, min(r + size, P)) for r in range(0, P, size)]
 
 
-def cache_means(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor, first_valid: Tensor):
+def cache_means(weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
+                first_valid: Tensor | None, first: int):
     """The scan over row groups whose means stay under :data:`_CHUNK_BYTES`: yields (rows, means (P', nb, S, D_v)
-    in weights' dtype). Arguments as :func:`cache_read_kernel`'s after its checks."""
+    in weights' dtype). Arguments as :func:`cache_read_args` returns them."""
     P, nb, L, S = weights.shape
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v), a view
     for r in _row_groups(P, nb, S, values.shape[-1], weights.dtype):
-        yield r, cache_scan(codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+        yield r, cache_scan(codes[r], blocks[r], mean0[r], count[r], _rows(first_valid, r), first, weights.dtype)
+
+
+def _rows(first_valid: Tensor | None, r: slice) -> Tensor | None:
+    """A row group's first valid keys (None: one int for all rows)."""
+    return None if first_valid is None else first_valid[r]
 
 
 def keep_means(weights: Tensor, values: Tensor) -> bool:
@@ -300,30 +319,32 @@ def keep_means(weights: Tensor, values: Tensor) -> bool:
     return S <= L and len(_row_groups(P, nb, S, values.shape[-1], weights.dtype)) == 1
 
 
-def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
-                        first_valid: Tensor, saved_means: Tensor | None, need_w: bool,
+def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
+                        first_valid: Tensor | None, first: int, saved_means: Tensor | None, need_w: bool,
                         keys_too: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of the cache read (weights, values (P, N, D_v) whole, start; None where not asked):
+    """Gradients of the cache read (weights, values (P, N, D_v) whole, mean0; None where not asked):
     g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype), the latter through the
     reverse scan."""
     P, nb, L, S = weights.shape
     N, Dv = values.shape[1:]
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v)
     grad = grad.to(weights.dtype)  # (P, nb, L, D_v)
-    g_w, g_v, g_s = [], [], []
+    g_w, g_v, g_m = [], [], []
     for r in _row_groups(P, nb, S, Dv, weights.dtype):
+        fv = _rows(first_valid, r)
         if need_w:
             means = saved_means if saved_means is not None else cache_scan(
-                codes[r], blocks[r], start[r], count[r], first_valid[r], weights.dtype)
+                codes[r], blocks[r], mean0[r], count[r], fv, first, weights.dtype)
             g_w.append(grad[r] @ means.transpose(-1, -2))  # (P', nb, L, S)
             del means
         if keys_too:
             g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
-            g_values, g_start = cache_scan_backward(codes[r], g_means, count[r], first_valid[r], values.dtype, N)
+            g_values, g_mean0 = cache_scan_backward(codes[r], g_means, count[r], fv, first, values.dtype,
+                                                    mean0.dtype, N)
             g_v.append(g_values)
-            g_s.append(g_start)
+            g_m.append(g_mean0)
             del g_means
-    return join(g_w), join(g_v), join(g_s)
+    return join(g_w), join(g_v), join(g_m)
 
 
 class _CacheRead(torch.autograd.Function):
@@ -332,19 +353,22 @@ class _CacheRead(torch.autograd.Function):
     (the rest zero), so that no slice's backward pads it."""
 
     @staticmethod
-    def forward(ctx, weights, codes, values, start, count, first_valid):
+    def forward(ctx, weights, codes, values, mean0, count, first_valid, first):
         out, means = [], None
-        for r, means in cache_means(weights, codes, values, start, count, first_valid):
+        for r, means in cache_means(weights, codes, values, mean0, count, first_valid, first):
             out.append(weights[r] @ means)  # (P', nb, L, D_v)
         saved = means if ctx.needs_input_grad[0] and keep_means(weights, values) else None
-        ctx.save_for_backward(weights, codes, values, start, count, first_valid, saved)
+        ctx.save_for_backward(weights, codes, values, mean0, count, first_valid, saved)
+        ctx.first = first
         return join(out)
 
     @staticmethod
     def backward(ctx, grad):
         need_w, keys_too = ctx.needs_input_grad[0], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        g_w, g_v, g_s = cache_read_backward(grad, *ctx.saved_tensors, need_w, keys_too)
-        return g_w, None, g_v, g_s, None, None
+        weights, codes, values, mean0, count, first_valid, saved = ctx.saved_tensors
+        g_w, g_v, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first, saved,
+                                            need_w, keys_too)
+        return g_w, None, g_v, g_m, None, None, None
 
 
 def join(parts: list[Tensor]) -> Tensor | None:
@@ -352,34 +376,36 @@ def join(parts: list[Tensor]) -> Tensor | None:
     return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def cache_read_kernel(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
+def cache_read_kernel(weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
                       first_valid: int | Tensor) -> Tensor:
     """The cache's share of each block's output, (P, nb, L, D_v) in ``weights``' dtype:
-    out[:, n] = weights[:, n] @ (C_n / max(count[:, n], 1)), C_n as in :func:`tvq.ops.cache.cache_read`.
+    out[:, n] = weights[:, n] @ (C_n / max(count[:, n], 1)), C_n as in :func:`tvq.ops.cache.cache_read` with the
+    carried sums ``start = count[:, 0, :, None] * mean0``.
 
     weights (P, nb, L, S) are the cache's softmax weights NOT divided by the count (the scan divides),
     codes (P, nb, L), values (P, N, D_v) the key list (N >= nb L; its first nb L rows are the blocks' keys, the
-    rest reach no cache and get a zero gradient), start (P, S, D_v) the sums of the carried cache (read in
-    float32), count (P, nb, S) each block's counts (no gradient), ``first_valid`` an int or one per row (P,):
-    keys before it are empty slots. Gradients reach weights, values and start.
+    rest reach no cache and get a zero gradient), mean0 (P, S, D_v) the carried cache's means (read in float32;
+    its gradient in its dtype), count (P, nb, S) each block's counts (no gradient; count[:, 0] the carried ones),
+    ``first_valid`` an int or one per row (P,): keys before it are empty slots. Gradients reach weights, values
+    and mean0.
     """
-    return _CacheRead.apply(*cache_read_args(weights, codes, values, start, count, first_valid))
+    return _CacheRead.apply(*cache_read_args(weights, codes, values, mean0, count, first_valid))
 
 
-def cache_read_args(weights: Tensor, codes: Tensor, values: Tensor, start: Tensor, count: Tensor,
-                    first_valid: int | Tensor) -> tuple[Tensor, ...]:
-    """:func:`cache_read_kernel`'s arguments checked and in the kernels' layout: start and count float32 and
-    contiguous (count detached), first_valid (P,) int32."""
+def cache_read_args(weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
+                    first_valid: int | Tensor) -> tuple:
+    """:func:`cache_read_kernel`'s arguments checked and in the kernels' layout: mean0 contiguous, count float32 and
+    contiguous (detached), then the first valid keys as (P,) int32 and 0 (one per row) or None and the int."""
     P, nb, L, S = weights.shape
     Dv = values.shape[-1]
     if codes.shape != (P, nb, L) or values.dim() != 3 or values.shape[0] != P or values.shape[1] < nb * L \
-            or start.shape != (P, S, Dv) or count.shape != (P, nb, S):
+            or mean0.shape != (P, S, Dv) or count.shape != (P, nb, S):
         raise ValueError(f"cache_read_kernel: weights (P, nb, L, S), codes (P, nb, L), values (P, N >= nb L, D_v), "
-                         f"start (P, S, D_v) and count (P, nb, S) expected, got {tuple(weights.shape)}, "
-                         f"{tuple(codes.shape)}, {tuple(values.shape)}, {tuple(start.shape)} and {tuple(count.shape)}")
+                         f"mean0 (P, S, D_v) and count (P, nb, S) expected, got {tuple(weights.shape)}, "
+                         f"{tuple(codes.shape)}, {tuple(values.shape)}, {tuple(mean0.shape)} and {tuple(count.shape)}")
     if isinstance(first_valid, Tensor):
-        first_valid = first_valid.to(device=codes.device, dtype=torch.int32).expand(P).contiguous()
+        first_valid, first = first_valid.to(device=codes.device, dtype=torch.int32).expand(P).contiguous(), 0
     else:
-        first_valid = torch.full((P,), first_valid, dtype=torch.int32, device=codes.device)
-    return (weights, codes.contiguous(), values, start.to(torch.float32).contiguous(),
-            count.detach().to(torch.float32).contiguous(), first_valid)
+        first_valid, first = None, int(first_valid)
+    return (weights, codes.contiguous(), values, mean0.contiguous(), count.detach().to(torch.float32).contiguous(),
+            first_valid, first)

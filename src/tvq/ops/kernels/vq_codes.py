@@ -72,10 +72,11 @@ def _codes_kernel(k_ptr, c_ptr, out_ptr, cz_ptr, err_ptr, ksq_ptr, H, T, S, Dk, 
 
 
 @triton.jit
-def _quantize_bwd_kernel(k_ptr, c_ptr, code_ptr, dst_ptr, derr_ptr, dk_ptr, H, T, S, Dk, sk_b, sk_h, sk_t, sd_b,
-                         sd_h, sd_t, HAS_DST: tl.constexpr, HAS_DERR: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr):
-    """dk of BT keys of one (b, h): d(k_st) + 2 d(err) (k - c_z), c_z the codeword in k's dtype."""
+def _quantize_bwd_kernel(k_ptr, c_ptr, code_ptr, dst_ptr, derr_ptr, dmean_ptr, dk_ptr, mean_scale, H, T, S, Dk,
+                         sk_b, sk_h, sk_t, sd_b, sd_h, sd_t, HAS_DST: tl.constexpr, HAS_DERR: tl.constexpr,
+                         HAS_DMEAN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """dk of BT keys of one (b, h): d(k_st) + 2 d(err) (k - c_z), c_z the codeword in k's dtype; d(err) the
+    per-key gradient plus (HAS_DMEAN) the gradient of a mean of the errors, dmean[0] * mean_scale."""
     pid = tl.program_id(0).to(tl.int64)
     n_t = tl.cdiv(T, BT)
     tt, bh = pid % n_t, pid // n_t
@@ -88,11 +89,15 @@ def _quantize_bwd_kernel(k_ptr, c_ptr, code_ptr, dst_ptr, derr_ptr, dk_ptr, H, T
     if HAS_DST:
         dk += tl.load(dst_ptr + b * sd_b + h * sd_h + t[:, None] * sd_t + j[None, :], mask=ok,
                       other=0.0).to(tl.float32)
-    if HAS_DERR:
+    if HAS_DERR or HAS_DMEAN:
         k = tl.load(k_ptr + b * sk_b + h * sk_h + t[:, None] * sk_t + j[None, :], mask=ok, other=0.0)
         code = tl.load(code_ptr + bh * T + t, mask=t_ok, other=0)  # (BT,)
         cz = tl.load(c_ptr + (h * S + code[:, None]) * Dk + j[None, :], mask=ok, other=0.0).to(k.dtype)
-        derr = tl.load(derr_ptr + bh * T + t, mask=t_ok, other=0.0).to(tl.float32)  # (BT,)
+        derr = tl.zeros((BT,), dtype=tl.float32)
+        if HAS_DERR:
+            derr += tl.load(derr_ptr + bh * T + t, mask=t_ok, other=0.0).to(tl.float32)  # (BT,)
+        if HAS_DMEAN:
+            derr += tl.load(dmean_ptr).to(tl.float32) * mean_scale
         dk += 2.0 * derr[:, None] * (k.to(tl.float32) - cz.to(tl.float32))
     tl.store(dk_ptr + (bh * T + t[:, None]) * Dk + j[None, :], dk.to(dk_ptr.dtype.element_ty), mask=ok)
 
@@ -158,9 +163,10 @@ register_flops("tvq_kernels::vq_quantize")(_flops)
 
 @torch.library.custom_op("tvq_kernels::vq_quantize_backward", mutates_args=())
 def vq_quantize_backward(k: Tensor, codebook: Tensor, codes: Tensor, grad_keys: Tensor | None,
-                         grad_err: Tensor | None) -> Tensor:
-    """dk (B, H, T, D_k) contiguous, k's dtype: grad_keys + 2 grad_err (k - c_z) (float32 math); a None gradient
-    is zeros. k and grad_keys (B, H, T, D_k) any strides with a dense last dim, codes and grad_err (B, H, T)."""
+                         grad_err: Tensor | None, grad_mean: Tensor | None = None, mean_scale: float = 0.0) -> Tensor:
+    """dk (B, H, T, D_k) contiguous, k's dtype: grad_keys + 2 (grad_err + grad_mean mean_scale) (k - c_z) (float32
+    math); a None gradient is zeros. k and grad_keys (B, H, T, D_k) any strides with a dense last dim, codes and
+    grad_err (B, H, T), grad_mean () the gradient of a mean of the errors (one scalar, read on the device)."""
     B, H, T, Dk = k.shape
     dk = torch.empty(B, H, T, Dk, dtype=k.dtype, device=k.device)
     if not dk.numel():
@@ -171,34 +177,40 @@ def vq_quantize_backward(k: Tensor, codebook: Tensor, codes: Tensor, grad_keys: 
     derr = codes if grad_err is None else grad_err.contiguous()
     BT, BK = tile(T, TILES["keys"]), tile(Dk, 1 << 30)
     _quantize_bwd_kernel[(B * H * triton.cdiv(T, BT),)](
-        k, codebook.contiguous(), codes.contiguous(), dst, derr, dk, H, T, codebook.shape[1], Dk, *k.stride()[:3],
-        *dst.stride()[:3], HAS_DST=grad_keys is not None, HAS_DERR=grad_err is not None, BT=BT, BK=BK)
+        k, codebook.contiguous(), codes.contiguous(), dst, derr, codes if grad_mean is None else grad_mean, dk,
+        mean_scale, H, T, codebook.shape[1], Dk, *k.stride()[:3], *dst.stride()[:3], HAS_DST=grad_keys is not None,
+        HAS_DERR=grad_err is not None, HAS_DMEAN=grad_mean is not None, BT=BT, BK=BK)
     return dk
 
 
 @vq_quantize_backward.register_fake
-def _(k, codebook, codes, grad_keys, grad_err):
+def _(k, codebook, codes, grad_keys, grad_err, grad_mean=None, mean_scale=0.0):
     return torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
 
 class _Quantize(torch.autograd.Function):
-    """(k_st, codes, err, k_sq): k_st's value is c_z, its gradient passes to k (straight-through); err's gradient
-    2 (k - c_z) d(err); codes and k_sq have none. Saves k and the codes."""
+    """(k_st, codes, err, k_sq, mean_err): k_st's value is c_z, its gradient passes to k (straight-through); err's
+    gradient 2 (k - c_z) d(err); mean_err (with ``mean``, else None) the errors summed over heads and averaged over
+    (B, T), its gradient read by the backward kernel as one scalar (no (B, H, T) expansion of it); codes and k_sq
+    have none. Saves k and the codes."""
 
     @staticmethod
-    def forward(ctx, k, codebook):
+    def forward(ctx, k, codebook, mean):
         ctx.set_materialize_grads(False)
         codes, c_z, err, k_sq = vq_quantize(k, codebook)
         ctx.mark_non_differentiable(codes, k_sq)
         ctx.save_for_backward(k, codebook, codes)
-        return c_z, codes, err, k_sq
+        B, H, T = codes.shape
+        ctx.mean_scale = 1.0 / max(B * T, 1)
+        mean_err = (err.mean() if H == 1 else err.mean() * H) if mean else None  # sum over heads, mean over (B, T)
+        return c_z, codes, err, k_sq, mean_err
 
     @staticmethod
-    def backward(ctx, d_keys, _d_codes, d_err, _d_ksq):
-        if not ctx.needs_input_grad[0] or (d_keys is None and d_err is None):
-            return None, None
+    def backward(ctx, d_keys, _d_codes, d_err, _d_ksq, d_mean):
+        if not ctx.needs_input_grad[0] or (d_keys is None and d_err is None and d_mean is None):
+            return None, None, None
         k, codebook, codes = ctx.saved_tensors
-        return vq_quantize_backward(k, codebook, codes, d_keys, d_err), None
+        return vq_quantize_backward(k, codebook, codes, d_keys, d_err, d_mean, ctx.mean_scale), None, None
 
 
 def _check(k: Tensor, codebook: Tensor, name: str) -> None:
@@ -215,12 +227,14 @@ def vq_codes_kernel(k: Tensor, codebook: Tensor) -> Tensor:
     return vq_codes(k.detach(), codebook.detach().float())
 
 
-def quantize_kernel(k: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize_kernel(k: Tensor, codebook: Tensor, mean: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The quantizer in one kernel each way -> (k_st (B, H, T, D_k) in k's dtype, codes (B, H, T) int64,
-    err (B, H, T) float32 = ||k - c_z||^2, k_sq (B, H, T) float32 = ||k||^2).
+    err (B, H, T) float32 = ||k - c_z||^2, k_sq (B, H, T) float32 = ||k||^2, and with ``mean`` the commitment
+    loss err.sum(1).mean() (float32 (), its gradient taken by the backward kernel as it is), else None).
 
     k_st's value is the codeword c_z (cast to k's dtype) and its gradient passes to k unchanged (straight-through);
     err's gradient flows to k only (the codebook is a stop-gradient: its EMA update is not a gradient step).
     k (B, H, T, D_k), codebook (H, S, D_k) (used in float32)."""
     _check(k, codebook, "quantize_kernel")
-    return _Quantize.apply(k, codebook.detach().float())
+    return _Quantize.apply(k, codebook.detach().float(), mean)

@@ -331,47 +331,48 @@ class _BlockValues(torch.autograd.Function):
     one kernel (the window's ``g_values`` started from the cache's) instead of two tensors that autograd adds."""
 
     @staticmethod
-    def forward(ctx, p_win, values, weights, codes, start, count, first_valid, keep, dtype, cache_grad):
+    def forward(ctx, p_win, values, weights, codes, mean0, count, first_valid, first, keep, dtype, cache_grad):
         from tvq.ops.kernels.cache_scan import cache_means, join, keep_means
 
         out, means = [], None
-        for r, means in cache_means(weights, codes, values, start, count, first_valid):  # the scan, then one kernel
-            out.append(window_values(p_win[r], values[r], None, dtype, weights[r], means))  # for both products
+        for r, means in cache_means(weights, codes, values, mean0, count, first_valid, first):  # the scan, then
+            out.append(window_values(p_win[r], values[r], None, dtype, weights[r], means))  # one kernel for both
         saved = means if ctx.needs_input_grad[2] and keep_means(weights, values) else None
-        ctx.save_for_backward(p_win, values, weights, codes, start, count, first_valid, saved)
-        ctx.keep, ctx.dtype, ctx.cache_grad = keep, dtype, cache_grad
+        ctx.save_for_backward(p_win, values, weights, codes, mean0, count, first_valid, saved)
+        ctx.first, ctx.keep, ctx.dtype, ctx.cache_grad = first, keep, dtype, cache_grad
         return join(out)
 
     @staticmethod
     def backward(ctx, grad):
         from tvq.ops.kernels.cache_scan import cache_read_backward
 
-        p_win, values, weights, codes, start, count, first_valid, means = ctx.saved_tensors
-        need_p, need_v, need_w, _, need_s = ctx.needs_input_grad[:5]
+        p_win, values, weights, codes, mean0, count, first_valid, means = ctx.saved_tensors
+        need_p, need_v, need_w, _, need_m = ctx.needs_input_grad[:5]
         grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
         g_p = None
         if need_p:
             g_p = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
-        g_w, g_v_cache, g_s = cache_read_backward(grad, weights, codes, values, start, count, first_valid, means,
-                                                  need_w, need_s or (need_v and ctx.cache_grad))
+        g_w, g_v_cache, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
+                                                  means, need_w, need_m or (need_v and ctx.cache_grad))
         g_v = None
         if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype,
                                             g_v_cache if ctx.cache_grad else None)
-        return g_p, g_v, g_w, None, g_s if need_s else None, None, None, None, None, None
+        return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None
 
 
 def block_values_kernel(p_win: Tensor, values: Tensor, cache: tuple, *, keep: str | None = None,
                         dtype: torch.dtype | None = None, cache_grad: bool = True) -> Tensor:
     """Each block's whole output, (P, nb, L, D_v) in ``dtype``: the cache read
-    (:func:`tvq.ops.kernels.cache_scan.cache_read_kernel` of ``cache`` = (weights, codes, start, count, first_valid)
+    (:func:`tvq.ops.kernels.cache_scan.cache_read_kernel` of ``cache`` = (weights, codes, mean0, count, first_valid)
     over ``values``) plus the window product (:func:`window_values_kernel`), in one autograd node: the values get
     one gradient tensor, written by one kernel. ``cache_grad`` False: the values get no gradient through the cache
     (``grad_thru_cache`` off; the window's still follows ``keep``)."""
     from tvq.ops.kernels.cache_scan import cache_read_args
 
     _check(p_win, values)
-    weights, codes, start, count, first_valid = cache
-    weights, codes, _, start, count, first_valid = cache_read_args(weights, codes, values, start, count, first_valid)
-    return _BlockValues.apply(p_win, values, weights, codes, start, count, first_valid, KEEP_MODES[keep],
+    weights, codes, mean0, count, first_valid = cache
+    weights, codes, _, mean0, count, first_valid, first = cache_read_args(weights, codes, values, mean0, count,
+                                                                          first_valid)
+    return _BlockValues.apply(p_win, values, weights, codes, mean0, count, first_valid, first, KEEP_MODES[keep],
                               dtype or values.dtype, cache_grad)
