@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from tvq.ops.kernels import residual as kres  # noqa: E402
+from tvq.ops.kernels import use_kernels  # noqa: E402
 from tvq.ops.kernels.residual import draw_seed, residual_dropout  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,3 +223,28 @@ def test_empty_and_bad_inputs():
         residual_dropout(x, res, 1.5)
     with pytest.raises(ValueError, match=r"layerdrop must be in \[0, 1\]"):
         residual_dropout(x, res, 0.1, -0.2)
+
+
+def test_a_captured_training_step_draws_its_dropout_on_the_device(monkeypatch):
+    """While a CUDA graph is captured, a training step's dropout and LayerDrop run op by op (PyTorch's draws are
+    taken anew on each replay; the kernel's host-drawn seed would be frozen into the graph); without randomness
+    (eval, or p = layerdrop = 0) the kernel still runs."""
+    from tvq.layers import residual as layer
+    from tvq.ops.kernels import residual as kernel
+
+    calls = []
+    real = kernel.residual_dropout
+    monkeypatch.setattr(kernel, "residual_dropout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(layer, "graph_capturing", lambda t: True)
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    with use_kernels(True):
+        torch.manual_seed(1)
+        got = layer.add_residual(x, res, 0.5, 0.3, True)
+        assert not calls
+        torch.manual_seed(1)
+        want = x + layer.layer_drop(torch.nn.functional.dropout(res, 0.5, True), 0.3, True)
+        assert torch.equal(got, want)
+        layer.add_residual(x, res, 0.5, 0.3, False)
+        layer.add_residual(x, res, 0.0, 0.0, True)
+    assert len(calls) == 2

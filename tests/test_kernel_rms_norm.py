@@ -303,3 +303,43 @@ def test_groups_of_rows_inside_a_wider_tensor_are_read_in_place(monkeypatch, dty
     d_x, = torch.autograd.grad(want, x64, g)
     torch.testing.assert_close(d_z[..., 8: 8 + G * D].double(), d_x.reshape(B, T, G * D), rtol=tol, atol=tol)
     assert (d_z[..., :8] == 0).all() and (d_z[..., 8 + G * D:] == 0).all()
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["in-a-projection", "contiguous"])
+@pytest.mark.parametrize("B, Hq, Hk", [(1, 1, 1), (2, 3, 1), (2, 2, 2)])
+def test_split_output_reads_its_two_gradients_apart(inside, B, Hq, Hk):
+    """split=n returns out.split([n, G - n], -2) (the query and key heads of one norm); their gradients, with the
+    layouts the attention gives them (head-major, (B, H, T, D) contiguous, seen as (B, T, H, D)), reach x through
+    the backward kernel without being joined (no cat), equal to the formula's and to the PyTorch path's split."""
+    from tvq.ops.kernels import rms_norm as krn
+    from tvq.ops.kernels import use_kernels
+
+    T, D, pad = 5, 16, 8
+    G = Hq + Hk
+    gen = torch.Generator().manual_seed(B * 10 + Hq)
+    z64 = torch.randn(B, T, 2 * pad + G * D, generator=gen, dtype=F64)
+    g_q = torch.randn(B, Hq, T, D, generator=gen, dtype=F64)
+    g_k = torch.randn(B, Hk, T, D, generator=gen, dtype=F64)
+
+    def x_of(z):
+        return z[..., pad: pad + G * D].view(B, T, G, D) if inside else z[..., pad: pad + G * D].reshape(B, T, G, D)
+
+    z = z64.float().requires_grad_()
+    q, k = krn.rms_norm_kernel(x_of(z), EPS, scale=0.5, split=Hq)
+    assert q.shape == (B, T, Hq, D) and k.shape == (B, T, Hk, D)
+    # outputs of the norm's node itself, not of a split after it (whose backward would cat the two gradients)
+    assert q.grad_fn.name() == k.grad_fn.name() == "_RMSNormBackward"
+    d_z, = torch.autograd.grad((q, k), z, (g_q.float().transpose(1, 2), g_k.float().transpose(1, 2)))
+    ref = z64.clone().requires_grad_()
+    want = reference(x_of(ref), None, None, 0.5)
+    want_q, want_k = want.split([Hq, Hk], -2)
+    close(q, want_q, 1e-5)
+    close(k, want_k, 1e-5)
+    d_ref, = torch.autograd.grad((want_q, want_k), ref, (g_q.transpose(1, 2), g_k.transpose(1, 2)))
+    close(d_z, d_ref, 1e-5)
+    with use_kernels(False):  # the PyTorch path's split: the same parts
+        p_q, p_k = rms_norm(x_of(z64), EPS, scale=0.5, split=Hq)
+    close(p_q, want_q, 1e-12)
+    close(p_k, want_k, 1e-12)
+    with pytest.raises(ValueError, match="split"):
+        krn.rms_norm_kernel(x_of(z), EPS, split=G)

@@ -60,6 +60,26 @@ def test_op_matches_the_reference(monkeypatch, M, L, Dv, tiles, keep, with_acc):
         close(g, w, 1e-5)
 
 
+@pytest.mark.parametrize("H, expanded", [(1, False), (3, False), (3, True)], ids=["one-head", "per-head", "mqa"])
+def test_cache_product_with_per_block_or_shared_means(H, expanded):
+    """The op's cache product: per-block means (P, nb, S, D) or one (H, S, D) for every block, row p reading head
+    p % H (the queries' gradient through the codebook; an mqa codebook expanded over heads read once), equal to the
+    product done apart."""
+    gen = torch.Generator().manual_seed(H)
+    M, S, Dv, B = 8, 12, 24, 2
+    Pr, W = B * H, M + L
+    p_win = torch.rand(Pr, NB, L, W, generator=gen, dtype=F64)
+    values = torch.randn(Pr, M + NB * L, Dv, generator=gen, dtype=F64)
+    cache_w = torch.randn(Pr, NB, L, S, generator=gen, dtype=F64)
+    shared = torch.randn(1 if expanded else H, S, Dv, generator=gen, dtype=F64).expand(H, S, Dv)
+    per_block = torch.randn(Pr, NB, S, Dv, generator=gen, dtype=F64)
+    base = reference(p_win, values, None, None)  # (P, nb, L, D)
+    per_row = shared.repeat(B, 1, 1)[:, None]  # (P, 1, S, D): row p = (b, h) reads head h
+    for means, m_rows in ((shared, per_row), (per_block, per_block)):
+        got = kwv.window_values(p_win.float(), values.float(), None, torch.float32, cache_w.float(), means.float())
+        close(got, base + cache_w @ m_rows, 1e-5)
+
+
 def test_strided_values_and_half_precision():
     """values a non-contiguous view (read by its strides); float16 and bfloat16 products (bfloat16 upcast in the
     interpreter), float32 sums, results in the inputs' dtype."""

@@ -182,8 +182,9 @@ class Attention(HostFlags):
         w_proj, w_o, w_r = self._cast_weights(h.dtype) if self._joined_path(h) else (None, None, None)
         q, k, v, g, fused, qk = self._projections(h, w_proj)
         if qk is not None:  # the query and key heads side by side in the projection: one norm for both
-            qk = self.qk_norm(qk.view(B, T, Hq + Hkv, Dk), scale=scale)  # (B, T, H_q + H_kv, D_k)
-            q, k = (t.transpose(1, 2) for t in qk.split([Hq, Hkv], 2))  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
+            # (B, T, H_q, D_k), (B, T, H_kv, D_k): parts of one output, their gradients read apart (no cat)
+            q, k = self.qk_norm(qk.view(B, T, Hq + Hkv, Dk), scale=scale, split=Hq)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
         else:
             q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
             k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)

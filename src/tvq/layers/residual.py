@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.kernels import kernels_enabled
+from tvq.ops.kernels import graph_capturing, kernels_enabled
 
 
 def layer_drop(res: Tensor, p: float, training: bool) -> Tensor:
@@ -22,9 +22,12 @@ def add_residual(x: Tensor, res: Tensor, dropout: float, layerdrop: float, train
     """x + LayerDrop(Dropout(res)) (both only in training): x (B, T, D) the residual stream, res (B, T, D) the
     branch. On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) one kernel each way, its dropout mask and
     LayerDrop's rows drawn in the kernel from a seed (:mod:`tvq.ops.kernels.residual`: the same distributions as
-    ``F.dropout`` and :func:`layer_drop`, another random stream); elsewhere, and inside ``torch.compile`` (whose
-    graph the host-drawn seed would break; inductor fuses these ops itself), op by op."""
-    if kernels_enabled(x) and not torch.compiler.is_compiling():
+    ``F.dropout`` and :func:`layer_drop`, another random stream); elsewhere op by op: inside ``torch.compile`` (whose
+    graph the host-drawn seed would break; inductor fuses these ops itself) and, in training, while a CUDA graph is
+    captured (every replay would reuse the captured seed, so one dropout mask; PyTorch's own dropout draws anew
+    on each replay)."""
+    random = training and (dropout > 0 or layerdrop > 0)
+    if kernels_enabled(x) and not torch.compiler.is_compiling() and not (random and graph_capturing(x)):
         from tvq.ops.kernels.residual import residual_dropout
 
         if not training:

@@ -13,10 +13,23 @@ from torch import Tensor, nn
 
 from tvq.layers.host_flags import HostFlags
 from tvq.ops.cache import code_statistics
-from tvq.ops.kernels import kernels_enabled
+from tvq.ops.kernels import graph_capturing, kernels_enabled
 
 
 _RECOMPUTING = contextvars.ContextVar("tvq_recomputing", default=False)
+_CHECKPOINTED = contextvars.ContextVar("tvq_checkpointed", default=False)
+
+
+@contextlib.contextmanager
+def checkpointed():
+    """Marks activation checkpointing's first run of a forward: its keys are not kept for backward, so the codebook
+    statistics sum them per code at once rather than keep them to the end of the model's forward
+    (:func:`add_statistics`)."""
+    token = _CHECKPOINTED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKPOINTED.reset(token)
 
 
 @contextlib.contextmanager
@@ -106,7 +119,7 @@ class VectorQuantizer(HostFlags):
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
         # per forward (k_sum (H, S, D_k), count (H, S), err (B, T), k_sq (B, T)), not yet in _stats (add_statistics)
-        self._unadded: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self._unadded: list[_Unadded] = []
         self._codebooks: dict[torch.dtype, Tensor] = {}  # codebook()'s results, valid for _codebook_key
         self._codebook_key: tuple | None = None
         if init == "kmeans":  # True until the first update has run k-means (saved: a resumed run skips it)
@@ -135,7 +148,7 @@ class VectorQuantizer(HostFlags):
         Callers must not write the result in place."""
         dtype = dtype or self.c_sum.dtype
         if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or self.c_sum.requires_grad
-                or self.c_count.requires_grad or _capturing(self.c_sum)):  # a graph's own: not kept across steps
+                or self.c_count.requires_grad or graph_capturing(self.c_sum)):  # a graph's own: not kept across steps
             return _codewords(self.c_sum, self.c_count).to(dtype)
         if self._codebook_key != self._buffers_key():
             self._codebooks = {self.c_sum.dtype: _codewords(self.c_sum, self.c_count)}
@@ -203,20 +216,22 @@ class VectorQuantizer(HostFlags):
     @torch.no_grad()
     def _accumulate(self, k: Tensor, codes: Tensor, err: Tensor, token_mask: Tensor | None,
                     k_sq: Tensor | None = None) -> None:
-        """Keep this forward's per-code key sums and counts and its per-token squared errors and key norms (err and
-        k_sq (B, T), summed over heads; k_sq computed from k when None) for the accumulator: :func:`add_statistics`
-        adds them, for every sublayer in one batch, at the end of the model's forward or when they are read."""
+        """Keep this forward's keys and codes and its per-token squared errors and key norms (err and k_sq (B, T),
+        summed over heads; k_sq computed from k when None) for the accumulator: :func:`add_statistics` sums the keys
+        per code and adds everything, for every sublayer in one batch, at the end of the model's forward or when
+        they are read (the keys are kept for backward anyway; under activation checkpointing, where they are not,
+        they are summed here)."""
         acc_dtype = self.c_sum.dtype
-        valid = None if token_mask is None else token_mask.flatten()  # (B T,)
-        count, k_sum = code_statistics(codes.transpose(0, 1).flatten(1), k.transpose(0, 1).flatten(1, 2), valid,
-                                       self.n_code, acc_dtype)  # (H, S), (H, S, D_k)
         if k_sq is None:
             k_sq = k.to(acc_dtype).square().sum((1, 3))  # (B, T)
         err, k_sq = err.to(acc_dtype), k_sq.to(acc_dtype)
         if token_mask is not None:
             w = token_mask.to(acc_dtype)  # (B, T)
             err, k_sq = err * w, k_sq * w
-        self._unadded.append((k_sum, count, err, k_sq))
+        # (dynamo cannot read a ContextVar: a compiled graph keeps the keys to the end of its forward)
+        now = not torch.compiler.is_compiling() and _CHECKPOINTED.get()
+        sums = _code_sums([(k, codes)], token_mask, self.n_code, acc_dtype)[0] if now else None
+        self._unadded.append(_Unadded(sums, k, codes, token_mask, err, k_sq))
 
     def pending_stats(self) -> Tensor:
         """The statistics accumulated since the last update, as one flat vector (zeros if none)."""
@@ -386,23 +401,63 @@ def _dead_fractions(quantizers: list[VectorQuantizer]) -> list[Tensor]:
     return [(c < 1.0).to(c.dtype).mean() for c in counts]
 
 
+@dataclass
+class _Unadded:
+    """One forward's statistics not yet in the accumulator: the per-code key sums (k_sum (H, S, D_k), count (H, S))
+    or None (not summed yet: the keys (B, H, T, D_k) and codes (B, H, T) with the token mask (B, T) or None), and
+    the per-token errors and key norms (B, T) in the accumulator's dtype."""
+    sums: tuple[Tensor, Tensor] | None
+    k: Tensor
+    codes: Tensor
+    token_mask: Tensor | None
+    err: Tensor
+    k_sq: Tensor
+
+
+def _code_sums(keys: list[tuple[Tensor, Tensor]], token_mask: Tensor | None, n_code: int,
+               dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """(k_sum (H, S, D_k), count (H, S)) of each (keys (B, H, T, D_k), codes (B, H, T)) pair, all of one shape and
+    one token mask, summed in one call: the pairs' heads stacked as rows (one launch of the per-code sums on the
+    Triton path, where one per forward would be one each, two with their chunked walk)."""
+    def stacked(ts):  # (G, ...): no copy for one
+        return ts[0][None] if len(ts) == 1 else torch.stack(ts)
+
+    ks = stacked([k for k, _ in keys]).transpose(1, 2)  # (G, H, B, T, D_k)
+    cs = stacked([c for _, c in keys]).transpose(1, 2)  # (G, H, B, T)
+    G, H = cs.shape[:2]
+    valid = None if token_mask is None else token_mask.flatten()  # (B T,)
+    count, k_sum = code_statistics(cs.flatten(2).flatten(0, 1), ks.flatten(2, 3).flatten(0, 1), valid, n_code,
+                                   dtype)  # (G H, S), (G H, S, D_k)
+    return list(zip(k_sum.view(G, H, *k_sum.shape[1:]).unbind(), count.view(G, H, -1).unbind()))
+
+
 @torch.no_grad()
 def add_statistics(quantizers: list[VectorQuantizer]) -> None:
     """Add the statistics the quantizers' forwards kept (:meth:`VectorQuantizer._accumulate`) to their accumulators:
-    the per-token errors and norms summed in one reduction, then one multi-tensor add for everything (three launches
-    for all sublayers on a GPU, where one quantizer at a time takes three each)."""
+    the keys of every forward of one shape and token mask summed per code in one call, the per-token errors and norms
+    in one reduction, then one multi-tensor add for everything (a few launches for all sublayers on a GPU, where one
+    quantizer at a time takes five)."""
     items = [(q, entry) for q in quantizers for entry in q._unadded]
     if not items:
         return
-    per_token = [t for _, (_, _, err, k_sq) in items for t in (err, k_sq)]
+    groups: dict[tuple, list[_Unadded]] = {}
+    for q, e in items:
+        if e.sums is None:
+            key = (e.k.shape, e.k.dtype, e.k.device, id(e.token_mask), q.n_code, q.c_sum.dtype)
+            groups.setdefault(key, []).append(e)
+    for (*_, n_code, dtype), entries in groups.items():
+        for e, sums in zip(entries, _code_sums([(e.k, e.codes) for e in entries], entries[0].token_mask, n_code,
+                                               dtype)):
+            e.sums = sums
+    per_token = [t for _, e in items for t in (e.err, e.k_sq)]
     if len({(t.shape, t.dtype) for t in per_token}) == 1:
         sums = torch.stack(per_token).flatten(1).sum(1).unbind()  # (2 n,): err and k_sq of each forward
     else:  # forwards of different lengths (segments)
         sums = [t.sum() for t in per_token]
     accs, adds = [], []
-    for i, (q, (k_sum, count, _, _)) in enumerate(items):
+    for i, (q, e) in enumerate(items):
         accs += q._split_stats(q._stats)
-        adds += [k_sum, count, sums[2 * i], sums[2 * i + 1]]
+        adds += [*e.sums, sums[2 * i], sums[2 * i + 1]]
     for q in quantizers:
         q._unadded = []
     torch._foreach_add_(accs, adds)
@@ -450,17 +505,12 @@ def _codewords(c_sum: Tensor, c_count: Tensor) -> Tensor:
     return c_sum / c_count.clamp_min(0.01)[..., None]
 
 
-def _capturing(t: Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of t's device (False on a CPU-only build)."""
-    return t.is_cuda and torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing()
-
-
 @torch.no_grad()
 def _refresh_codebooks(quantizers: list[VectorQuantizer]) -> None:
     """Compute the new codebooks of quantizers of one shape in one batch (a stack of the buffers, one division, one
     cast per dtype the forwards asked for: five launches a step, where a forward would take three per sublayer) and
     keep them as :meth:`VectorQuantizer.codebook`'s results."""
-    if torch.compiler.is_compiling() or any(_capturing(q.c_sum) for q in quantizers[:1]):
+    if torch.compiler.is_compiling() or any(graph_capturing(q.c_sum) for q in quantizers[:1]):
         return
     groups: dict[tuple, list[VectorQuantizer]] = {}
     for q in quantizers:

@@ -3,7 +3,6 @@ followed by an MLP) with vector-quantized keys."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
-from tvq.layers.vq import add_statistics, apply_updates, recomputing
+from tvq.layers.vq import add_statistics, apply_updates, checkpointed, recomputing
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState, zero_states
 
@@ -26,7 +25,7 @@ IGNORE_INDEX = -100
 
 def _recompute_quietly():
     """Contexts of activation checkpointing's forward and of its recomputation in backward."""
-    return contextlib.nullcontext(), recomputing()
+    return checkpointed(), recomputing()
 
 
 @dataclass

@@ -58,6 +58,13 @@ def kernels_enabled(x: Tensor) -> bool:
     return x.is_cuda if _forced is None else _forced
 
 
+def graph_capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of t's device (False on a CPU-only build): a
+    value drawn on the host then is frozen into every replay (the residual kernel's dropout seed), and a cache kept
+    across steps would hold the graph's own memory."""
+    return t.is_cuda and torch.backends.cuda.is_built() and torch.cuda.is_current_stream_capturing()
+
+
 @contextmanager
 def use_kernels(enabled: bool):
     """Force the Triton kernels on (also for CPU tensors, through the interpreter) or off inside the block."""

@@ -81,12 +81,14 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, G, sxg, eps, scale,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sa, eps, scale, n_tiles,
-                AFFINE: tl.constexpr, X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr,
-                BR: tl.constexpr, BD: tl.constexpr):
+def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sgg, s2, s2g, G1, sa,
+                eps, scale, n_tiles, AFFINE: tl.constexpr, X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr,
+                HAS_ADD: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """dx of row tiles pid, pid + n_prog, ... (statistics recomputed from x; with HAS_ADD plus the rows of
     ``add``, x's gradient from elsewhere); with PARAM_GRAD this program's float32 sums over its rows of g h
-    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]."""
+    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]. The gradient's rows are addressed as
+    x's (groups of G); with SPLIT a group's first G1 rows come from g (groups sg apart, rows sgg) and the rest
+    from g2 (s2, s2g): the gradients of an output returned in two parts, never joined in memory."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     d = tl.arange(0, BD)  # (BD,)
@@ -101,7 +103,14 @@ def _bwd_kernel(x_ptr, w_ptr, g_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg
         r = (t * BR + tl.arange(0, BR)).to(tl.int64)  # (BR,)
         ok = (r < N)[:, None] & d_ok[None, :]
         x = tl.load(x_ptr + _x_rows(r, sx, G, sxg)[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + r[:, None] * sg + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        if SPLIT:
+            grp, j = r // G, r % G
+            first = (j < G1)[:, None]
+            g = tl.load(g_ptr + (grp * sg + j * sgg)[:, None] + d[None, :], mask=ok & first, other=0.0)
+            g2 = tl.load(g2_ptr + (grp * s2 + (j - G1) * s2g)[:, None] + d[None, :], mask=ok & ~first, other=0.0)
+            g = g.to(tl.float32) + g2.to(tl.float32)
+        else:
+            g = tl.load(g_ptr + r[:, None] * sg + d[None, :], mask=ok, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
         h = x * rstd[:, None]
         if PARAM_GRAD:
@@ -139,6 +148,20 @@ def _x_rows_args(x: Tensor, D: int) -> tuple[Tensor, int, int, int]:
             return groups, groups.stride(0), G, groups.stride(1)
     x2 = _rows(x, D)
     return x2, _row_stride(x2), 1, 0
+
+
+def _group_args(t: Tensor, D: int) -> tuple[Tensor, int, int]:
+    """t (..., n, D) as groups of n rows for the backward kernel's SPLIT mode: (t, group stride, row stride), read in
+    place where the groups and rows are evenly spaced with a dense last dim, else a contiguous copy first."""
+    n = t.shape[-2]
+    if t.stride(-1) == 1:
+        try:
+            groups = t.view(-1, n, D)  # (N / n, n, D) without a copy, if the leading dims allow it
+        except RuntimeError:
+            groups = None
+        if groups is not None:
+            return groups, groups.stride(0), groups.stride(1)
+    return t.contiguous(), n * D, D
 
 
 def _row_stride(t2: Tensor) -> int:
@@ -189,10 +212,13 @@ def _(x, weight, bias, eps, scale, out_dtype):
 
 @torch.library.custom_op("tvq_kernels::rms_norm_backward", mutates_args=())
 def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, scale: float, x_grad: bool,
-                      param_grad: bool, grad_add: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      param_grad: bool, grad_add: Tensor | None = None,
+                      grad2: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`rms_norm` given ``grad`` (x's shape, any dtype and strides): dx (x's shape and dtype,
     contiguous; empty (0,) unless ``x_grad``; plus ``grad_add``, x's gradient from its other uses, if given), and
-    the weight's and bias's (D,) float32 (empty (0,) unless ``param_grad``, which needs the weight)."""
+    the weight's and bias's (D,) float32 (empty (0,) unless ``param_grad``, which needs the weight). With ``grad2``
+    the gradient comes in two parts along dim -2 (x (..., G, D): grad (..., G1, D), grad2 (..., G - G1, D)), each
+    read in place."""
     D = x.shape[-1]
     dx = torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device)
     if not (x_grad or param_grad):
@@ -202,17 +228,25 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     if N == 0 or D == 0:
         zeros = x.new_zeros(D if param_grad else 0, dtype=torch.float32)
         return dx, zeros, zeros.clone()
-    g2 = _rows(grad, D)
+    if grad2 is None:
+        g2 = _rows(grad, D)
+        gs, g2s, sec = (g2, _row_stride(g2), 0), (g2, 0, 0), 0
+    else:  # rows of x are groups of G = G1 + G2 (x's view), the gradient's the same groups in two tensors
+        gs, g2s, sec = _group_args(grad, D), _group_args(grad2, D), grad.shape[-2]
+        if G != x.shape[-2]:
+            x2, sx, G, sxg = x.reshape(-1, x.shape[-2], D), x.shape[-2] * D, x.shape[-2], D  # x contiguous
+            x2 = x2.contiguous()
     a2 = _rows(grad_add, D) if grad_add is not None and x_grad else None
     BR, BD, warps = _tile(N, D)
     n_tiles = triton.cdiv(N, BR)
     n_prog = _programs(x.device, n_tiles)
     part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
     affine = weight is not None
-    _bwd_kernel[(n_prog,)](x2, weight if affine else x2, g2, a2 if a2 is not None else x2, dx if x_grad else x2,
-                           part, N, D, sx, G, sxg, _row_stride(g2), _row_stride(a2) if a2 is not None else 0,
-                           eps, scale, n_tiles, AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad,
-                           HAS_ADD=a2 is not None, BR=BR, BD=BD, num_warps=warps)
+    _bwd_kernel[(n_prog,)](x2, weight if affine else x2, gs[0], g2s[0], a2 if a2 is not None else x2,
+                           dx if x_grad else x2, part, N, D, sx, G, sxg, gs[1], gs[2] if grad2 is not None else 0,
+                           g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
+                           AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad, HAS_ADD=a2 is not None,
+                           SPLIT=grad2 is not None, BR=BR, BD=BD, num_warps=warps)
     if not param_grad:
         empty = x.new_empty(0, dtype=torch.float32)
         return dx, empty, empty.clone()
@@ -220,7 +254,7 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
 
 
 @rms_norm_backward.register_fake
-def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None):
+def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None, grad2=None):
     D = x.shape[-1] if param_grad else 0
     return (torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device),
             x.new_empty(D, dtype=torch.float32), x.new_empty(D, dtype=torch.float32))
@@ -229,34 +263,41 @@ def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None):
 class _RMSNorm(torch.autograd.Function):
     """out = rms_norm(x, ...); saves x and the weight only (backward recomputes the statistics), one backward
     launch for every gradient that is needed. With ``residual`` it also returns x itself (a view) for the residual
-    stream: backward adds that output's gradient to the norm's in the same launch."""
+    stream: backward adds that output's gradient to the norm's in the same launch. With ``split`` n, out is returned
+    as its two parts along dim -2 (views: the first n rows of each group, the rest), whose gradients the backward
+    kernel reads where they are (no join of the two)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, scale, out_dtype, residual):
+    def forward(ctx, x, weight, bias, eps, scale, out_dtype, residual, split):
         ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.scale, ctx.bias_dtype = eps, scale, bias.dtype if bias is not None else None
+        ctx.eps, ctx.scale, ctx.bias_dtype, ctx.split = eps, scale, bias.dtype if bias is not None else None, split
         out = rms_norm(x, weight, bias, eps, scale, out_dtype)
-        return (out, x.view_as(x)) if residual else out
+        outs = out.split([split, x.shape[-2] - split], -2) if split else (out,)
+        return (*outs, x.view_as(x)) if residual else outs if split else out
 
     @staticmethod
-    def backward(ctx, grad, grad_x=None):
+    def backward(ctx, *grads):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = rms_norm_backward(grad, x, weight, ctx.eps, ctx.scale, need_x, need_w or need_b, grad_x)
+        n_out = 2 if ctx.split else 1
+        grad, grad2 = grads[0], grads[1] if ctx.split else None
+        grad_x = grads[n_out] if len(grads) > n_out else None
+        dx, dw, db = rms_norm_backward(grad, x, weight, ctx.eps, ctx.scale, need_x, need_w or need_b, grad_x, grad2)
         return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, None, None, None, None)
+                db.to(ctx.bias_dtype) if need_b else None, None, None, None, None, None)
 
 
 def rms_norm_kernel(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None, *,
-                    scale: float = 1.0, out_dtype: torch.dtype | None = None,
-                    residual: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                    scale: float = 1.0, out_dtype: torch.dtype | None = None, residual: bool = False,
+                    split: int | None = None) -> Tensor | tuple[Tensor, ...]:
     """(x / sqrt(mean(x^2, -1) + eps) * weight + bias) * scale, (..., D) in ``out_dtype`` (default x's): the
     Triton twin of :func:`tvq.layers.norm.rms_norm` (times ``scale``), every step in float32, the result cast once.
 
     x (..., D) any leading dims and strides, D at most :data:`MAX_D`; weight and bias (D,) both or neither.
     Gradients reach x (in its dtype), weight and bias (in theirs), only those that need one. ``residual``: return
     (out, x), x for the residual stream (x + f(out)), whose gradient the norm's backward kernel adds to its own
-    (no separate add).
+    (no separate add). ``split`` n (0 < n < x.shape[-2]): the result as its two parts along dim -2,
+    ``out.split([n, G - n], -2)``, whose gradients backward reads in place (not joined by a ``cat``).
     """
     if x.dim() == 0:
         raise ValueError("rms_norm_kernel: x needs a last dim to normalize")
@@ -268,4 +309,6 @@ def rms_norm_kernel(x: Tensor, eps: float, weight: Tensor | None = None, bias: T
                          f"{tuple(bias.shape)}")
     if D > MAX_D:
         raise ValueError(f"rms_norm_kernel: rows of at most {MAX_D} elements, got {D}")
-    return _RMSNorm.apply(x, weight, bias, float(eps), float(scale), out_dtype or x.dtype, residual)
+    if split is not None and not (x.dim() >= 2 and 0 < split < x.shape[-2]):
+        raise ValueError(f"rms_norm_kernel: split must be in (0, {x.shape[-2] if x.dim() >= 2 else 0}), got {split}")
+    return _RMSNorm.apply(x, weight, bias, float(eps), float(scale), out_dtype or x.dtype, residual, split or 0)

@@ -353,10 +353,12 @@ class _WindowSoftmax(torch.autograd.Function):
         ds_rows = ds_win.flatten(0, 1)  # (P, nb, L, W), P = B H
         g_qu = g_keys = g_cb = g_bias = None
         if ctx.needs_input_grad[0]:
-            # the cache's share, then ds_win @ the key windows added by the window kernel (its forward, D_v := D_k);
-            # keys (P, M + nb L, D_k): a view where B and H merge (else one copy of the keys, not of their windows)
-            acc = (ds_cache @ codebook[:, None]).flatten(0, 1) if codebook is not None else None  # (P, nb, L, D_k)
-            g_qu = window_values(ds_rows, keys.flatten(0, 1), acc, qu.dtype)  # (P, nb, L, D_k)
+            # ds_win @ the key windows and the cache's share ds_cache @ the codebook (the same for every block) in
+            # one launch of the window kernel (its forward, D_v := D_k); keys (P, M + nb L, D_k): a view where B and
+            # H merge (else one copy of the keys, not of their windows)
+            # (P, nb, L, S), (H, S, D_k)
+            cache = (ds_cache.flatten(0, 1), codebook) if codebook is not None else (None, None)
+            g_qu = window_values(ds_rows, keys.flatten(0, 1), None, qu.dtype, *cache)  # (P, nb, L, D_k)
             g_qu = g_qu.unflatten(0, (B, H))  # (B, H, nb, L, D_k)
         if ctx.needs_input_grad[1]:
             # sum over the windows holding each key of its kept ds_win^T @ qu (the window kernel's values gradient)

@@ -71,11 +71,12 @@ def _cast(x, like_ptr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d,
-                HAS_ACC: tl.constexpr, HAS_CACHE: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr,
+def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d, m_rows, sm_p,
+                sm_n, HAS_ACC: tl.constexpr, HAS_CACHE: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr,
                 BS: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """out tile (BA, BD) of one (p, n) = acc + sum over window tiles of p_win (BA, BW) @ values (BW, BD) [+ sum over
-    code tiles of the cache's weights (BA, BS) @ means (BS, BD) (HAS_CACHE)]."""
+    code tiles of the cache's weights (BA, BS) @ means (BS, BD) (HAS_CACHE): means of row p and block n at
+    (p % m_rows) sm_p + n sm_n, rows of D_v]."""
     pid = tl.program_id(0).to(tl.int64)
     n_d, n_a = tl.cdiv(Dv, BD), tl.cdiv(L, BA)
     td, ta, pn = pid % n_d, (pid // n_d) % n_a, pid // (n_d * n_a)
@@ -103,8 +104,8 @@ def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, 
             s_ok = s < S
             cw = tl.load(cw_ptr + (pn * L + a[:, None]) * S + s[None, :], mask=a_ok[:, None] & s_ok[None, :],
                          other=0.0)  # (BA, BS)
-            m = tl.load(m_ptr + (pn * S + s[:, None]) * Dv + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                        other=0.0)  # (BS, BD)
+            m = tl.load(m_ptr + (p % m_rows) * sm_p + n * sm_n + s[:, None] * Dv + d[None, :],
+                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BS, BD)
             acc = tl.dot(_cast(cw, out_ptr, UPCAST), _cast(m, out_ptr, UPCAST), acc, input_precision=PRECISION)
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -190,10 +191,12 @@ def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torc
                   cache_w: Tensor | None = None, means: Tensor | None = None) -> Tensor:
     """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]
     [+ sum_s cache_w[p, n, a, s] means[p, n, s]: the cache read's product, whose output then never goes through
-    HBM].
+    HBM; or with means (H, S, D_v), the same for every block, means[p % H, s]: the cache's share of the queries'
+    gradient, ds_cache @ codebook].
 
     p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None,
-    cache_w (P, nb, L, S) and means (P, nb, S, D_v) both or neither; products in ``dtype``, sums in float32."""
+    cache_w (P, nb, L, S) and means (P, nb, S, D_v) or (H, S, D_v) (P a multiple of H) both or neither; products in
+    ``dtype``, sums in float32."""
     P, nb, L, W, M, Dv = _check(p_win, values)
     out = values.new_empty(P, nb, L, Dv, dtype=dtype)
     if not out.numel():
@@ -203,10 +206,18 @@ def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torc
     BS = tile(S, TILES["window"])
     grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(Dv, BD),)
     has_cache = cache_w is not None
+    if has_cache:
+        shared = means.dim() == 3  # (H, S, D_v) for every block
+        if shared and means.shape[0] > 1 and means.stride(0) == 0:  # one head's expanded over all (mqa): read once
+            means = means[:1]
+        means = means.contiguous()
+        m_rows, sm_p, sm_n = (means.shape[0], S * Dv, 0) if shared else (P, nb * S * Dv, S * Dv)
+    else:
+        m_rows, sm_p, sm_n = 1, 0, 0
     _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out,
-                      cache_w.contiguous() if has_cache else out, means.contiguous() if has_cache else out, out,
-                      nb, L, W, S, Dv, *values.stride(), HAS_ACC=acc is not None, HAS_CACHE=has_cache, BA=BA, BW=BW,
-                      BS=BS, BD=BD, **dot_options(dtype))
+                      cache_w.contiguous() if has_cache else out, means if has_cache else out, out,
+                      nb, L, W, S, Dv, *values.stride(), m_rows, sm_p, sm_n, HAS_ACC=acc is not None,
+                      HAS_CACHE=has_cache, BA=BA, BW=BW, BS=BS, BD=BD, **dot_options(dtype))
     return out
 
 
