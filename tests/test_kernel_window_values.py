@@ -116,6 +116,11 @@ def test_the_ops_trace_and_count_their_flops():
     torch.library.opcheck(kwv.window_values, (p_win, values, acc, torch.float32), test_utils=utils)
     torch.library.opcheck(kwv.window_values, (p_win, values, None, torch.float32), test_utils=utils)
     torch.library.opcheck(kwv.window_values_grad_weights, (grad, values, W, torch.float32), test_utils=utils)
+    means = torch.randn(P, NB, 12, Dv, generator=gen)
+    torch.library.opcheck(kwv.window_values_grad_weights, (grad, values, W, torch.float32, means), test_utils=utils)
+    g_p, g_w = kwv.window_values_grad_weights(grad, values, W, torch.float32, means)
+    torch.testing.assert_close(g_p, kwv.window_values_grad_weights(grad, values, W, torch.float32)[0])
+    torch.testing.assert_close(g_w, grad @ means.transpose(-1, -2))  # the cache's columns: grad @ means^T
     for keep in (0, 1, 2):
         torch.library.opcheck(kwv.window_values_grad_values, (p_win, grad, keep, torch.float32), test_utils=utils)
     add = torch.randn(P, M + NB * L, Dv, generator=gen)  # the cache read's gradient of the values, added in the kernel
@@ -125,6 +130,8 @@ def test_the_ops_trace_and_count_their_flops():
     flops = 2 * P * NB * L * W * Dv
     assert KERNEL_FLOPS["tvq_kernels::window_values"](p_win, values, acc, torch.bfloat16) == ("bfloat16", flops)
     assert KERNEL_FLOPS["tvq_kernels::window_values_grad_weights"](grad, values, W, torch.float32) == ("float32", flops)
+    assert KERNEL_FLOPS["tvq_kernels::window_values_grad_weights"](grad, values, W, torch.float32, means) == (
+        "float32", flops * (W + 12) // W)
     assert KERNEL_FLOPS["tvq_kernels::window_values_grad_values"](p_win, grad, 1, torch.float32) == ("float32", flops)
 
 
@@ -147,7 +154,7 @@ def test_compiles_in_one_graph():
 B, H, S, DK, DV = 2, 2, 16, 16, 24
 
 
-def attention_inputs(M, T, per_row, gen):
+def attention_inputs(M, T, per_row, gen, S=S):
     r = lambda *shape: torch.randn(*shape, generator=gen, dtype=F64)  # noqa: E731
     inputs = dict(q=r(B, H, T, DK), keys=r(B, H, M + T, DK), values=r(B, H, M + T, DV), rel=r(H, M + 1, DK) / 4,
                   u=r(H, DK) / 4, v=r(H, DK) / 4, codebook=r(H, S, DK), mean=r(B, H, S, DV))
@@ -227,6 +234,28 @@ def test_blockwise_with_the_kernel_in_float16(monkeypatch, straight_through, agg
     for name, w in want_grads.items():
         if w is not None:
             close(got_grads[name], w, 1e-2)
+
+
+@pytest.mark.parametrize("grad_thru_cache", [True, False])
+def test_saved_means_give_the_cache_weights_gradient_in_the_window_launch(monkeypatch, grad_thru_cache):
+    """S <= L: backward has the forward's means, and the window's weight-gradient launch also writes the cache
+    weights' (grad @ means^T, its extra column tiles; several of them with the tiles shrunk), equal to the PyTorch
+    path's."""
+    monkeypatch.setattr(kwv, "TILES", dict(kwv.TILES, window=16))
+    seen = []
+    real = kwv.window_values_grad_weights
+    monkeypatch.setattr(kwv, "window_values_grad_weights",
+                        lambda *a: seen.append(a[4] is not None if len(a) > 4 else False) or real(*a))
+    M, T = 8, 24  # L 8: S 40 > L, the means are not saved (backward recomputes them); S 8, they are
+    for n_code, saved in ((40, False), (8, True)):
+        seen.clear()
+        inputs, codes, count, _ = attention_inputs(M, T, False, torch.Generator().manual_seed(n_code), S=n_code)
+        switches = dict(straight_through="window", agg_cache=True, grad_thru_cache=grad_thru_cache)
+        want, want_grads = run_attention(inputs, codes, count, 3, F64, M, False, **switches)
+        got, got_grads = run_attention(inputs, codes, count, 3, torch.float32, M, True, **switches)
+        assert seen == [saved]
+        close(got, want, 1e-5)
+        grads_close(got_grads, want_grads, 1e-5)
 
 
 def test_blockwise_with_the_kernel_without_grad(monkeypatch):

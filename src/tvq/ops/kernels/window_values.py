@@ -111,28 +111,41 @@ def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, 
 
 
 @triton.jit
-def _grad_p_kernel(g_ptr, v_ptr, gp_ptr, nb, L, W, Dv, sv_p, sv_r, sv_d,
+def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d,
                    BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """g_p tile (BA, BW) of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW)."""
+    """g_p tile (BA, BW) of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW); the column tiles
+    after the window's (S > 0) the cache's, g_w (BA, BW) = grad @ means[p, n]^T (the means (P, nb, S, D_v))."""
     pid = tl.program_id(0).to(tl.int64)
-    n_w, n_a = tl.cdiv(W, BW), tl.cdiv(L, BA)
+    n_w, n_a = tl.cdiv(W, BW) + tl.cdiv(S, BW), tl.cdiv(L, BA)
     tw, ta, pn = pid % n_w, (pid // n_w) % n_a, pid // (n_w * n_a)
     p, n = pn // nb, pn % nb
     a = ta * BA + tl.arange(0, BA)  # (BA,)
-    w = tw * BW + tl.arange(0, BW)  # (BW,)
-    a_ok, w_ok = a < L, w < W
-    v_row = v_ptr + p * sv_p
+    a_ok = a < L
+    cache = tw >= tl.cdiv(W, BW)
+    if cache:  # columns of the cache's codes
+        w = (tw - tl.cdiv(W, BW)) * BW + tl.arange(0, BW)  # (BW,) codes
+        w_ok = w < S
+        src = m_ptr + pn * S * Dv
+        s_col, s_d = Dv, 1
+    else:
+        w = tw * BW + tl.arange(0, BW)  # (BW,) window slots
+        w_ok = w < W
+        src = v_ptr + p * sv_p + n * L * sv_r
+        s_col, s_d = sv_r, sv_d
     acc = tl.zeros((BA, BW), dtype=tl.float32)
     for d0 in range(0, Dv, BD):
         d = d0 + tl.arange(0, BD)  # (BD,)
         d_ok = d < Dv
         g = tl.load(g_ptr + (pn * L + a[:, None]) * Dv + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_row + (n * L + w[None, :]) * sv_r + d[:, None] * sv_d, mask=d_ok[:, None] & w_ok[None, :],
+        v = tl.load(src + w[None, :] * s_col + d[:, None] * s_d, mask=d_ok[:, None] & w_ok[None, :],
                     other=0.0)  # (BD, BW)
         acc = tl.dot(_cast(g, g_ptr, UPCAST), _cast(v, g_ptr, UPCAST), acc, input_precision=PRECISION)
-    tl.store(gp_ptr + (pn * L + a[:, None]) * W + w[None, :], acc.to(gp_ptr.dtype.element_ty),
-             mask=a_ok[:, None] & w_ok[None, :])
+    ok = a_ok[:, None] & w_ok[None, :]
+    if cache:
+        tl.store(gw_ptr + (pn * L + a[:, None]) * S + w[None, :], acc.to(gw_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(gp_ptr + (pn * L + a[:, None]) * W + w[None, :], acc.to(gp_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -228,23 +241,29 @@ def _(p_win, values, acc, dtype, cache_w=None, means=None):
 
 
 @torch.library.custom_op("tvq_kernels::window_values_grad_weights", mutates_args=())
-def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype) -> Tensor:
-    """(P, nb, L, W) in ``dtype``: g_p[p, n, a, w] = grad[p, n, a] . values[p, n L + w]; grad (P, nb, L, D_v),
-    products in its dtype."""
+def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype,
+                               means: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(g_p (P, nb, L, W), g_w) in ``dtype``: g_p[p, n, a, w] = grad[p, n, a] . values[p, n L + w]; with the cache's
+    per-block means (P, nb, S, D_v) also its weights' gradient g_w (P, nb, L, S) = grad[p, n] @ means[p, n]^T in the
+    same launch (else g_w is empty (0,)); grad (P, nb, L, D_v), products in its dtype."""
     P, nb, L, Dv = grad.shape
+    S = means.shape[2] if means is not None else 0
     g_p = grad.new_empty(P, nb, L, W, dtype=dtype)
-    if not g_p.numel():
-        return g_p
+    g_w = grad.new_empty((P, nb, L, S) if means is not None else (0,), dtype=dtype)
+    if not g_p.numel() and not g_w.numel():
+        return g_p, g_w
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
-    grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(W, BW),)
-    _grad_p_kernel[grid](grad.contiguous(), values, g_p, nb, L, W, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
+    grid = (P * nb * triton.cdiv(L, BA) * (triton.cdiv(W, BW) + triton.cdiv(S, BW)),)
+    _grad_p_kernel[grid](grad.contiguous(), values, means.contiguous() if means is not None else grad, g_p,
+                         g_w if means is not None else g_p, nb, L, W, S, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
                          **dot_options(grad.dtype))
-    return g_p
+    return g_p, g_w
 
 
 @window_values_grad_weights.register_fake
-def _(grad, values, W, dtype):
-    return grad.new_empty(*grad.shape[:3], W, dtype=dtype)
+def _(grad, values, W, dtype, means=None):
+    g_w = grad.new_empty((*grad.shape[:3], means.shape[2]) if means is not None else (0,), dtype=dtype)
+    return grad.new_empty(*grad.shape[:3], W, dtype=dtype), g_w
 
 
 @torch.library.custom_op("tvq_kernels::window_values_grad_values", mutates_args=())
@@ -284,9 +303,9 @@ def _(p_win, values, acc, dtype, cache_w=None, means=None):
 
 
 @register_flops("tvq_kernels::window_values_grad_weights")
-def _(grad, values, W, dtype):
-    """(L, D_v) @ (D_v, W) per block, in grad's dtype."""
-    return _name(grad.dtype), 2 * grad.numel() * W
+def _(grad, values, W, dtype, means=None):
+    """(L, D_v) @ (D_v, W [+ S]) per block, in grad's dtype."""
+    return _name(grad.dtype), 2 * grad.numel() * (W + (means.shape[2] if means is not None else 0))
 
 
 @register_flops("tvq_kernels::window_values_grad_values")
@@ -311,7 +330,7 @@ class _WindowValues(torch.autograd.Function):
         grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
         g_p = g_v = g_acc = None
         if ctx.needs_input_grad[0]:
-            g_p = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
+            g_p, _ = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
         if ctx.needs_input_grad[1]:
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype)  # (P, M + nb L, D_v)
         if ctx.needs_input_grad[2]:
@@ -360,11 +379,15 @@ class _BlockValues(torch.autograd.Function):
         p_win, values, weights, codes, mean0, count, first_valid, means = ctx.saved_tensors
         need_p, need_v, need_w, _, need_m = ctx.needs_input_grad[:5]
         grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
-        g_p = None
-        if need_p:
-            g_p = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
-        g_w, g_v_cache, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
-                                                  means, need_w, need_m or (need_v and ctx.cache_grad))
+        g_p = g_w = None
+        # the saved means: the cache weights' gradient grad @ means^T in the window's launch (more column tiles)
+        joint = need_p and need_w and means is not None and weights.dtype == p_win.dtype == grad.dtype
+        if need_p:  # (P, nb, L, W), (P, nb, L, S) or (0,)
+            g_p, g_w = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype, means if joint else None)
+            g_w = g_w if joint else None
+        g_w2, g_v_cache, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
+                                                   means, need_w and not joint, need_m or (need_v and ctx.cache_grad))
+        g_w = g_w if joint else g_w2
         g_v = None
         if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype,
