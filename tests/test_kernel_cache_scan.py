@@ -276,3 +276,34 @@ def test_saved_or_recomputed_means_give_the_same_gradients(monkeypatch, S):
     want = reference(ref_in[0], codes, ref_in[1], ref_in[2], count, first)
     want_g = torch.autograd.grad((want * want).sum(), ref_in)
     assert rel_err(got[0], want_g[0]) < 1e-5 and rel_err(got[1][:, : nb * L].unflatten(1, (nb, L)), want_g[1]) < 1e-5
+
+
+@pytest.mark.parametrize("first_valid", [0, 11, "per-row"])
+def test_the_window_kernel_gathers_the_reverse_scan_as_the_gather_kernel_does(first_valid):
+    """cache_scan_backward(gather=False) returns G_{n+1}; the window's value-gradient kernel gathering it at each
+    key's block and code equals the same kernel adding the gather kernel's output (every key, empty slots and the
+    rows after the blocks zero), for an int or a per-row first valid key."""
+    from tvq.ops.kernels import window_values as kwv
+
+    P, nb, L, S, Dv, M = 3, 4, 8, 16, 24, 8
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, S, (P, nb, L), generator=g)
+    count = torch.randint(0, 4, (P, nb, S), generator=g).float()
+    g_means = torch.randn(P, nb, S, Dv, generator=g)
+    p_win = torch.rand(P, nb, L, M + L, generator=g)
+    grad = torch.randn(P, nb, L, Dv, generator=g)
+    fv, first = (torch.tensor([0, 13, 30], dtype=torch.int32), 0) if first_valid == "per-row" else (None, first_valid)
+    N = M + nb * L
+    g_values, g_mean0 = scan.cache_scan_backward(codes, g_means, count, fv, first, torch.float32, torch.float32, N)
+    g_next, g_mean0b = scan.cache_scan_backward(codes, g_means, count, fv, first, torch.float32, torch.float32, N,
+                                                False)
+    assert g_next.shape == (P, nb, S, Dv) and torch.equal(g_mean0, g_mean0b)
+    for keep in (0, 1, 2):
+        want = kwv.window_values_grad_values(p_win, grad, keep, torch.float32, g_values)
+        got = kwv.window_values_grad_values(p_win, grad, keep, torch.float32, None, g_next, codes, fv, first)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(scan.cache_scan_backward,
+                          (codes, g_means, count, fv, first, torch.float32, torch.float32, N, False), test_utils=utils)
+    torch.library.opcheck(kwv.window_values_grad_values,
+                          (p_win, grad, 1, torch.float32, None, g_next, codes, fv, first), test_utils=utils)

@@ -183,21 +183,29 @@ def _(codes, values, mean0, count, first_valid, first, dtype):
 
 @torch.library.custom_op("tvq_kernels::cache_scan_backward", mutates_args=())
 def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
-                        values_dtype: torch.dtype, mean0_dtype: torch.dtype, n_rows: int) -> tuple[Tensor, Tensor]:
+                        values_dtype: torch.dtype, mean0_dtype: torch.dtype, n_rows: int,
+                        gather: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, n_rows, D_v) in ``values_dtype``
     (the gradient of a key list of n_rows >= nb L values whose first nb L are the blocks' keys: the rest get zero)
     and g_mean0 (P, S, D_v) in ``mean0_dtype``. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1),
-    a valid key of block n gets G_{n+1} at its code (an empty slot zero) and mean0 gets G_0 count[:, 0]."""
+    a valid key of block n gets G_{n+1} at its code (an empty slot zero) and mean0 gets G_0 count[:, 0]. Without
+    ``gather``, G_{n+1} (P, nb, S, D_v) in ``values_dtype`` instead of g_values, for a kernel that gathers it as it
+    reads (:func:`tvq.ops.kernels.window_values.window_values_grad_values`): one launch and one (P, n_rows, D_v)
+    tensor fewer."""
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
-    g_values = g_means.new_empty(P, n_rows, Dv, dtype=values_dtype)
     g_mean0 = g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
+    g_next = g_means.new_empty(P, nb, S, Dv, dtype=values_dtype)  # (P, nb, S, D_v) G_{n+1}
+    if not gather and not g_mean0.numel():
+        return g_next, g_mean0
+    g_values = g_means.new_empty(P, n_rows, Dv, dtype=values_dtype)
     if not g_mean0.numel():
         return g_values.zero_(), g_mean0
-    g_next = g_means.new_empty(P, nb, S, Dv, dtype=values_dtype)  # (P, nb, S, D_v) G_{n+1}
     BS, BD = tile(S, 64), tile(Dv, 64)
     _suffix_kernel[_grid(P, S, Dv, BS, BD)](g_means.contiguous(), count.contiguous(), g_next, g_mean0, nb, S, Dv,
                                             BS=BS, BD=BD)
+    if not gather:
+        return g_next, g_mean0
     BR, BD = 32, tile(Dv, 128)  # the rows after the blocks (the last window's M slots) reach no cache: zero
     _gather_kernel[(P * triton.cdiv(n_rows, BR) * triton.cdiv(Dv, BD),)](
         codes.contiguous(), g_next, first_valid if first_valid is not None else codes, g_values, first, nb, L, S,
@@ -206,10 +214,11 @@ def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_val
 
 
 @cache_scan_backward.register_fake
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
-    return g_means.new_empty(P, n_rows, Dv, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
+    first_out = (P, n_rows, Dv) if gather else (P, nb, S, Dv)
+    return g_means.new_empty(first_out, dtype=values_dtype), g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
 
 
 @register_flops("tvq_kernels::cache_scan")
@@ -220,19 +229,19 @@ def _(codes, values, mean0, count, first_valid, first, dtype):
 
 
 @register_flops("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
     """No products: a suffix sum over blocks and a gather."""
     return str(values_dtype).removeprefix("torch."), 0
 
 
 @register_launches("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
     """The suffix scan and the gather; scratch: G_{n+1} (P, nb, S, D_v) in the values' dtype, written whole and read
-    at each key's code (nb L rows of D_v)."""
+    at each key's code (nb L rows of D_v). Without ``gather`` the suffix scan alone, G_{n+1} its output."""
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
     size = torch.empty((), dtype=values_dtype).element_size()
-    return 2, P * nb * (S + L) * Dv * size
+    return (2, P * nb * (S + L) * Dv * size) if gather else (1, 0)
 
 
 @triton.jit
@@ -321,10 +330,11 @@ def keep_means(weights: Tensor, values: Tensor) -> bool:
 
 def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
                         first_valid: Tensor | None, first: int, saved_means: Tensor | None, need_w: bool,
-                        keys_too: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                        keys_too: bool, gather: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the cache read (weights, values (P, N, D_v) whole, mean0; None where not asked):
     g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype), the latter through the
-    reverse scan."""
+    reverse scan. Without ``gather`` the scan's G_{n+1} (P, nb, S, D_v) in place of the values' gradient (see
+    :func:`cache_scan_backward`)."""
     P, nb, L, S = weights.shape
     N, Dv = values.shape[1:]
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v)
@@ -340,7 +350,7 @@ def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Te
         if keys_too:
             g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
             g_values, g_mean0 = cache_scan_backward(codes[r], g_means, count[r], fv, first, values.dtype,
-                                                    mean0.dtype, N)
+                                                    mean0.dtype, N, gather)
             g_v.append(g_values)
             g_m.append(g_mean0)
             del g_means

@@ -149,12 +149,15 @@ def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, nb, L, W, S, Dv, sv_p, s
 
 
 @triton.jit
-def _grad_values_kernel(p_ptr, g_ptr, add_ptr, gv_ptr, nb, L, M, W, N, Dv,
-                        KEEP: tl.constexpr, HAS_ADD: tl.constexpr, BR: tl.constexpr, BA: tl.constexpr,
-                        BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _grad_values_kernel(p_ptr, g_ptr, add_ptr, gv_ptr, codes_ptr, first_ptr, first_int, nb, L, M, W, N, S, Dv,
+                        KEEP: tl.constexpr, HAS_ADD: tl.constexpr, GATHER: tl.constexpr, PER_ROW: tl.constexpr,
+                        BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """g_values tile (BR, BD) of one row p: for each block n whose window holds one of the rows r, w = r - n L,
     sum over query tiles of keep(a, w) p[n]^T (BR, BA) @ grad[n] (BA, BD), started from ``add``'s tile (HAS_ADD:
-    the values' gradient from the cache read) or zeros; written once."""
+    the values' gradient from the cache read), or (GATHER) from the cache's reverse scan G (P, nb, S, D_v) at each
+    key's block and code (rows r < nb L at or after the first valid key, first_ptr[p] or first_int: what block
+    r // L's keys get from the caches after it), or zeros; written once."""
     pid = tl.program_id(0).to(tl.int64)
     n_d, n_r = tl.cdiv(Dv, BD), tl.cdiv(N, BR)
     td, tr, p = pid % n_d, (pid // n_d) % n_r, pid // (n_d * n_r)
@@ -165,6 +168,12 @@ def _grad_values_kernel(p_ptr, g_ptr, add_ptr, gv_ptr, nb, L, M, W, N, Dv,
     if HAS_ADD:
         acc = tl.load(add_ptr + (p * N + r[:, None]) * Dv + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
                       other=0.0).to(tl.float32)
+    elif GATHER:
+        first = tl.load(first_ptr + p) if PER_ROW else first_int
+        cached = (r < nb * L) & (r >= first)  # (BR,) keys that reach a later block's cache
+        code = tl.load(codes_ptr + p * nb * L + r, mask=cached, other=0).to(tl.int64)  # (BR,)
+        acc = tl.load(add_ptr + ((p * nb + r // L) * S + code)[:, None] * Dv + d[None, :],
+                      mask=cached[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BR, BD), dtype=tl.float32)
     n_lo = tl.maximum(r0 + L - W, 0) // L  # first block whose window reaches row r0: ceil((r0 - W + 1) / L)
@@ -268,26 +277,36 @@ def _(grad, values, W, dtype, means=None):
 
 @torch.library.custom_op("tvq_kernels::window_values_grad_values", mutates_args=())
 def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: torch.dtype,
-                              add: Tensor | None = None) -> Tensor:
+                              add: Tensor | None = None, g_next: Tensor | None = None, codes: Tensor | None = None,
+                              first_valid: Tensor | None = None, first: int = 0) -> Tensor:
     """(P, M + nb L, D_v) in ``dtype``: g_values[p, r] = add[p, r] + the sum over the blocks n whose window holds
     row r of sum_a keep(a, w) p_win[p, n, a, w] grad[p, n, a], w = r - n L; ``keep`` 0: all, 1: w >= M, 2: w >= a.
-    p_win (P, nb, L, W), grad (P, nb, L, D_v), add (P, M + nb L, D_v) or None; products in grad's dtype."""
+    p_win (P, nb, L, W), grad (P, nb, L, D_v), add (P, M + nb L, D_v) or None; products in grad's dtype. Or, in
+    place of ``add``, the cache's reverse scan g_next (P, nb, S, D_v) (:func:`tvq.ops.kernels.cache_scan.
+    cache_scan_backward` with ``gather=False``) with the blocks' codes (P, nb, L) and the first valid key
+    (first_valid (P,) int32, or ``first``): row r < nb L at or after it starts from g_next[p, r // L, codes[r]]."""
     P, nb, L, W = p_win.shape
     M, Dv = W - L, grad.shape[-1]
     N = M + nb * L
     g_v = grad.new_empty(P, N, Dv, dtype=dtype)
     if not g_v.numel():
         return g_v
+    if add is not None and g_next is not None:
+        raise ValueError("window_values_grad_values: add and g_next are exclusive")
+    S = g_next.shape[2] if g_next is not None else 1
     BR, BA, BD = tile(L, TILES["rows"]), tile(L, TILES["rows"]), tile(Dv, TILES["dv"])
     grid = (P * triton.cdiv(N, BR) * triton.cdiv(Dv, BD),)
-    _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), add.contiguous() if add is not None else g_v,
-                              g_v, nb, L, M, W, N, Dv, KEEP=keep, HAS_ADD=add is not None, BR=BR, BA=BA, BD=BD,
-                              **dot_options(grad.dtype))
+    src = add.contiguous() if add is not None else g_next.contiguous() if g_next is not None else g_v
+    _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), src, g_v,
+                              codes.contiguous() if codes is not None else g_v,
+                              first_valid if first_valid is not None else g_v, first, nb, L, M, W, N, S, Dv,
+                              KEEP=keep, HAS_ADD=add is not None, GATHER=g_next is not None,
+                              PER_ROW=first_valid is not None, BR=BR, BA=BA, BD=BD, **dot_options(grad.dtype))
     return g_v
 
 
 @window_values_grad_values.register_fake
-def _(p_win, grad, keep, dtype, add=None):
+def _(p_win, grad, keep, dtype, add=None, g_next=None, codes=None, first_valid=None, first=0):
     P, nb, L, W = p_win.shape
     return grad.new_empty(P, W - L + nb * L, grad.shape[-1], dtype=dtype)
 
@@ -309,7 +328,7 @@ def _(grad, values, W, dtype, means=None):
 
 
 @register_flops("tvq_kernels::window_values_grad_values")
-def _(p_win, grad, keep, dtype, add=None):
+def _(p_win, grad, keep, dtype, add=None, g_next=None, codes=None, first_valid=None, first=0):
     """(W, L) @ (L, D_v) per block, in grad's dtype (the kernel's masked edge tiles not counted)."""
     return _name(grad.dtype), 2 * p_win.numel() * grad.shape[-1]
 
@@ -385,13 +404,15 @@ class _BlockValues(torch.autograd.Function):
         if need_p:  # (P, nb, L, W), (P, nb, L, S) or (0,)
             g_p, g_w = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype, means if joint else None)
             g_w = g_w if joint else None
-        g_w2, g_v_cache, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
-                                                   means, need_w and not joint, need_m or (need_v and ctx.cache_grad))
+        # the cache's reverse scan G_{n+1} (P, nb, S, D_v), gathered at each key's code by the window's kernel
+        g_w2, g_next, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
+                                                means, need_w and not joint, need_m or (need_v and ctx.cache_grad),
+                                                gather=False)
         g_w = g_w if joint else g_w2
         g_v = None
         if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
-            g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype,
-                                            g_v_cache if ctx.cache_grad else None)
+            cache = (g_next, codes, first_valid, ctx.first) if ctx.cache_grad else (None, None, None, 0)
+            g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype, None, *cache)
         return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None
 
 
