@@ -105,7 +105,7 @@ def test_kernels_scale_with_the_number_of_sublayers(results):
     one, two = results["train1"], results["train2"]
     assert one["meta"]["n_attn"] == 2 and two["meta"]["n_attn"] == 4
     k1, k2 = one["per_sublayer"]["total"]["kernels"], two["per_sublayer"]["total"]["kernels"]
-    assert k1 > 50
+    assert k1 > 30  # every sublayer op is counted (the kernel path: 46-48 launches a sublayer)
     assert abs(k2 - k1) <= 0.02 * k1  # every sublayer runs the same ops
     in_sublayers = [r["per_sublayer"]["total"]["kernels"] * r["meta"]["n_attn"] for r in (one, two)]
     assert 1.95 <= in_sublayers[1] / in_sublayers[0] <= 2.05
@@ -129,8 +129,11 @@ def test_training_gemm_flops_cover_three_head_products(results):
     cfg = r["meta"]["config"]
     head = 2 * T * cfg["d_model"] * cfg["vocab_size"]  # the lm head's forward product
     assert r["summary"]["gemm_flops_total"] >= 3 * head  # forward, and two products in backward
-    # the head (outside the sublayers) runs in float32 by design: exactly those three products
-    assert r["per_sublayer"]["outside_sublayers"]["gemm_flops"] == {"float32": 3 * head}
+    # outside the sublayers: the head in float32 by design (exactly those three products) and, at the end of the
+    # forward, every sublayer's codebook statistics in one batch (the per-code sums' one-hot products, bf16 keys)
+    stats = 2 * r["meta"]["n_attn"] * cfg["n_head"] * T * cfg["n_code"] * cfg["d_k"]
+    want = {"float32": 3 * head} | ({"bfloat16": stats} if r["meta"]["kernels"] else {})  # (else a scatter-add)
+    assert r["per_sublayer"]["outside_sublayers"]["gemm_flops"] == want
 
 
 def test_under_autocast_only_the_vq_distance_is_float32_in_a_sublayer(results):

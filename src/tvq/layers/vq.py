@@ -118,7 +118,7 @@ class VectorQuantizer(HostFlags):
         self.register_buffer("c_count", torch.ones(n_head, n_code))  # (H, S)
         self.register_buffer("_stats", torch.zeros(self.stats_numel), persistent=False)  # the accumulator
         self.init, self.revive = init, revive
-        # per forward (k_sum (H, S, D_k), count (H, S), err (B, T), k_sq (B, T)), not yet in _stats (add_statistics)
+        # per forward, what is not yet in _stats (add_statistics adds it)
         self._unadded: list[_Unadded] = []
         self._codebooks: dict[torch.dtype, Tensor] = {}  # codebook()'s results, valid for _codebook_key
         self._codebook_key: tuple | None = None
