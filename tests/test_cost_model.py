@@ -195,7 +195,7 @@ def test_the_custom_ops_run_their_device_code(results):
 def test_the_triton_kernels_count_as_one_kernel_each(results):
     """With Triton installed a CUDA step takes the fused kernels (tvq.ops.kernels): each launch is one kernel with
     its registered GEMM FLOPs, the step has fewer kernels and moves fewer bytes than the PyTorch path, and its
-    GEMM FLOPs are the same to within the positional product both paths run."""
+    GEMM FLOPs within a factor of two of the PyTorch path's (the two paths split the products differently)."""
     from tvq.ops.kernels import HAVE_TRITON
 
     if not HAVE_TRITON:
@@ -210,9 +210,9 @@ def test_the_triton_kernels_count_as_one_kernel_each(results):
     assert "tvq.cache_read run op by op" not in kern["meta"]["special_cases"]
     a, b = kern["per_sublayer"]["total"], torch_["per_sublayer"]["total"]
     assert a["kernels"] < b["kernels"] and a["operand_bytes"] < b["operand_bytes"]
-    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 60 per sublayer at this shape
-    # then (247 on the PyTorch path); a change that adds launches must say so here
-    assert a["kernels"] <= 60
+    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 46 per sublayer at this shape
+    # since the seventh round (238 on the PyTorch path); a change that adds launches must say so here
+    assert a["kernels"] <= 46
     fa, fb = sum(a["gemm_flops"].values()), sum(b["gemm_flops"].values())
     assert 0.5 * fb < fa < 2 * fb
 

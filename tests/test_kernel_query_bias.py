@@ -1,8 +1,9 @@
-"""The query-bias kernel (tvq.ops.kernels.query_bias) against PyTorch: q + s u and q + s v, and the gradients of
-q (d_qu + d_qv), u and v (s times the sums over every row of each head), against a float64 reference in float32
-and float16, with non-contiguous q and gradients, rows not a multiple of the tile, several tiles and heads, one
-gradient missing; the custom ops' registrations; and blockwise_attention's use of it (kernels on = PyTorch path).
-On a CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+"""The query-bias kernel (tvq.ops.kernels.query_bias) against PyTorch: qu = q + s u and the positional scores
+pos = (q + s v) @ rel^T, and the gradients of q (d_qu + d_pos @ rel), u and v (s times the sums over every row of
+each head of d_qu and d_pos @ rel) and rel (d_pos^T @ qv over all rows), against a float64 reference in float32 and
+float16, with non-contiguous q and gradients, an expanded (mqa) rel, rows and distances not a multiple of the tile,
+several tiles and heads, one gradient missing; the custom ops' registrations; and blockwise_attention's use of it
+(kernels on = PyTorch path). On a CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
@@ -24,55 +25,71 @@ def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-def reference(q, u, v, s):
-    return q + s * u[:, None], q + s * v[:, None]
+def reference(q, u, v, rel, s):
+    return q + s * u[:, None], (q + s * v[:, None]) @ rel.transpose(-1, -2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape, transposed", [((2, 3, 37, 16), True), ((1, 1, 130, 24), False),
-                                               ((3, 2, 5, 8), False)])
-def test_outputs_and_gradients_match_the_reference(monkeypatch, dtype, shape, transposed):
+@pytest.mark.parametrize("shape, R, transposed, shared", [((2, 3, 37, 16), 21, True, False),
+                                                          ((1, 1, 130, 24), 40, False, False),
+                                                          ((3, 2, 5, 8), 9, False, True)])
+def test_outputs_and_gradients_match_the_reference(monkeypatch, dtype, shape, R, transposed, shared):
     monkeypatch.setattr(kqb, "ROWS", 16)  # several row tiles, a partial last one
+    monkeypatch.setattr(kqb, "DISTANCES", 16)  # several tiles of distances, a partial last one
     B, H, T, D = shape
     s = D**-0.25
     q64 = randn(B, T, H, D, seed=0).transpose(1, 2) if transposed else randn(*shape, seed=0)  # (B, H, T, D)
     u64, v64 = randn(H, D, seed=1), randn(H, D, seed=2)
-    g_qu, g_qv = randn(*shape, seed=3), randn(B, H, D, T, seed=4).transpose(-1, -2)  # the second non-contiguous
-    leaves64 = [x.clone().requires_grad_() for x in (q64, u64, v64)]
-    want = reference(*leaves64, s)
-    want_grads = torch.autograd.grad(want, leaves64, (g_qu, g_qv))
+    rel64 = randn(1, R, D, seed=5) if shared else randn(H, R, D, seed=5)  # shared: one key/value head (mqa)
+    g_qu, g_pos = randn(*shape, seed=3), randn(B, H, R, T, seed=4).transpose(-1, -2)  # the second non-contiguous
+    leaves64 = [x.clone().requires_grad_() for x in (q64, u64, v64, rel64)]
+    want = reference(*leaves64[:3], leaves64[3].expand(H, R, D), s)
+    want_grads = torch.autograd.grad(want, leaves64, (g_qu, g_pos))
 
     q = q64.to(dtype).requires_grad_()  # non-contiguous when transposed
     u, v = u64.float().requires_grad_(), v64.float().requires_grad_()  # the parameters: float32
-    got = query_biases_kernel(q, u, v, s)
-    assert all(t.dtype == dtype and t.shape == shape for t in got)
+    rel = rel64.to(dtype).requires_grad_()
+    got = query_biases_kernel(q, u, v, rel.expand(H, R, D), s)  # expanded: a stride-0 head axis, not copied
+    assert all(t.dtype == dtype for t in got) and got[0].shape == shape and got[1].shape == (B, H, T, R)
     for g, w in zip(got, want):
         close(g, w, TOL[dtype])
-    got_grads = torch.autograd.grad(got, (q, u, v), (g_qu.to(dtype), g_qv.to(dtype)))
-    assert got_grads[0].dtype == dtype and got_grads[1].dtype == got_grads[2].dtype == torch.float32
+    got_grads = torch.autograd.grad(got, (q, u, v, rel), (g_qu.to(dtype), g_pos.to(dtype)))
+    assert got_grads[0].dtype == got_grads[3].dtype == dtype
+    assert got_grads[1].dtype == got_grads[2].dtype == torch.float32
     assert got_grads[1].is_contiguous() and got_grads[2].is_contiguous()
     for g, w in zip(got_grads, want_grads):
         close(g, w, TOL[dtype])
 
 
-def test_one_output_unused():
-    """Only qu reaches the loss: v gets a zero gradient, q and u the reference's."""
-    q, u, v = (x.float().requires_grad_() for x in (randn(1, 2, 9, 8, seed=5), randn(2, 8, seed=6),
-                                                   randn(2, 8, seed=7)))
-    qu, _ = query_biases_kernel(q, u, v, 0.5)
-    g = randn(1, 2, 9, 8, seed=8).float()
-    d_q, d_u, d_v = torch.autograd.grad(qu, (q, u, v), g)
-    close(d_q, g, 1e-6)
-    close(d_u, 0.5 * g.sum((0, 2)), 1e-5)
-    assert torch.equal(d_v, torch.zeros_like(v))
+@pytest.mark.parametrize("used", ["qu", "pos"])
+def test_one_output_unused(used):
+    """Only one output reaches the loss: the other's parameters get zero gradients, the rest the reference's."""
+    leaves64 = [randn(1, 2, 9, 8, seed=5), randn(2, 8, seed=6), randn(2, 8, seed=7), randn(2, 5, 8, seed=8)]
+    leaves64 = [x.requires_grad_() for x in leaves64]
+    leaves = [x.detach().float().requires_grad_() for x in leaves64]
+    k = 0 if used == "qu" else 1
+    want = reference(*leaves64, 0.5)[k]
+    got = query_biases_kernel(*leaves, 0.5)[k]
+    g = randn(*want.shape, seed=9)
+    want_grads = torch.autograd.grad(want, leaves64, g, allow_unused=True)  # None: u (pos) or v and rel (qu)
+    got_grads = torch.autograd.grad(got, leaves, g.float())
+    assert sum(w is None for w in want_grads) == (2 if used == "qu" else 1)
+    for got_g, want_g in zip(got_grads, want_grads):
+        if want_g is None:
+            assert torch.equal(got_g, torch.zeros_like(got_g))
+        else:
+            close(got_g, want_g, 1e-5)
 
 
 def test_the_ops_register_and_bad_shapes():
     q, u = randn(2, 2, 7, 8, seed=9).float(), randn(2, 8, seed=10).float()
-    torch.library.opcheck(kqb.query_biases, (q, u, u, 0.3))
-    torch.library.opcheck(kqb.query_biases_backward, (q, q, 0.3))
+    rel = randn(2, 5, 8, seed=11).float()
+    torch.library.opcheck(kqb.query_biases, (q, u, u, rel, 0.3))
+    torch.library.opcheck(kqb.query_biases_backward, (q, randn(2, 2, 7, 5, seed=12).float(), rel, 0.3))
     with pytest.raises(ValueError, match="u, v"):
-        query_biases_kernel(q, u[:1], u)
+        query_biases_kernel(q, u[:1], u, rel)
+    with pytest.raises(ValueError, match="rel"):
+        query_biases_kernel(q, u, u, rel[..., :4])
 
 
 @pytest.mark.parametrize("uv_scale", [1.0, 0.7])

@@ -108,18 +108,6 @@ class _KeepGradMatmul(torch.autograd.Function):
         return grad_a, grad_b, None, None
 
 
-def positional_scores(qv: Tensor, rel: Tensor) -> Tensor:
-    """qv (B, H, nb, L, D_k) @ rel (H, M + 1, D_k)^T -> (B, H, nb, L, M + 1), by distance. With one row or one head
-    as one (H, B nb L, D_k) @ (H, D_k, M + 1) product of views: rel's gradient is then that GEMM's, with no sum over
-    a broadcast (a ``qv @ rel[:, None]^T`` would expand rel over B and nb, and reduce its gradient in one more
-    kernel)."""
-    B, H, nb, L, Dk = qv.shape
-    if B > 1 and H > 1:  # (H, B nb L, D_k) would be a copy
-        return qv @ rel[:, None].transpose(-1, -2)
-    x = qv.transpose(0, 1).reshape(H, B * nb * L, Dk)  # a view
-    return torch.bmm(x, rel.transpose(1, 2)).view(H, B, nb, L, -1).transpose(0, 1)
-
-
 def blockwise_attention(
     q: Tensor,
     keys: Tensor,
@@ -169,14 +157,15 @@ def blockwise_attention(
     # keys (B, H, M + nb L, D_k), vals (B, H, M + nb L, D_v), codes (B, H, M + nb L)
     fused = kernels_enabled(vals)  # the Triton kernels (tvq.ops.kernels) read the windows in place: none built
     v_win = None if fused else _Windows.apply(vals, W, L)  # (B, H, nb, W, D_v)
-    if fused:  # one kernel each way (tvq.ops.kernels.query_bias), not eleven
+    if fused:  # u, v and the positional scores (q + v) @ rel^T: one kernel each way (tvq.ops.kernels.query_bias)
         from tvq.ops.kernels.query_bias import query_biases_kernel
 
-        qu, qv = query_biases_kernel(q, u, v, uv_scale)  # (B, H, nb L, D_k) each
+        qu, pos = query_biases_kernel(q, u, v, rel, uv_scale)  # (B, H, nb L, D_k), (B, H, nb L, M + 1)
+        pos = pos.unflatten(2, (nb, L))  # (B, H, nb, L, M + 1), pos[a, d]: distance d
     else:
         u, v = scaled_biases(u, v, uv_scale, q.dtype)  # (H, D_k) each
-        qu, qv = q + u[:, None], q + v[:, None]  # (B, H, nb L, D_k)
-    q, qu, qv = (t.unflatten(2, (nb, L)) for t in (q, qu, qv))  # (B, H, nb, L, D_k)
+        qu, qv = q + u[:, None], (q + v[:, None]).unflatten(2, (nb, L))  # (B, H, nb L, D_k), (B, H, nb, L, D_k)
+    qu = qu.unflatten(2, (nb, L))  # (B, H, nb, L, D_k)
 
     # window slot w of query a: distance d = M + a - w; near (0 <= d <= M): content + positional score,
     # old (d > M, agg_cache): content only, future (d < 0) or an empty slot (before n_invalid): -inf
@@ -207,7 +196,6 @@ def blockwise_attention(
         from tvq.ops.kernels.scores import window_softmax
 
         dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else qu.dtype
-        pos = positional_scores(qv, rel)  # (B, H, nb, L, M + 1), pos[a, d]: distance d
         # key_keep by name: the block's own slots (w >= M) or the near ones (w >= a)
         key_rule = None if key_keep is None else "own" if straight_through == "block" else "near"
         # p_cache (B, H, nb, L, S or 0) not divided by the count, in the values' dtype (the cache read divides)

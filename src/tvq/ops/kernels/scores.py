@@ -5,7 +5,8 @@ cache, its S codewords. Today that is ~8 full passes over (P, nb, L, W + S) tens
 the skewed positional matrix (a pad and a copy), its masks, the cache scores, a ``cat``, the softmax, the
 split and ``p_cache / count``. Here one program owns a tile of query rows of one (p, n): it reads the window's
 keys straight from ``keys`` by offset (no window copy), adds the positional term ``pos[a, M + a - w]`` (``pos =
-qv @ rel^T`` (P, nb, L, M + 1), by distance, comes from PyTorch, which keeps rel's and v's gradients there), masks
+qv @ rel^T`` (P, nb, L, M + 1), by distance, comes from the query-bias kernel of :mod:`tvq.ops.kernels.query_bias`,
+which keeps rel's and v's gradients there), masks
 by distance and empty slots, scores the codewords, and writes the softmax weights once in the values' dtype
 (plus a float32 log-sum-exp per row for backward). Backward recomputes the weights from the saved inputs and
 the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch. The D_k-wide
