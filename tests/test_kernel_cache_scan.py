@@ -145,13 +145,13 @@ def test_opcheck():
     weights, codes, values, mean0, count, first = make_read(*SHAPES[0], 3)
     first = first.to(torch.int32)
     args = (codes, values.float(), mean0.float(), count.float(), first, 0, torch.float32)
-    torch.library.opcheck(scan.cache_scan, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(scan.cache_scan.op, args, test_utils=("test_schema", "test_faketensor"))
     g_means = torch.randn(*SHAPES[0][:2], 16, 24)
     n_rows = codes.shape[1] * codes.shape[2] + 4
-    torch.library.opcheck(scan.cache_scan, (*args[:4], None, 3, torch.float32),
+    torch.library.opcheck(scan.cache_scan.op, (*args[:4], None, 3, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
     for fv, first_int in ((first, 0), (None, 3)):
-        torch.library.opcheck(scan.cache_scan_backward,
+        torch.library.opcheck(scan.cache_scan_backward.op,
                               (codes, g_means, count.float(), fv, first_int, torch.float32, torch.float32, n_rows),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -173,7 +173,7 @@ def test_block_counts_kernel_equals_reference(nb, L, S, n_invalid):
         got = block_counts(codes, first, count0, L)
     assert got.dtype == torch.float32 and got.shape == (B, H, nb, S)
     assert torch.equal(got.double(), ref)
-    torch.library.opcheck(scan.block_counts, (codes.flatten(0, 1), count0.flatten(0, 1), None, 2, nb, L),
+    torch.library.opcheck(scan.block_counts.op, (codes.flatten(0, 1), count0.flatten(0, 1), None, 2, nb, L),
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="block_counts"):
         block_counts(codes[..., :-1], first, count0, L)
@@ -303,7 +303,7 @@ def test_the_window_kernel_gathers_the_reverse_scan_as_the_gather_kernel_does(fi
         got = kwv.window_values_grad_values(p_win, grad, keep, torch.float32, None, g_next, codes, fv, first)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(scan.cache_scan_backward,
+    torch.library.opcheck(scan.cache_scan_backward.op,
                           (codes, g_means, count, fv, first, torch.float32, torch.float32, N, False), test_utils=utils)
-    torch.library.opcheck(kwv.window_values_grad_values,
+    torch.library.opcheck(kwv.window_values_grad_values.op,
                           (p_win, grad, 1, torch.float32, None, g_next, codes, fv, first), test_utils=utils)

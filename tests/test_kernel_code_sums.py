@@ -75,8 +75,8 @@ def test_opcheck_and_flops():
     values = torch.randn(2, 20, 24, generator=g)
     valid = torch.rand(2, 20, generator=g) > 0.5
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kcs.code_sums, (codes, values, valid, 8), test_utils=utils)
-    torch.library.opcheck(kcs.code_sums, (codes, values, None, 8), test_utils=utils)
+    torch.library.opcheck(kcs.code_sums.op, (codes, values, valid, 8), test_utils=utils)
+    torch.library.opcheck(kcs.code_sums.op, (codes, values, None, 8), test_utils=utils)
     assert KERNEL_FLOPS["tvq_kernels::code_sums"](codes, values, valid, 8) == ("float32", 2 * 40 * 8 * 24)
 
 
@@ -111,7 +111,7 @@ def test_cache_fold_matches_statistics_then_merge(n_invalid, dtype, tol):
     close(got_gm, want_gm, 1e-5)
     args = (codes.flatten(0, 1), v_in.detach().flatten(0, 1), None, 3, count.float().flatten(0, 1),
             m_in.detach().flatten(0, 1))
-    torch.library.opcheck(kcs.cache_fold, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(kcs.cache_fold.op, args, test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="cache_fold_kernel"):
         kcs.cache_fold_kernel(codes, v_in, first, count.float()[..., 1:], m_in)
 

@@ -238,13 +238,13 @@ def test_the_ops_trace():
     z = randn(2, 3, n_k + n_v + n_g, seed=1, dtype=torch.float32)
     dk, dv, dg = (randn(2, 3, n, seed=i, dtype=torch.float32) for i, n in enumerate((n_k, n_v, n_g)))
     z_v = z[..., n_k:n_k + n_v]  # the ops take z's v part, a strided view
-    torch.library.opcheck(kg.gau_activation_values, (z_v,), test_utils=utils)
-    torch.library.opcheck(kg.gau_activation_values, (z_v.half(),), test_utils=utils)
+    torch.library.opcheck(kg.gau_activation_values.op, (z_v,), test_utils=utils)
+    torch.library.opcheck(kg.gau_activation_values.op, (z_v.half(),), test_utils=utils)
     for grads in ((dk, dv, dg), (None, dv, dg), (dk, None, dg), (dk, dv, None), (None, None, None)):
-        torch.library.opcheck(kg.gau_activation_backward, (z_v, *grads, n_k, n_g), test_utils=utils)
-    torch.library.opcheck(kg.gau_activation_backward, (z_v, dk, dv, None, n_k, 0), test_utils=utils)  # no gate
+        torch.library.opcheck(kg.gau_activation_backward.op, (z_v, *grads, n_k, n_g), test_utils=utils)
+    torch.library.opcheck(kg.gau_activation_backward.op, (z_v, dk, dv, None, n_k, 0), test_utils=utils)  # no gate
     a, g_pre = randn(2, 3, n_g, seed=5, dtype=torch.float32), z[..., n_k + n_v:]
     for args in ((a, g_pre), (a.half(), g_pre), (a.half(), g_pre.half())):
-        torch.library.opcheck(kg.silu_gate_forward, args, test_utils=utils)
-        torch.library.opcheck(kg.silu_gate_backward, (torch.ones_like(kg.silu_gate_forward(*args)), *args),
+        torch.library.opcheck(kg.silu_gate_forward.op, args, test_utils=utils)
+        torch.library.opcheck(kg.silu_gate_backward.op, (torch.ones_like(kg.silu_gate_forward(*args)), *args),
                               test_utils=utils)

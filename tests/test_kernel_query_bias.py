@@ -84,8 +84,8 @@ def test_one_output_unused(used):
 def test_the_ops_register_and_bad_shapes():
     q, u = randn(2, 2, 7, 8, seed=9).float(), randn(2, 8, seed=10).float()
     rel = randn(2, 5, 8, seed=11).float()
-    torch.library.opcheck(kqb.query_biases, (q, u, u, rel, 0.3))
-    torch.library.opcheck(kqb.query_biases_backward, (q, randn(2, 2, 7, 5, seed=12).float(), rel, 0.3))
+    torch.library.opcheck(kqb.query_biases.op, (q, u, u, rel, 0.3))
+    torch.library.opcheck(kqb.query_biases_backward.op, (q, randn(2, 2, 7, 5, seed=12).float(), rel, 0.3))
     with pytest.raises(ValueError, match="u, v"):
         query_biases_kernel(q, u[:1], u, rel)
     with pytest.raises(ValueError, match="rel"):

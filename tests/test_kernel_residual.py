@@ -191,8 +191,8 @@ def test_the_ops_trace():
     x, res = inputs((2, 3, 20), res_dtype=torch.float16)
     for ld in (0.0, 0.5):
         for p in (0.0, 0.3):
-            torch.library.opcheck(kres.residual_dropout_op, (x, res, p, ld, 7))
-            torch.library.opcheck(kres.residual_dropout_backward_op, (x, p, ld, 7, torch.float16))
+            torch.library.opcheck(kres.residual_dropout_op.op, (x, res, p, ld, 7))
+            torch.library.opcheck(kres.residual_dropout_backward_op.op, (x, p, ld, 7, torch.float16))
     with FakeTensorMode():
         fx = torch.empty(2, 3, 20).requires_grad_()
         fr = torch.empty(2, 3, 20, dtype=torch.bfloat16).requires_grad_()

@@ -222,13 +222,13 @@ def test_the_ops_check_and_fake_shapes():
     utils = ("test_schema", "test_faketensor")
     for weight, bias in ((w, b), (None, None)):
         for out_dtype in (torch.float32, torch.float16):
-            torch.library.opcheck(krms.rms_norm, (x, weight, bias, EPS, 0.5, out_dtype),
+            torch.library.opcheck(krms.rms_norm.op, (x, weight, bias, EPS, 0.5, out_dtype),
                                   test_utils=(*utils, "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(krms.rms_norm, (x.transpose(0, 1), w, b, EPS, 1.0, torch.float16), test_utils=utils)
+    torch.library.opcheck(krms.rms_norm.op, (x.transpose(0, 1), w, b, EPS, 1.0, torch.float16), test_utils=utils)
     for x_grad, param_grad in ((True, True), (True, False), (False, True), (False, False)):
-        torch.library.opcheck(krms.rms_norm_backward, (grad, x, w, EPS, 0.5, x_grad, param_grad),
+        torch.library.opcheck(krms.rms_norm_backward.op, (grad, x, w, EPS, 0.5, x_grad, param_grad),
                               test_utils=(*utils, "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(krms.rms_norm_backward, (grad, x, None, EPS, 0.5, True, False), test_utils=utils)
+    torch.library.opcheck(krms.rms_norm_backward.op, (grad, x, None, EPS, 0.5, True, False), test_utils=utils)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:

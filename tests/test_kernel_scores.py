@@ -227,9 +227,9 @@ def test_the_ops_trace(per_row):
         for x in op_inputs(M, nb, True, True, 0, gen))
     ninv = torch.tensor([M + 3, 0]) if per_row else None
     args = (qu, keys, pos, codebook, count, cache_bias, ninv, 0 if per_row else 3, per_row, torch.float32)
-    torch.library.opcheck(kscores.window_scores, args)
+    torch.library.opcheck(kscores.window_scores.op, args)
     p_win, p_cache, lse = kscores.window_scores(*args)
-    torch.library.opcheck(kscores.window_scores_backward,
+    torch.library.opcheck(kscores.window_scores_backward.op,
                           args[:-1] + (lse, torch.randn_like(p_win), torch.randn_like(p_cache)))
 
 

@@ -59,13 +59,13 @@ def test_opcheck_and_flops():
     codebook = torch.randn(2, 20, 8, generator=g)
     k = torch.randn(2, 2, 12, 8, generator=g)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kvq.vq_codes, (k, codebook), test_utils=utils)
-    torch.library.opcheck(kvq.vq_quantize, (k, codebook), test_utils=utils)
+    torch.library.opcheck(kvq.vq_codes.op, (k, codebook), test_utils=utils)
+    torch.library.opcheck(kvq.vq_quantize.op, (k, codebook), test_utils=utils)
     codes = kvq.vq_codes(k, codebook)
     for dst, derr in ((torch.randn_like(k), torch.randn(2, 2, 12)), (None, torch.randn(2, 2, 12)),
                       (torch.randn_like(k), None)):
-        torch.library.opcheck(kvq.vq_quantize_backward, (k, codebook, codes, dst, derr), test_utils=utils)
-    torch.library.opcheck(kvq.vq_quantize_backward, (k, codebook, codes, None, None, torch.randn(()), 0.5),
+        torch.library.opcheck(kvq.vq_quantize_backward.op, (k, codebook, codes, dst, derr), test_utils=utils)
+    torch.library.opcheck(kvq.vq_quantize_backward.op, (k, codebook, codes, None, None, torch.randn(()), 0.5),
                           test_utils=utils)
     flops = ("float32", 2 * 2 * 2 * 12 * 8 * 20)
     assert KERNEL_FLOPS["tvq_kernels::vq_codes"](k, codebook) == flops

@@ -113,18 +113,18 @@ def test_the_ops_trace_and_count_their_flops():
     acc = torch.randn(P, NB, L, Dv, generator=gen)
     grad = torch.randn(P, NB, L, Dv, generator=gen)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(kwv.window_values, (p_win, values, acc, torch.float32), test_utils=utils)
-    torch.library.opcheck(kwv.window_values, (p_win, values, None, torch.float32), test_utils=utils)
-    torch.library.opcheck(kwv.window_values_grad_weights, (grad, values, W, torch.float32), test_utils=utils)
+    torch.library.opcheck(kwv.window_values.op, (p_win, values, acc, torch.float32), test_utils=utils)
+    torch.library.opcheck(kwv.window_values.op, (p_win, values, None, torch.float32), test_utils=utils)
+    torch.library.opcheck(kwv.window_values_grad_weights.op, (grad, values, W, torch.float32), test_utils=utils)
     means = torch.randn(P, NB, 12, Dv, generator=gen)
-    torch.library.opcheck(kwv.window_values_grad_weights, (grad, values, W, torch.float32, means), test_utils=utils)
+    torch.library.opcheck(kwv.window_values_grad_weights.op, (grad, values, W, torch.float32, means), test_utils=utils)
     g_p, g_w = kwv.window_values_grad_weights(grad, values, W, torch.float32, means)
     torch.testing.assert_close(g_p, kwv.window_values_grad_weights(grad, values, W, torch.float32)[0])
     torch.testing.assert_close(g_w, grad @ means.transpose(-1, -2))  # the cache's columns: grad @ means^T
     for keep in (0, 1, 2):
-        torch.library.opcheck(kwv.window_values_grad_values, (p_win, grad, keep, torch.float32), test_utils=utils)
+        torch.library.opcheck(kwv.window_values_grad_values.op, (p_win, grad, keep, torch.float32), test_utils=utils)
     add = torch.randn(P, M + NB * L, Dv, generator=gen)  # the cache read's gradient of the values, added in the kernel
-    torch.library.opcheck(kwv.window_values_grad_values, (p_win, grad, 2, torch.float32, add), test_utils=utils)
+    torch.library.opcheck(kwv.window_values_grad_values.op, (p_win, grad, 2, torch.float32, add), test_utils=utils)
     torch.testing.assert_close(kwv.window_values_grad_values(p_win, grad, 2, torch.float32, add),
                                kwv.window_values_grad_values(p_win, grad, 2, torch.float32) + add)
     flops = 2 * P * NB * L * W * Dv

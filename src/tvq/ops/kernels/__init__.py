@@ -8,6 +8,10 @@ is tested against, outputs and gradients, and the fallback wherever Triton or a 
 They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.
 ``use_kernels(True)`` forces them for CPU tensors too (which needs ``TRITON_INTERPRET=1`` set before Triton is
 imported: how the tests run them without a GPU), ``use_kernels(False)`` turns them off (benchmarks compare both).
+
+Each launcher is a torch.library custom op (:func:`kernel_op`), which is how torch.compile, FakeTensor and the cost
+model see it; in plain eager mode it is called directly (:class:`KernelOp`), because the op's dispatch costs more host
+time than the rest of the call (``benchmarks/host_overhead.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +37,42 @@ KERNEL_FLOPS: dict[str, Callable[..., tuple[str, int]]] = {}
 # custom op name -> (launches, scratch bytes) for given arguments, for an op that launches more than one kernel or
 # moves a scratch buffer of its own through HBM (written and read inside the op); absent: one launch, no scratch
 KERNEL_LAUNCHES: dict[str, Callable[..., tuple[int, int]]] = {}
+
+
+class KernelOp:
+    """A kernel's launcher ``fn`` and the torch.library custom op ``op`` registered for it (:func:`kernel_op`).
+
+    Calling it runs the op where something looks at ops: torch.compile, FakeTensor and every other dispatch mode
+    (the cost model, :mod:`tvq.bench.cost`, counts kernels there), tensor subclasses (DTensor). Elsewhere, plain
+    eager mode, it calls ``fn`` directly: the same Python, without the dispatcher's round trip through a boxed
+    Python kernel, which costs ~60 us of host time per call on the 2-core CPU (``benchmarks/host_overhead.py``),
+    where an enwik8 training step makes ~1,200 calls (25 a sublayer). ``op`` is what ``torch.library.opcheck``
+    checks."""
+
+    def __init__(self, op, fn: Callable):
+        self.op, self.fn = op, fn
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+
+    def register_fake(self, fake: Callable) -> Callable:
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args, **kwargs):
+        if DIRECT and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() \
+                and all(type(a) in _PLAIN for a in (*args, *kwargs.values()) if isinstance(a, Tensor)):
+            return self.fn(*args, **kwargs)
+        return self.op(*args, **kwargs)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # no subclass: FakeTensor, DTensor and the like take the op
+DIRECT = True  # KernelOp's direct calls in plain eager mode (off: every call through the dispatcher, to compare)
+
+
+def kernel_op(name: str):
+    """Decorator: ``fn`` (a function that launches Triton kernels, outputs not aliasing its inputs) registered as the
+    custom op ``name``, returned as a :class:`KernelOp` (``register_fake`` as on the op)."""
+    def register(fn: Callable) -> KernelOp:
+        return KernelOp(torch.library.custom_op(name, mutates_args=())(fn), fn)
+    return register
 
 
 def register_flops(op_name: str):

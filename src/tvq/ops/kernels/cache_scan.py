@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops, register_launches
-from tvq.ops.kernels.common import dot_options, tile
+from tvq.ops.kernels import kernel_op, register_flops, register_launches
+from tvq.ops.kernels.common import cdiv, dot_options, tile
 
 _CHUNK_BYTES = 256 * 2**20  # the means (P', nb, S, D_v) of one group of rows stay under this
 
@@ -146,10 +146,10 @@ def _gather_kernel(codes_ptr, g_next_ptr, first_ptr, g_values_ptr, first_valid, 
 
 def _grid(P: int, S: int, Dv: int, BS: int, BD: int) -> tuple[int]:
     """One program per (S tile, D_v tile, row): see :func:`_tile_ids`."""
-    return (triton.cdiv(S, BS) * triton.cdiv(Dv, BD) * P,)
+    return (cdiv(S, BS) * cdiv(Dv, BD) * P,)
 
 
-@torch.library.custom_op("tvq_kernels::cache_scan", mutates_args=())
+@kernel_op("tvq_kernels::cache_scan")
 def cache_scan(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
                dtype: torch.dtype) -> Tensor:
     """(P, nb, S, D_v) in ``dtype``: means[p, n, s] = C_n[s] / max(count[p, n, s], 1), with C_n = mean0[p] *
@@ -181,7 +181,7 @@ def _(codes, values, mean0, count, first_valid, first, dtype):
     return values.new_empty(P, nb, *mean0.shape[1:], dtype=dtype)
 
 
-@torch.library.custom_op("tvq_kernels::cache_scan_backward", mutates_args=())
+@kernel_op("tvq_kernels::cache_scan_backward")
 def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
                         values_dtype: torch.dtype, mean0_dtype: torch.dtype, n_rows: int,
                         gather: bool = True) -> tuple[Tensor, Tensor]:
@@ -207,7 +207,7 @@ def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_val
     if not gather:
         return g_next, g_mean0
     BR, BD = 32, tile(Dv, 128)  # the rows after the blocks (the last window's M slots) reach no cache: zero
-    _gather_kernel[(P * triton.cdiv(n_rows, BR) * triton.cdiv(Dv, BD),)](
+    _gather_kernel[(P * cdiv(n_rows, BR) * cdiv(Dv, BD),)](
         codes.contiguous(), g_next, first_valid if first_valid is not None else codes, g_values, first, nb, L, S,
         Dv, n_rows, PER_ROW=first_valid is not None, BR=BR, BD=BD)
     return g_values, g_mean0
@@ -266,7 +266,7 @@ def _block_counts_kernel(codes_ptr, first_ptr, count0_ptr, out_ptr, first_valid,
         run += hits.to(tl.float32)
 
 
-@torch.library.custom_op("tvq_kernels::block_counts", mutates_args=())
+@kernel_op("tvq_kernels::block_counts")
 def block_counts(codes: Tensor, count0: Tensor, first_valid: Tensor | None, first: int, nb: int,
                  L: int) -> Tensor:
     """(P, nb, S) float32: count0 (P, S) plus, per code, the valid keys of blocks 0..n-1 of codes (P, >= nb L)
@@ -279,7 +279,7 @@ def block_counts(codes: Tensor, count0: Tensor, first_valid: Tensor | None, firs
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     BS, BL = tile(S, 64), tile(L, 64)
-    _block_counts_kernel[(P * triton.cdiv(S, BS),)](
+    _block_counts_kernel[(P * cdiv(S, BS),)](
         codes, first_valid if first_valid is not None else codes, count0.contiguous(), out, first, nb, L, S,
         codes.stride(0), PER_ROW=first_valid is not None, BS=BS, BL=BL)
     return out

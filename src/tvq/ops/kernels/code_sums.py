@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops, register_launches
-from tvq.ops.kernels.common import dot_options, tile
+from tvq.ops.kernels import kernel_op, register_flops, register_launches
+from tvq.ops.kernels.common import cdiv, dot_options, tile
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _reduce_kernel(part_counts_ptr, part_sums_ptr, counts_ptr, sums_ptr, count0_
     _store(acc, cnt, counts_ptr, sums_ptr, count0_ptr, mean0_ptr, p, s, d, td, S, D, FOLD)
 
 
-@torch.library.custom_op("tvq_kernels::code_sums", mutates_args=())
+@kernel_op("tvq_kernels::code_sums")
 def code_sums(codes: Tensor, values: Tensor, valid: Tensor | None, n_code: int) -> tuple[Tensor, Tensor]:
     """Counts (P, S) and value sums (P, S, D), float32, of the keys with codes (P, N) in [0, S) and values
     (P, N, D) (rows may be strided, the last dim dense), skipping those where ``valid`` (P, N) is False."""
@@ -132,10 +132,10 @@ MIN_CHUNK_KEYS = 1024  # keys per chunk at least: shorter walks cost less than t
 
 def _chunks(P: int, N: int, S: int, D: int, BS: int, BD: int, BL: int) -> tuple[int, int]:
     """(K chunks, keys per chunk, a multiple of BL) for a walk over N keys of a grid of P S/BS D/BD programs."""
-    base = P * triton.cdiv(S, BS) * triton.cdiv(D, BD)
-    K = max(1, min(triton.cdiv(SPLIT_BELOW_PROGRAMS, base), N // MIN_CHUNK_KEYS)) if base < SPLIT_BELOW_PROGRAMS else 1
-    chunk = triton.cdiv(triton.cdiv(N, K), BL) * BL
-    return triton.cdiv(N, chunk), chunk
+    base = P * cdiv(S, BS) * cdiv(D, BD)
+    K = max(1, min(cdiv(SPLIT_BELOW_PROGRAMS, base), N // MIN_CHUNK_KEYS)) if base < SPLIT_BELOW_PROGRAMS else 1
+    chunk = cdiv(cdiv(N, K), BL) * BL
+    return cdiv(N, chunk), chunk
 
 
 def _tiles(N: int, S: int, D: int) -> tuple[int, int, int]:
@@ -149,7 +149,7 @@ def _launch(codes: Tensor, values: Tensor, counts: Tensor, sums: Tensor, valid: 
     (P, N), S, D = codes.shape, counts.shape[1], values.shape[-1]
     BS, BD, BL = _tiles(N, S, D)
     K, chunk = _chunks(P, N, S, D, BS, BD, BL)
-    tiles = triton.cdiv(S, BS) * triton.cdiv(D, BD) * P
+    tiles = cdiv(S, BS) * cdiv(D, BD) * P
     dummy = codes  # pointers never read
     count0, mean0 = cache if cache is not None else (dummy, dummy)
     part_counts, part_sums = (counts, sums) if K == 1 else (counts.new_empty(K, P, S), sums.new_empty(K, P, S, D))
@@ -222,7 +222,7 @@ def code_sums_kernel(codes: Tensor, values: Tensor, valid: Tensor | None, n_code
     return counts.view(*lead, n_code), sums.view(*lead, n_code, values.shape[-1])
 
 
-@torch.library.custom_op("tvq_kernels::cache_fold", mutates_args=())
+@kernel_op("tvq_kernels::cache_fold")
 def cache_fold(codes: Tensor, values: Tensor, first: Tensor | None, first_int: int, count: Tensor,
                mean: Tensor) -> tuple[Tensor, Tensor]:
     """(count', mean') (P, S), (P, S, D) float32: the cache (count (P, S), mean (P, S, D) float32) with the keys of

@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). Host code calls this and :func:`cdiv`, not Triton's: those
+    are constexpr functions (Triton 3.9) whose every host call costs ~6 us, several per launch."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (a >= 0, b > 0)."""
+    return -(-a // b)
 
 
 def tile(n: int, most: int) -> int:
     """A tile size for a dim of n: a power of two, at least 16 (``tl.dot``'s minimum), at most ``most``."""
-    return max(16, min(most, triton.next_power_of_2(n)))
+    return max(16, min(most, next_power_of_2(n)))
 
 
 def dot_options(dtype: torch.dtype) -> dict:

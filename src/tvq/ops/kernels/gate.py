@@ -42,19 +42,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels.common import cdiv, next_power_of_2
+
 # largest tile: columns, and elements in all (rows = elements // columns); tests shrink them
 TILES = {"cols": 512, "elements": 4096}
 
 
 def _tiles(rows: int, cols: int) -> tuple[int, int]:
     """(BR, BC) powers of two for a (rows, cols) elementwise pass."""
-    bc = min(TILES["cols"], triton.next_power_of_2(max(cols, 1)))
-    br = min(max(1, TILES["elements"] // bc), triton.next_power_of_2(max(rows, 1)))
+    bc = min(TILES["cols"], next_power_of_2(max(cols, 1)))
+    br = min(max(1, TILES["elements"] // bc), next_power_of_2(max(rows, 1)))
     return br, bc
 
 
 def _grid(rows: int, cols: int, br: int, bc: int) -> tuple[int]:
-    return (triton.cdiv(rows, br) * triton.cdiv(cols, bc),)
+    return (cdiv(rows, br) * cdiv(cols, bc),)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -151,7 +154,7 @@ def _check_widths(z: Tensor, n_k: int, n_v: int) -> int:
 # ---- the activation: v = SiLU(z_v); backward dz from (dk, dv, dg) ------------------------------------------------
 # The ops take z's v part z_v (a view of z), not z: what the kernels read, and what the cost model counts.
 
-@torch.library.custom_op("tvq_kernels::gau_activation", mutates_args=())
+@kernel_op("tvq_kernels::gau_activation")
 def gau_activation_values(z_v: Tensor) -> Tensor:
     """v = SiLU(z_v): contiguous, z_v's dtype (float32 math); z_v (..., n_v) any strides (the v part of z, read in
     place)."""
@@ -177,7 +180,7 @@ def _dz_shape(z_v: Tensor, n_k: int, n_g: int) -> tuple[int, ...]:
     return (*z_v.shape[:-1], n_k + z_v.shape[-1] + n_g)
 
 
-@torch.library.custom_op("tvq_kernels::gau_activation_backward", mutates_args=())
+@kernel_op("tvq_kernels::gau_activation_backward")
 def gau_activation_backward(z_v: Tensor, dk: Tensor | None, dv: Tensor | None, dg: Tensor | None, n_k: int,
                             n_g: int) -> Tensor:
     """dz (..., n_k + n_v + n_g), contiguous, z_v's dtype: [dk, dv * SiLU'(z_v), dg] along the last dim; a None
@@ -245,7 +248,7 @@ def _check_gate(a: Tensor, g_pre: Tensor) -> None:
                          f"{tuple(g_pre.shape)}")
 
 
-@torch.library.custom_op("tvq_kernels::silu_gate", mutates_args=())
+@kernel_op("tvq_kernels::silu_gate")
 def silu_gate_forward(a: Tensor, g_pre: Tensor) -> Tensor:
     """a * SiLU(g_pre) (contiguous, a's and g_pre's promoted dtype, float32 math); a and g_pre (..., n), any
     strides."""
@@ -266,7 +269,7 @@ def _(a, g_pre):
     return a.new_empty(a.shape, dtype=torch.result_type(a, g_pre))
 
 
-@torch.library.custom_op("tvq_kernels::silu_gate_backward", mutates_args=())
+@kernel_op("tvq_kernels::silu_gate_backward")
 def silu_gate_backward(grad: Tensor, a: Tensor, g_pre: Tensor) -> tuple[Tensor, Tensor]:
     """(da, dg_pre) = (grad SiLU(g_pre), grad a SiLU'(g_pre)), contiguous, in a's and g_pre's dtypes (float32
     math); grad, a and g_pre (..., n), any strides."""

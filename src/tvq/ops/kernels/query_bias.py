@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops
-from tvq.ops.kernels.common import dot_options, tile
+from tvq.ops.kernels import kernel_op, register_flops
+from tvq.ops.kernels.common import cdiv, dot_options, next_power_of_2, tile
 
 ROWS = 64  # query rows per program at most (tests may shrink it)
 ELEMENTS = 4096  # elements of a program's (rows, D_k) tile at most (rows = ELEMENTS / D_k): registers, not spills
@@ -103,8 +103,8 @@ def _tiles(T: int, D: int, R: int) -> tuple[int, int, int, int]:
     """(BT rows, BD columns, BR distances, n_t row tiles) of a (T, D) head with R distances (all at least 16:
     ``tl.dot``'s minimum)."""
     BD = tile(D, 2**30)
-    BT = max(16, min(ROWS, ELEMENTS // BD, triton.next_power_of_2(max(T, 1))))
-    return BT, BD, tile(R, DISTANCES), triton.cdiv(T, BT)
+    BT = max(16, min(ROWS, ELEMENTS // BD, next_power_of_2(max(T, 1))))
+    return BT, BD, tile(R, DISTANCES), cdiv(T, BT)
 
 
 def _strides(x: Tensor) -> tuple[Tensor, int, int, int]:
@@ -121,7 +121,7 @@ def _rel(rel: Tensor) -> tuple[Tensor, int, int]:
     return rel, rel.stride(0), rel.stride(1)
 
 
-@torch.library.custom_op("tvq_kernels::query_biases", mutates_args=())
+@kernel_op("tvq_kernels::query_biases")
 def query_biases(q: Tensor, u: Tensor, v: Tensor, rel: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(qu, qv, pos): q + scale u[h] and q + scale v[h] (B, H, T, D) and qv @ rel[h]^T (B, H, T, R), all in q's dtype
     (contiguous), for q (B, H, T, D), u, v (H, D) and rel (H, R, D) in q's dtype."""
@@ -150,7 +150,7 @@ def _(q, u, v, rel, scale):
     return str(q.dtype).removeprefix("torch."), 2 * q.numel() * rel.shape[1]
 
 
-@torch.library.custom_op("tvq_kernels::query_biases_backward", mutates_args=())
+@kernel_op("tvq_kernels::query_biases_backward")
 def query_biases_backward(g_qu: Tensor, g_pos: Tensor, rel: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(d_q (B, H, T, D) in g_qu's dtype, the per-program float32 sums (2, B, H, n_t, D) of scale d_qu and
     scale d_qv) for the gradients g_qu (B, H, T, D) and g_pos (B, H, T, R) of :func:`query_biases`' qu and pos

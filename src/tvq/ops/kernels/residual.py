@@ -38,6 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels.common import cdiv
+
 # Philox groups (4 elements each) per program: 4 BLOCK elements (tests may shrink it)
 BLOCK = 512
 NUM_WARPS = 4
@@ -121,13 +124,13 @@ def _launch(t: Tensor, p: float, layerdrop: float) -> dict:
     B, E = _rows(t)
     thresh, keep_scale, drop = _threshold(p, "p")
     ld_thresh, ld_scale, ld_draw = _threshold(layerdrop, "layerdrop")
-    n_chunk = triton.cdiv(E, 4 * BLOCK)
+    n_chunk = cdiv(E, 4 * BLOCK)
     return dict(grid=(B * n_chunk,), E=E, n_chunk=n_chunk, n_cnt=B * ((E + 3) // 4), thresh=thresh,
                 keep_scale=keep_scale, ld_thresh=ld_thresh if ld_draw else 0, ld_scale=ld_scale,
                 LAYERDROP=layerdrop > 0, DROP=drop)
 
 
-@torch.library.custom_op("tvq_kernels::residual_dropout", mutates_args=())
+@kernel_op("tvq_kernels::residual_dropout")
 def residual_dropout_op(x: Tensor, res: Tensor, p: float, layerdrop: float, seed: int) -> Tensor:
     """x + res * mask * row_factor[b] in ``x + res``'s dtype (x, res the same shape; mask and row factors from
     ``seed``, see the module docstring)."""
@@ -147,7 +150,7 @@ def _(x, res, p, layerdrop, seed):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, res.dtype))
 
 
-@torch.library.custom_op("tvq_kernels::residual_dropout_backward", mutates_args=())
+@kernel_op("tvq_kernels::residual_dropout_backward")
 def residual_dropout_backward_op(grad: Tensor, p: float, layerdrop: float, seed: int, dtype: torch.dtype) -> Tensor:
     """d_res = grad * mask * row_factor[b] in ``dtype`` (res's), drawn as the forward drew them (same seed and
     shape)."""

@@ -48,6 +48,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels.common import cdiv, next_power_of_2
+
 # elements of a program's row tile (rows = elements / BD, at least one) and the backward's persistent programs
 # (0: 2 per SM on a GPU, 4 in the interpreter); tests shrink them
 TILES = {"elements": 4096, "programs": 0}
@@ -170,8 +173,8 @@ def _row_stride(t2: Tensor) -> int:
 
 def _tile(N: int, D: int) -> tuple[int, int, int]:
     """BR, BD and num_warps for rows of D."""
-    BD = triton.next_power_of_2(D)
-    BR = max(1, min(TILES["elements"] // BD, triton.next_power_of_2(max(N, 1))))
+    BD = next_power_of_2(D)
+    BR = max(1, min(TILES["elements"] // BD, next_power_of_2(max(N, 1))))
     elements = BR * BD
     return BR, BD, 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
@@ -187,7 +190,7 @@ def _programs(device: torch.device, n_tiles: int) -> int:
     return max(1, min(n_tiles, most))
 
 
-@torch.library.custom_op("tvq_kernels::rms_norm", mutates_args=())
+@kernel_op("tvq_kernels::rms_norm")
 def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, scale: float,
              out_dtype: torch.dtype) -> Tensor:
     """(..., D) in ``out_dtype``, contiguous: (x / sqrt(mean(x^2, -1) + eps) * weight + bias) * scale, float32
@@ -200,7 +203,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, 
     N = x.numel() // D
     BR, BD, warps = _tile(N, D)
     affine = weight is not None
-    _fwd_kernel[(triton.cdiv(N, BR),)](x2, weight if affine else x2, bias if affine else x2, out, N, D, sx, G, sxg,
+    _fwd_kernel[(cdiv(N, BR),)](x2, weight if affine else x2, bias if affine else x2, out, N, D, sx, G, sxg,
                                        eps, scale, AFFINE=affine, BR=BR, BD=BD, num_warps=warps)
     return out
 
@@ -210,7 +213,7 @@ def _(x, weight, bias, eps, scale, out_dtype):
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
-@torch.library.custom_op("tvq_kernels::rms_norm_backward", mutates_args=())
+@kernel_op("tvq_kernels::rms_norm_backward")
 def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, scale: float, x_grad: bool,
                       param_grad: bool, grad_add: Tensor | None = None,
                       grad2: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,7 +241,7 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
             x2 = x2.contiguous()
     a2 = _rows(grad_add, D) if grad_add is not None and x_grad else None
     BR, BD, warps = _tile(N, D)
-    n_tiles = triton.cdiv(N, BR)
+    n_tiles = cdiv(N, BR)
     n_prog = _programs(x.device, n_tiles)
     part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
     affine = weight is not None

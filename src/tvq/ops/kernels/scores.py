@@ -54,7 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels.common import dot_options, tile
+from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels.common import cdiv, dot_options, tile
 from tvq.ops.kernels.window_values import KEEP_MODES, window_values, window_values_grad_values
 
 
@@ -268,10 +269,10 @@ def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invali
               count.contiguous() if agg else dummy, cache_bias.contiguous() if cache_bias is not None else dummy,
               n_invalid.contiguous() if n_invalid is not None else dummy)
     sizes = (n_invalid_int, H, nb, L, M, M + L, S, D, *qu.stride(), *keys.stride())
-    return inputs, sizes, meta, (B * H * nb, triton.cdiv(L, BA))
+    return inputs, sizes, meta, (B * H * nb, cdiv(L, BA))
 
 
-@torch.library.custom_op("tvq_kernels::window_scores", mutates_args=())
+@kernel_op("tvq_kernels::window_scores")
 def window_scores(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tensor | None, count: Tensor | None,
                   cache_bias: Tensor | None, n_invalid: Tensor | None, n_invalid_int: int, divide: bool,
                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -302,7 +303,7 @@ def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divi
             qu.new_empty(B, H, nb, L, dtype=torch.float32))
 
 
-@torch.library.custom_op("tvq_kernels::window_scores_backward", mutates_args=())
+@kernel_op("tvq_kernels::window_scores_backward")
 def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tensor | None, count: Tensor | None,
                            cache_bias: Tensor | None, n_invalid: Tensor | None, n_invalid_int: int, divide: bool,
                            lse: Tensor, g_win: Tensor, g_cache: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

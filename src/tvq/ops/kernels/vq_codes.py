@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops
-from tvq.ops.kernels.common import tile
+from tvq.ops.kernels import kernel_op, register_flops
+from tvq.ops.kernels.common import cdiv, tile
 
 TILES = {"keys": 32, "codes": 32}  # largest tiles of keys and codes: 32 x 32 float32 products do not spill (sm_90)
 
@@ -114,7 +114,7 @@ def _launch(k: Tensor, codebook: Tensor, quant: bool) -> tuple[Tensor, ...]:
         k = k.contiguous()
     BT, BS, BK = tile(T, TILES["keys"]), tile(S, TILES["codes"]), tile(Dk, 1 << 30)
     dummy = outs or (codes,) * 3  # pointers never written without QUANT
-    _codes_kernel[(B * H * triton.cdiv(T, BT),)](k, codebook.contiguous(), codes, *dummy, H, T, S, Dk,
+    _codes_kernel[(B * H * cdiv(T, BT),)](k, codebook.contiguous(), codes, *dummy, H, T, S, Dk,
                                                  k.stride(0), k.stride(1), k.stride(2), QUANT=quant, BT=BT, BS=BS,
                                                  BK=BK)
     return codes, *outs
@@ -126,7 +126,7 @@ def _flops(k: Tensor, codebook: Tensor) -> tuple[str, int]:
     return "float32", 2 * B * H * T * Dk * codebook.shape[1]
 
 
-@torch.library.custom_op("tvq_kernels::vq_codes", mutates_args=())
+@kernel_op("tvq_kernels::vq_codes")
 def vq_codes(k: Tensor, codebook: Tensor) -> Tensor:
     """(B, H, T) int64: argmin_s ||k[b, h, t] - codebook[h, s]||^2 in float32.
 
@@ -143,7 +143,7 @@ def _(k, codebook):
 register_flops("tvq_kernels::vq_codes")(_flops)
 
 
-@torch.library.custom_op("tvq_kernels::vq_quantize", mutates_args=())
+@kernel_op("tvq_kernels::vq_quantize")
 def vq_quantize(k: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(codes (B, H, T) int64, c_z (B, H, T, D_k) in k's dtype, ||k - c_z||^2 and ||k||^2 (B, H, T) float32):
     the codes as :func:`vq_codes`', c_z their codewords cast to k's dtype (the error uses that cast)."""
@@ -161,7 +161,7 @@ def _(k, codebook):
 register_flops("tvq_kernels::vq_quantize")(_flops)
 
 
-@torch.library.custom_op("tvq_kernels::vq_quantize_backward", mutates_args=())
+@kernel_op("tvq_kernels::vq_quantize_backward")
 def vq_quantize_backward(k: Tensor, codebook: Tensor, codes: Tensor, grad_keys: Tensor | None,
                          grad_err: Tensor | None, grad_mean: Tensor | None = None, mean_scale: float = 0.0) -> Tensor:
     """dk (B, H, T, D_k) contiguous, k's dtype: grad_keys + 2 (grad_err + grad_mean mean_scale) (k - c_z) (float32
@@ -176,7 +176,7 @@ def vq_quantize_backward(k: Tensor, codebook: Tensor, codes: Tensor, grad_keys: 
     dst = k if grad_keys is None else grad_keys if grad_keys.stride(-1) == 1 else grad_keys.contiguous()
     derr = codes if grad_err is None else grad_err.contiguous()
     BT, BK = tile(T, TILES["keys"]), tile(Dk, 1 << 30)
-    _quantize_bwd_kernel[(B * H * triton.cdiv(T, BT),)](
+    _quantize_bwd_kernel[(B * H * cdiv(T, BT),)](
         k, codebook.contiguous(), codes.contiguous(), dst, derr, codes if grad_mean is None else grad_mean, dk,
         mean_scale, H, T, codebook.shape[1], Dk, *k.stride()[:3], *dst.stride()[:3], HAS_DST=grad_keys is not None,
         HAS_DERR=grad_err is not None, HAS_DMEAN=grad_mean is not None, BT=BT, BK=BK)

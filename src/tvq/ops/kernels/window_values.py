@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import register_flops
-from tvq.ops.kernels.common import dot_options, tile
+from tvq.ops.kernels import kernel_op, register_flops
+from tvq.ops.kernels.common import cdiv, dot_options, tile
 
 # largest tiles of query rows (value rows in g_values), window columns and D_v (tests shrink them)
 TILES = {"rows": 64, "window": 64, "dv": 64}
@@ -208,7 +208,7 @@ def _check(p_win: Tensor, values: Tensor) -> tuple[int, int, int, int, int, int]
     return P, nb, L, W, M, Dv
 
 
-@torch.library.custom_op("tvq_kernels::window_values", mutates_args=())
+@kernel_op("tvq_kernels::window_values")
 def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype,
                   cache_w: Tensor | None = None, means: Tensor | None = None) -> Tensor:
     """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]
@@ -226,7 +226,7 @@ def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torc
     S = cache_w.shape[-1] if cache_w is not None else 16
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
     BS = tile(S, TILES["window"])
-    grid = (P * nb * triton.cdiv(L, BA) * triton.cdiv(Dv, BD),)
+    grid = (P * nb * cdiv(L, BA) * cdiv(Dv, BD),)
     has_cache = cache_w is not None
     if has_cache:
         shared = means.dim() == 3  # (H, S, D_v) for every block
@@ -249,7 +249,7 @@ def _(p_win, values, acc, dtype, cache_w=None, means=None):
     return values.new_empty(P, nb, L, values.shape[-1], dtype=dtype)
 
 
-@torch.library.custom_op("tvq_kernels::window_values_grad_weights", mutates_args=())
+@kernel_op("tvq_kernels::window_values_grad_weights")
 def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype,
                                means: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(g_p (P, nb, L, W), g_w) in ``dtype``: g_p[p, n, a, w] = grad[p, n, a] . values[p, n L + w]; with the cache's
@@ -262,7 +262,7 @@ def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torc
     if not g_p.numel() and not g_w.numel():
         return g_p, g_w
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
-    grid = (P * nb * triton.cdiv(L, BA) * (triton.cdiv(W, BW) + triton.cdiv(S, BW)),)
+    grid = (P * nb * cdiv(L, BA) * (cdiv(W, BW) + cdiv(S, BW)),)
     _grad_p_kernel[grid](grad.contiguous(), values, means.contiguous() if means is not None else grad, g_p,
                          g_w if means is not None else g_p, nb, L, W, S, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
                          **dot_options(grad.dtype))
@@ -275,7 +275,7 @@ def _(grad, values, W, dtype, means=None):
     return grad.new_empty(*grad.shape[:3], W, dtype=dtype), g_w
 
 
-@torch.library.custom_op("tvq_kernels::window_values_grad_values", mutates_args=())
+@kernel_op("tvq_kernels::window_values_grad_values")
 def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: torch.dtype,
                               add: Tensor | None = None, g_next: Tensor | None = None, codes: Tensor | None = None,
                               first_valid: Tensor | None = None, first: int = 0) -> Tensor:
@@ -295,7 +295,7 @@ def window_values_grad_values(p_win: Tensor, grad: Tensor, keep: int, dtype: tor
         raise ValueError("window_values_grad_values: add and g_next are exclusive")
     S = g_next.shape[2] if g_next is not None else 1
     BR, BA, BD = tile(L, TILES["rows"]), tile(L, TILES["rows"]), tile(Dv, TILES["dv"])
-    grid = (P * triton.cdiv(N, BR) * triton.cdiv(Dv, BD),)
+    grid = (P * cdiv(N, BR) * cdiv(Dv, BD),)
     src = add.contiguous() if add is not None else g_next.contiguous() if g_next is not None else g_v
     _grad_values_kernel[grid](p_win.contiguous(), grad.contiguous(), src, g_v,
                               codes.contiguous() if codes is not None else g_v,
