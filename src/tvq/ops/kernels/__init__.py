@@ -43,11 +43,11 @@ class KernelOp:
     """A kernel's launcher ``fn`` and the torch.library custom op ``op`` registered for it (:func:`kernel_op`).
 
     Calling it runs the op where something looks at ops: torch.compile, FakeTensor and every other dispatch mode
-    (the cost model, :mod:`tvq.bench.cost`, counts kernels there), tensor subclasses (DTensor). Elsewhere, plain
-    eager mode, it calls ``fn`` directly: the same Python, without the dispatcher's round trip through a boxed
-    Python kernel, which costs ~60 us of host time per call on the 2-core CPU (``benchmarks/host_overhead.py``),
-    where an enwik8 training step makes ~1,200 calls (25 a sublayer). ``op`` is what ``torch.library.opcheck``
-    checks."""
+    (the cost model, :mod:`tvq.bench.cost`, counts kernels there), ``torch.jit.trace``, tensor subclasses (DTensor).
+    Elsewhere, plain eager mode, it calls ``fn`` directly: the same Python, without the dispatcher's round trip
+    through a boxed Python kernel, which costs ~45-60 us of host time per call on the 2-core CPU
+    (``benchmarks/host_overhead.py``), where an enwik8 training step makes ~1,200 calls (25 a sublayer). ``op`` is
+    what ``torch.library.opcheck`` checks."""
 
     def __init__(self, op, fn: Callable):
         self.op, self.fn = op, fn
@@ -57,8 +57,9 @@ class KernelOp:
         return self.op.register_fake(fake)
 
     def __call__(self, *args, **kwargs):
-        if DIRECT and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() \
-                and all(type(a) in _PLAIN for a in (*args, *kwargs.values()) if isinstance(a, Tensor)):
+        plain = all(type(a) in _PLAIN for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+        if plain and DIRECT and not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+                                     or torch.jit.is_tracing()):
             return self.fn(*args, **kwargs)
         return self.op(*args, **kwargs)
 
