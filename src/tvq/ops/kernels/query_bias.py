@@ -5,7 +5,8 @@ content, ``qv = q + s v_h`` the positions, with s = D_k^-1/4 (u and v are float3
 dtype). ``qv`` is only ever read by the positional scores ``pos = qv @ rel_h^T`` (B, H, T, R), by distance (rel
 (H, R, D_k), R = M + 1 relative embeddings), so the kernel computes them too. In PyTorch that is a stack of u and
 v, its scale and cast, two broadcast adds and a batched GEMM; backward the adds' sums over the rows (one each, for u
-and v), the GEMM's two gradients and q's gradient as a sum: thirteen launches per sublayer and step. Here:
+and v), the GEMM's two gradients and q's gradient as a sum: fourteen launches per sublayer and step (eleven for
+the biases, three for the GEMM). Here, four:
 
 * forward, one kernel: q read once; qu, qv and pos written in q's dtype, each ``q + s u_h`` computed in float32 and
   rounded once, pos by ``tl.dot`` of the rounded qv (as the GEMM reads it) against rel in tiles of distances;
