@@ -124,6 +124,7 @@ def test_host_overhead_benchmark_runs(tmp_path):
         assert res["median_ms"]["direct"] > 0 and res["median_ms"]["dispatcher"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_jit_tracing_records_the_op(routes):
     traced = torch.jit.trace(lambda x: scaled(x, 2.0), torch.ones(2), check_trace=False)
     assert routes == {"op": 1, "fn": 0} and "tvq_test::scaled" in str(traced.graph)
