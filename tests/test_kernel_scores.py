@@ -108,9 +108,10 @@ def test_op_matches_the_reference(monkeypatch, M, agg, bias, n_invalid, divide, 
 
 
 @pytest.mark.parametrize("key_keep", [None, "own", "near"])
-def test_the_d_k_gradients_run_on_the_window_kernels(monkeypatch, key_keep):
-    """Backward's g_qu and keys' gradient (with the straight-through rule) come from the window kernels of
-    tvq.ops.kernels.window_values, which read the keys in place: no ``unfold``, the float64 reference's gradients."""
+def test_the_d_k_gradients_run_in_the_score_and_window_kernels(monkeypatch, key_keep):
+    """Backward's g_qu comes from the score kernel's own launch and the keys' gradient (with the straight-through
+    rule) from the window kernel of tvq.ops.kernels.window_values, which reads the keys in place: no ``unfold``,
+    the float64 reference's gradients."""
     M, nb = 16, 3  # W = 24: three windows hold most keys
     gen = torch.Generator().manual_seed(5)
     n_invalid = torch.tensor([M + 3, 2])
@@ -124,8 +125,8 @@ def test_the_d_k_gradients_run_on_the_window_kernels(monkeypatch, key_keep):
                              (leaves[3].requires_grad_(), cache[1]), leaves[4].requires_grad_(), False, keep)
     want_grads = torch.autograd.grad(want, leaves, (g_win, g_cache))
 
-    calls = []
-    for name in ("window_values", "window_values_grad_values"):  # spies on the ops the backward calls
+    calls, scores_backward = [], kscores.window_scores_backward
+    for name in ("window_scores_backward", "window_values_grad_values"):  # spies on the ops the backward calls
         op = getattr(kscores, name)
         monkeypatch.setattr(kscores, name, lambda *args, op=op: calls.append((op, args)) or op(*args))
 
@@ -138,7 +139,7 @@ def test_the_d_k_gradients_run_on_the_window_kernels(monkeypatch, key_keep):
         got = kscores.window_softmax(*f32[:3], n_invalid=n_invalid, key_keep=key_keep,
                                      cache=(f32[3], cache[1].float()), cache_bias=f32[4], out_dtype=torch.float32)
         got_grads = torch.autograd.grad(got, f32, (g_win.float(), g_cache.float()))
-    assert [op for op, _ in calls] == [kwv.window_values, kwv.window_values_grad_values]
+    assert [op for op, _ in calls] == [scores_backward, kwv.window_values_grad_values]
     assert calls[1][1][2] == kwv.KEEP_MODES[key_keep]
     for got_g, want_g in zip(got_grads, want_grads):  # qu, keys, pos, codebook, cache_bias
         close(got_g, want_g, 1e-5)

@@ -9,13 +9,14 @@ qv @ rel^T`` (P, nb, L, M + 1), by distance, comes from the query-bias kernel of
 which keeps rel's and v's gradients there), masks
 by distance and empty slots, scores the codewords, and writes the softmax weights once in the values' dtype
 (plus a float32 log-sum-exp per row for backward). Backward recomputes the weights from the saved inputs and
-the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch. The D_k-wide
-gradients then run on the window kernels of :mod:`tvq.ops.kernels.window_values`, which read the keys in place:
-``g_qu = ds_cache @ codebook + ds_win @ key windows`` is its forward (p := ds_win, values := keys, the cache's
-share as its ``acc``), and the keys' gradient, each key's sum over the windows that hold it of its kept
-``ds_win^T @ qu``, is its values' gradient (p := ds_win, grad := qu) with the straight-through rule as its
-``keep`` (none, "own": w >= M, "near": w >= a): no key window is copied, no (nb, W, D_k) gradient is written
-and summed, no masked copy of ds_win is made. Only the codebook's (S-wide) gradient stays in PyTorch. The
+the log-sum-exp and writes ``ds`` (in the compute dtype) and the un-skewed ``d_pos`` in one launch, which also
+sums ``g_qu = ds_win @ key windows + ds_cache @ codebook`` on chip (FlashAttention's dQ: a program holds every
+column of its query rows, and the key and codeword tiles are those its score recompute reads). The keys'
+gradient, each key's sum over the windows that hold it of its kept ``ds_win^T @ qu``, runs on the window kernel
+of :mod:`tvq.ops.kernels.window_values` as its values' gradient (p := ds_win, grad := qu) with the
+straight-through rule as its ``keep`` (none, "own": w >= M, "near": w >= a): no key window is copied, no
+(nb, W, D_k) gradient is written and summed, no masked copy of ds_win is made. Only the codebook's (S-wide)
+gradient stays in PyTorch. The
 cache's weights come out as they are (``p_cache``: the cache scan of :mod:`tvq.ops.kernels.cache_scan` divides
 by the count) or divided by max(count, 1) (``divide``: ``p_mean``).
 
@@ -34,15 +35,16 @@ scores: today's forward writes and reads the content product (2 + 2 per column),
 codeword), the ``cat`` (4 + 4), the softmax (4 + 4), the weights' cast (4 + 2) and ``p_cache / count`` (~14 per
 codeword): ~60 C. Here the weights are written once (2 C) and the inputs' rows read once per sweep (L2-resident).
 Backward today: ~50 C (softmax backward, the casts', split's, cat's, skew's and masks' backward); here ~10 C
-(the upstream gradients read in two sweeps 4, ds written 2, the gradient kernels' reads of ds 4; d_pos is M + 1
-wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~18 KB per token and layer.
+(the upstream gradients read in two sweeps 4, ds written 2, the keys' gradient kernel's read of ds 2; d_pos is
+M + 1 wide). enwik8 (W 1024, S 512: C 1536): ~170 KB against ~18 KB per token and layer.
 The D_k-wide gradients, per query in units of D_k bytes, with r = W / L windows holding each key (2 at enwik8):
 in PyTorch ``unfold``'s copy of the key windows (keys read 2 r, the copy written 2 r), the GEMM's read of it
 (2 r), the window gradients of ``ds_win^T @ qu`` (2 r) and their fold (a zero fill 2, 2 r read, 4 r added), plus
-the straight-through ``where``'s copy of ds_win (4 C bytes): ~14 r + 2, and 4 C. Here the window kernels read the
-keys and qu r times each (after the first from L2 when the blocks run close together: ~4 from HBM, 4 r at worst)
-and write g_qu and the keys' gradient once (4): ~8 to 4 r + 4. The cache's share of g_qu (written and read, 4)
-is the same in both. enwik8 (D_k 128): ~10 KB (6 of them the ``where``) against ~1-1.5 KB per token and layer.
+the straight-through ``where``'s copy of ds_win (4 C bytes): ~14 r + 2, and 4 C. Here the score kernel's tiles
+give g_qu (written once, 2) and the keys' gradient kernel reads qu r times (after the first from L2 when the
+blocks run close together) and writes the keys' gradient once (2): ~6 to 2 r + 4; the cache's share of g_qu,
+written and read apart in PyTorch (4), is summed on chip with the rest. enwik8 (D_k 128): ~10 KB (6 of them the
+``where``) against ~1-1.5 KB per token and layer.
 Estimates from the shapes, not measured (no GPU was at hand).
 """
 
@@ -54,9 +56,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels import kernel_op, register_flops
 from tvq.ops.kernels.common import cdiv, dot_options, tile
-from tvq.ops.kernels.window_values import KEEP_MODES, window_values, window_values_grad_values
+from tvq.ops.kernels.window_values import KEEP_MODES, window_values_grad_values
 
 
 # largest tiles of query rows, window columns and codeword columns (tests shrink them to exercise several tiles)
@@ -81,7 +83,8 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
                    AGG: tl.constexpr, PER_ROW: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
-    """(BA, BW) float32 scores of query rows a of block n against window slots w, masked with -inf.
+    """(BA, BW) float32 scores of query rows a of block n against window slots w, masked with -inf, and the keys'
+    tile it read, (BD, BW) (backward multiplies the scores' gradient by it).
 
     Slot w holds key n L + w, at distance M + a - w from query a: near (0 <= w - a <= M) content +
     pos[a, M + a - w], old (w < a) content + bias with the cache (else -inf), future (w - a > M) -inf;
@@ -102,18 +105,18 @@ def _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bi
     empty = slot[None, :] < ninv
     if PER_ROW:
         empty = empty & ((M + n * L + a)[:, None] >= ninv)
-    return tl.where(seen & (w[None, :] < W) & ~empty, s, float("-inf"))
+    return tl.where(seen & (w[None, :] < W) & ~empty, s, float("-inf")), k
 
 
 @triton.jit
 def _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD: tl.constexpr, PRECISION: tl.constexpr):
     """(BA, BS) float32 scores of the codewords c: qu . codebook[c] + log count[c] + bias (-inf where the count
-    is 0), and the counts (BS,)."""
+    is 0), the counts (BS,) and the codebook's tile it read, (BD, BS)."""
     d = tl.arange(0, BD)
     cb = tl.load(cb_row + c[None, :] * D + d[:, None], mask=(c[None, :] < S) & (d[:, None] < D), other=0.0)  # (BD, BS)
     count = tl.load(count_row + c, mask=c < S, other=0.0)  # (BS,)
     s = _dot(qu, cb, PRECISION) + bias  # (BA, BS)
-    return tl.where((count > 0)[None, :], s + tl.log(tl.maximum(count, 1.0))[None, :], float("-inf")), count
+    return tl.where((count > 0)[None, :], s + tl.log(tl.maximum(count, 1.0))[None, :], float("-inf")), count, cb
 
 
 @triton.jit
@@ -164,27 +167,27 @@ def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
     m = tl.full((BA,), float("-inf"), tl.float32)
     l = tl.zeros((BA,), tl.float32)
     for w0 in range(0, W, BW):
-        s = _window_scores(qu, a, w0 + tl.arange(0, BW), n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
-                           AGG, PER_ROW, BD, PRECISION)
+        s, _ = _window_scores(qu, a, w0 + tl.arange(0, BW), n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv,
+                              bias, AGG, PER_ROW, BD, PRECISION)
         m, l = _online(m, l, s)
     if AGG:
         for c0 in range(0, S, BS):
-            s, count = _cache_scores(qu, c0 + tl.arange(0, BS), cb_row, count_row, S, D, bias, BD, PRECISION)
+            s, count, _ = _cache_scores(qu, c0 + tl.arange(0, BS), cb_row, count_row, S, D, bias, BD, PRECISION)
             m, l = _online(m, l, s)
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(l)  # (BA,)
     tl.store(lse_ptr + pn * L + a, lse, mask=a_ok)
     rows = pn * L + a  # (BA,) output rows
     for w0 in range(0, W, BW):
         w = w0 + tl.arange(0, BW)
-        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
-                           AGG, PER_ROW, BD, PRECISION)
+        s, _ = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                              AGG, PER_ROW, BD, PRECISION)
         p = tl.exp(s - lse[:, None])
         tl.store(p_win_ptr + rows[:, None] * W + w[None, :], p.to(p_win_ptr.dtype.element_ty),
                  mask=a_ok[:, None] & (w[None, :] < W))
     if AGG:
         for c0 in range(0, S, BS):
             c = c0 + tl.arange(0, BS)
-            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            s, count, _ = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
             p = tl.exp(s - lse[:, None])
             if DIVIDE:
                 p = p / tl.maximum(count, 1.0)[None, :]
@@ -194,15 +197,17 @@ def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
 
 @triton.jit
 def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, lse_ptr, g_win_ptr,
-                       g_cache_ptr, ds_win_ptr, ds_cache_ptr, d_pos_ptr, d_bias_ptr,
+                       g_cache_ptr, ds_win_ptr, ds_cache_ptr, d_pos_ptr, d_bias_ptr, g_qu_ptr,
                        ninv_int, H, nb, L, M, W, S, D,
                        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d,
                        AGG: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, DIVIDE: tl.constexpr,
                        BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                        PRECISION: tl.constexpr):
     """ds = p (dp - delta), delta = rowsum(p dp), for BA query rows of one (p, n), p recomputed from the lse:
-    a sweep for delta, a sweep writing ds_win, ds_cache, d_pos[a, d] = ds_win[a, M + a - d] (0 <= d <= M) and
-    each row's sum of ds over the columns that carry the cache bias (old slots and codewords)."""
+    a sweep for delta, a sweep writing ds_win, ds_cache, d_pos[a, d] = ds_win[a, M + a - d] (0 <= d <= M),
+    each row's sum of ds over the columns that carry the cache bias (old slots and codewords), and qu's gradient
+    ds_win @ keys + ds_cache @ codebook, summed on chip from the tiles the scores read (ds in the compute dtype,
+    sums in float32): the program holds all of its rows' columns, so no other program adds to its rows."""
     pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
         qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
         sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, HAS_BIAS, PER_ROW, BA, BD)
@@ -212,29 +217,32 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
     delta = tl.zeros((BA,), tl.float32)
     for w0 in range(0, W, BW):
         w = w0 + tl.arange(0, BW)
-        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
-                           AGG, PER_ROW, BD, PRECISION)
+        s, _ = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                              AGG, PER_ROW, BD, PRECISION)
         g = tl.load(g_win_ptr + rows[:, None] * W + w[None, :], mask=a_ok[:, None] & (w[None, :] < W),
                     other=0.0).to(tl.float32)
         delta += tl.sum(tl.exp(s - lse[:, None]) * g, 1)
     if AGG:
         for c0 in range(0, S, BS):
             c = c0 + tl.arange(0, BS)
-            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            s, count, _ = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
             g = tl.load(g_cache_ptr + rows[:, None] * S + c[None, :], mask=a_ok[:, None] & (c[None, :] < S),
                         other=0.0).to(tl.float32)
             if DIVIDE:
                 g = g / tl.maximum(count, 1.0)[None, :]
             delta += tl.sum(tl.exp(s - lse[:, None]) * g, 1)
     biased = tl.zeros((BA,), tl.float32)
+    g_qu = tl.zeros((BA, BD), tl.float32)
     for w0 in range(0, W, BW):
         w = w0 + tl.arange(0, BW)
-        s = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
-                           AGG, PER_ROW, BD, PRECISION)
+        s, k = _window_scores(qu, a, w, n, k_row, sk_t, sk_d, pos_row, L, M, W, D, ninv, bias,
+                              AGG, PER_ROW, BD, PRECISION)
         in_tile = a_ok[:, None] & (w[None, :] < W)
         g = tl.load(g_win_ptr + rows[:, None] * W + w[None, :], mask=in_tile, other=0.0).to(tl.float32)
         ds = tl.exp(s - lse[:, None]) * (g - delta[:, None])  # (BA, BW)
-        tl.store(ds_win_ptr + rows[:, None] * W + w[None, :], ds.to(ds_win_ptr.dtype.element_ty), mask=in_tile)
+        ds_c = ds.to(ds_win_ptr.dtype.element_ty)  # in the compute dtype, as written and as multiplied
+        tl.store(ds_win_ptr + rows[:, None] * W + w[None, :], ds_c, mask=in_tile)
+        g_qu += _dot(ds_c, tl.trans(k), PRECISION)  # (BA, BD): ds_win @ the window's keys
         j = w[None, :] - a[:, None]
         tl.store(d_pos_ptr + rows[:, None] * (M + 1) + (M - j), ds.to(d_pos_ptr.dtype.element_ty),
                  mask=in_tile & (j >= 0) & (j <= M))
@@ -243,16 +251,20 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
     if AGG:
         for c0 in range(0, S, BS):
             c = c0 + tl.arange(0, BS)
-            s, count = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
+            s, count, cb = _cache_scores(qu, c, cb_row, count_row, S, D, bias, BD, PRECISION)
             in_tile = a_ok[:, None] & (c[None, :] < S)
             g = tl.load(g_cache_ptr + rows[:, None] * S + c[None, :], mask=in_tile, other=0.0).to(tl.float32)
             if DIVIDE:
                 g = g / tl.maximum(count, 1.0)[None, :]
             ds = tl.exp(s - lse[:, None]) * (g - delta[:, None])  # (BA, BS)
-            tl.store(ds_cache_ptr + rows[:, None] * S + c[None, :], ds.to(ds_cache_ptr.dtype.element_ty),
-                     mask=in_tile)
             biased += tl.sum(tl.where(in_tile, ds, 0.0), 1)
+            ds = ds.to(ds_cache_ptr.dtype.element_ty)
+            tl.store(ds_cache_ptr + rows[:, None] * S + c[None, :], ds, mask=in_tile)
+            g_qu += _dot(ds, tl.trans(cb), PRECISION)  # (BA, BD): ds_cache @ the codebook
         tl.store(d_bias_ptr + rows, biased, mask=a_ok)
+    d = tl.arange(0, BD)
+    tl.store(g_qu_ptr + rows[:, None] * D + d[None, :], g_qu.to(g_qu_ptr.dtype.element_ty),
+             mask=a_ok[:, None] & (d[None, :] < D))
 
 
 def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int):
@@ -306,22 +318,25 @@ def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divi
 @kernel_op("tvq_kernels::window_scores_backward")
 def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tensor | None, count: Tensor | None,
                            cache_bias: Tensor | None, n_invalid: Tensor | None, n_invalid_int: int, divide: bool,
-                           lse: Tensor, g_win: Tensor, g_cache: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           lse: Tensor, g_win: Tensor, g_cache: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the scores given those of :func:`window_scores`' weights: ds_win (B, H, nb, L, W) and
     ds_cache (B, H, nb, L, S) in qu's dtype (the compute dtype, as the GEMMs that read them), d_pos
-    (B, H, nb, L, M + 1) = ds_win[a, M + a - d] (distance d) in pos's dtype, and the per-row sum of ds over the columns that
-    carry the cache bias (B, H, nb, L) float32 (zeros without the cache)."""
-    B, H, nb, L, _ = qu.shape
+    (B, H, nb, L, M + 1) = ds_win[a, M + a - d] (distance d) in pos's dtype, the per-row sum of ds over the
+    columns that carry the cache bias (B, H, nb, L) float32 (zeros without the cache), and qu's gradient
+    (B, H, nb, L, D_k) = ds_win @ each block's key window + ds_cache @ codebook, in qu's dtype."""
+    B, H, nb, L, D = qu.shape
     W, S = pos.shape[-1] - 1 + L, g_cache.shape[-1]
     ds_win = qu.new_empty(B, H, nb, L, W)
     ds_cache = qu.new_empty(B, H, nb, L, S)
     d_pos = pos.new_empty(pos.shape)  # every entry written: slot M + a - d is in the window for 0 <= d <= M
     d_bias = qu.new_zeros(B, H, nb, L, dtype=torch.float32)
+    g_qu = qu.new_empty(B, H, nb, L, D)
     inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
     cache_io = (g_cache.contiguous(), ds_cache, d_bias) if S else (lse, lse, lse)  # without the cache never touched
     _scores_bwd_kernel[grid](*inputs, lse, g_win.contiguous(), cache_io[0], ds_win, cache_io[1], d_pos, cache_io[2],
-                             *sizes, DIVIDE=divide, **meta)
-    return ds_win, ds_cache, d_pos, d_bias
+                             g_qu, *sizes, DIVIDE=divide, **meta)
+    return ds_win, ds_cache, d_pos, d_bias, g_qu
 
 
 @window_scores_backward.register_fake
@@ -329,13 +344,33 @@ def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divi
     B, H, nb, L, _ = qu.shape
     W, S = pos.shape[-1] - 1 + L, g_cache.shape[-1]
     return (qu.new_empty(B, H, nb, L, W), qu.new_empty(B, H, nb, L, S), pos.new_empty(pos.shape),
-            qu.new_empty(B, H, nb, L, dtype=torch.float32))
+            qu.new_empty(B, H, nb, L, dtype=torch.float32), qu.new_empty(qu.shape))
+
+
+def _score_flops(qu: Tensor, pos: Tensor, codebook: Tensor | None, products: int) -> tuple[str, int]:
+    """``products`` (rows x D_k) @ (D_k x columns) products over every block's W window and S cache columns (those
+    masked in a tile are computed too), in qu's dtype."""
+    B, H, nb, L, D = qu.shape
+    cols = pos.shape[-1] - 1 + L + (codebook.shape[1] if codebook is not None else 0)
+    return str(qu.dtype).removeprefix("torch."), products * 2 * B * H * nb * L * cols * D
+
+
+@register_flops("tvq_kernels::window_scores")
+def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divide, out_dtype):
+    """The scores twice: a sweep for the softmax's max and sum, a sweep writing the weights."""
+    return _score_flops(qu, pos, codebook, 2)
+
+
+@register_flops("tvq_kernels::window_scores_backward")
+def _(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, divide, lse, g_win, g_cache):
+    """The scores twice (a sweep for delta, a sweep writing ds) and ds @ keys / codebook for qu's gradient."""
+    return _score_flops(qu, pos, codebook, 3)
 
 
 class _WindowSoftmax(torch.autograd.Function):
-    """(p_win, p_cache) of :func:`window_softmax`; backward runs the score kernel's backward, then the D_k-wide
-    gradients on the window kernels of :mod:`tvq.ops.kernels.window_values` (keys read in place, products in the
-    compute dtype, qu's) and the codebook's in PyTorch."""
+    """(p_win, p_cache) of :func:`window_softmax`; backward runs the score kernel's backward (which also writes qu's
+    gradient), then the keys' on the window kernel of :mod:`tvq.ops.kernels.window_values` (keys read in place,
+    products in the compute dtype, qu's) and the codebook's in PyTorch."""
 
     @staticmethod
     def forward(ctx, qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int, key_keep, divide,
@@ -349,19 +384,12 @@ class _WindowSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_win, g_cache):
         qu, keys, pos, codebook, count, cache_bias, n_invalid, lse = ctx.saved_tensors
-        ds_win, ds_cache, d_pos, d_bias = window_scores_backward(
+        # qu's gradient ds_win @ key windows + ds_cache @ codebook comes from the same launch (B, H, nb, L, D_k)
+        ds_win, ds_cache, d_pos, d_bias, g_qu = window_scores_backward(
             qu, keys, pos, codebook, count, cache_bias, n_invalid, ctx.n_invalid_int, ctx.divide, lse, g_win, g_cache)
         B, H = ds_win.shape[:2]
         ds_rows = ds_win.flatten(0, 1)  # (P, nb, L, W), P = B H
-        g_qu = g_keys = g_cb = g_bias = None
-        if ctx.needs_input_grad[0]:
-            # ds_win @ the key windows and the cache's share ds_cache @ the codebook (the same for every block) in
-            # one launch of the window kernel (its forward, D_v := D_k); keys (P, M + nb L, D_k): a view where B and
-            # H merge (else one copy of the keys, not of their windows)
-            # (P, nb, L, S), (H, S, D_k)
-            cache = (ds_cache.flatten(0, 1), codebook) if codebook is not None else (None, None)
-            g_qu = window_values(ds_rows, keys.flatten(0, 1), None, qu.dtype, *cache)  # (P, nb, L, D_k)
-            g_qu = g_qu.unflatten(0, (B, H))  # (B, H, nb, L, D_k)
+        g_keys = g_cb = g_bias = None
         if ctx.needs_input_grad[1]:
             # sum over the windows holding each key of its kept ds_win^T @ qu (the window kernel's values gradient)
             g_keys = window_values_grad_values(ds_rows, qu.flatten(0, 1), ctx.key_keep, keys.dtype)
@@ -370,6 +398,7 @@ class _WindowSoftmax(torch.autograd.Function):
             g_cb = torch.einsum("bhnls,bhnld->hsd", ds_cache, qu)  # (H, S, D_k)
         if cache_bias is not None and ctx.needs_input_grad[5]:
             g_bias = d_bias.sum((0, 2, 3)).to(cache_bias.dtype)  # (H,)
+        g_qu = g_qu if ctx.needs_input_grad[0] else None
         return g_qu, g_keys, d_pos, g_cb, None, g_bias, None, None, None, None, None
 
 
