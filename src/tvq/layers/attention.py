@@ -28,7 +28,7 @@ from tvq.layers.position import SinusoidTable
 from tvq.layers.residual import add_residual
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
-from tvq.ops.cache import advance_state
+from tvq.ops.cache import advance_state, join_window
 from tvq.ops.kernels import kernels_enabled
 from tvq.ops.linear import cast_weights, fused_linear_ok, linear
 from tvq.state import LayerState, empty_slots
@@ -207,11 +207,8 @@ class Attention(HostFlags):
             commit = quant.commit
             if context is not None:  # the state at the start of this rank's chunk, and after the segment
                 state, quant, v, segment_state = context.exchange(state, quant, v, pos, start, cfg)
-            # the window in the compute dtype (a carried state may be wider: an fp32 state under autocast
-            # would promote the window's products to fp32)
-            keys = torch.cat([state.keys.to(quant.keys.dtype), quant.keys], 2)  # (B, H_kv, M + T, D_k)
-            values = torch.cat([state.values.to(v.dtype), v], 2)  # (B, H_kv, M + T, D_v)
-            codes = torch.cat([state.codes, quant.codes], 2)  # (B, H_kv, M + T)
+            # the key list in the compute dtype: (B, H_kv, M + T, D_k), (B, H_kv, M + T, D_v), (B, H_kv, M + T)
+            keys, values, codes = join_window(state, quant.keys, v, quant.codes)
             n_invalid = empty_slots(M, pos, start)  # int or (B,)
             # the codebook in the compute dtype, cast once per update (VectorQuantizer.codebook), not per forward
             cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)

@@ -23,6 +23,19 @@ def merge_cache(count: Tensor, mean: Tensor, add_count: Tensor, add_sum: Tensor)
     return new_count, new_mean
 
 
+def join_window(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The key list of a chunk: the state's M window slots, then the chunk's T keys (B, H, T, D_k), values
+    (B, H, T, D_v) and codes (B, H, T) -> (B, H, M + T, D_k), (B, H, M + T, D_v), (B, H, M + T), in the chunk's
+    dtypes (a carried state may be wider: an fp32 state under autocast would promote the window's products to fp32).
+    On the Triton path one launch writes all three (:mod:`tvq.ops.kernels.window_join`)."""
+    if kernels_enabled(keys) and kernels_enabled(values):
+        from tvq.ops.kernels.window_join import window_join_kernel
+
+        return window_join_kernel(state.keys, keys, state.values, values, state.codes, codes)
+    return (torch.cat([state.keys.to(keys.dtype), keys], 2), torch.cat([state.values.to(values.dtype), values], 2),
+            torch.cat([state.codes, codes], 2))
+
+
 def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor, n_invalid: int | Tensor,
                   *, n_code: int, agg_cache: bool, grad_thru_cache: bool) -> LayerState:
     """The state after a chunk of T tokens (docs/spec.md section 4): the window keeps the last M keys; the T

@@ -1,0 +1,86 @@
+"""The key-list join kernel (tvq.ops.kernels.window_join): the state's window slots then the chunk's keys, values
+and codes, equal to the three ``torch.cat`` of tvq.ops.cache.join_window's PyTorch path, outputs and gradients, for
+strided chunks (the values' transposed view), a wider state (float32 under float16), several row tiles, an empty
+window or chunk; the custom op's registrations. On a CPU through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tvq.ops.cache import join_window  # noqa: E402
+from tvq.ops.kernels import use_kernels  # noqa: E402
+from tvq.ops.kernels import window_join as kjoin  # noqa: E402
+from tvq.state import LayerState  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+B, H, DK, DV, S = 2, 3, 8, 20, 7
+
+
+def chunk_and_state(M, T, dtype, state_dtype, seed=0):
+    """Leaves: state keys/values (state_dtype), chunk keys (B, H, T, D_k) and values as the attention has them: a
+    transposed view of a (B, T, H D_v) projection; int64 codes (the chunk's strided too)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    sk, sv = r(B, H, M, DK).to(state_dtype), r(B, H, M, DV).to(state_dtype)
+    k = r(B, H, T, DK).to(dtype)
+    proj = r(B, T, H * DV).to(dtype)
+    codes_bth = torch.randint(0, S, (B, T, H), generator=gen)
+    sc = torch.randint(0, S, (B, H, M), generator=gen)
+    return [sk, k, sv, proj], sc, codes_bth.transpose(1, 2)
+
+
+def run(leaves, sc, c, kernels):
+    sk, k, sv, proj = [x.detach().clone().requires_grad_() for x in leaves]
+    B_, T, _ = proj.shape
+    v = proj.view(B_, T, H, DV).transpose(1, 2)  # (B, H, T, D_v), strided
+    state = LayerState(sk, sv, sc)
+    with use_kernels(kernels):
+        keys, values, codes = join_window(state, k, v, c)
+    gen = torch.Generator().manual_seed(9)
+    gk, gv = torch.randn(keys.shape, generator=gen).to(keys.dtype), torch.randn(values.shape, generator=gen).to(
+        values.dtype)
+    grads = torch.autograd.grad((keys, values), (sk, k, sv, proj), (gk, gv))
+    return (keys, values, codes), grads
+
+
+@pytest.mark.parametrize("M,T", [(5, 11), (16, 3), (0, 6), (4, 0)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float16, torch.float16)])
+def test_join_equals_the_cats(monkeypatch, M, T, dtype, state_dtype):
+    monkeypatch.setattr(kjoin, "BLOCK_ROWS", 4)  # several row tiles, a partial last one
+    leaves, sc, c = chunk_and_state(M, T, dtype, state_dtype)
+    want, want_grads = run(leaves, sc, c, False)
+    got, got_grads = run(leaves, sc, c, True)
+    for g, w in zip(got, want):  # a copy: exact
+        assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous()
+        assert torch.equal(g, w)
+    for g, w in zip(got_grads, want_grads):  # slices of the gradients, the state's cast back
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_a_state_without_gradient_and_the_op_registrations():
+    leaves, sc, c = chunk_and_state(6, 5, torch.float32, torch.float32, seed=3)
+    sk, k, sv, proj = leaves
+    v = proj.view(B, 5, H, DV).transpose(1, 2)
+    k.requires_grad_()
+    with use_kernels(True):
+        keys, values, codes = join_window(LayerState(sk, sv, sc), k, v, c)
+    assert not codes.requires_grad and keys.requires_grad
+    (g_k,) = torch.autograd.grad(keys.sum(), (k,))
+    assert torch.equal(g_k, torch.ones_like(k))
+    torch.library.opcheck(kjoin.window_join.op, (sk, k.detach(), sv, v, sc, c))
+
+
+def test_bad_shapes_are_refused():
+    leaves, sc, c = chunk_and_state(4, 3, torch.float32, torch.float32)
+    sk, k, sv, proj = leaves
+    v = proj.view(B, 3, H, DV).transpose(1, 2)
+    with pytest.raises(ValueError, match="window_join_kernel"):
+        kjoin.window_join_kernel(sk, k[:, :1], sv, v, sc, c)
+    with pytest.raises(ValueError, match="int64 codes"):
+        kjoin.window_join_kernel(sk, k, sv, v, sc.int(), c)
