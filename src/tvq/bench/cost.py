@@ -445,10 +445,11 @@ def _site() -> str:
     (recorded by anomaly mode during the measured forward)."""
     here = os.path.abspath(__file__)
     pkg = os.path.dirname(os.path.dirname(here))  # .../tvq
+    dispatch = os.path.join(pkg, "ops", "kernels", "__init__.py")  # KernelOp.__call__: the kernel's caller is the site
     f = sys._getframe(1)
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
-        if fn.startswith(pkg + os.sep) and fn != here:
+        if fn.startswith(pkg + os.sep) and fn != here and not (fn == dispatch and f.f_code.co_name == "__call__"):
             return f"tvq/{os.path.relpath(fn, pkg)}:{f.f_lineno} ({f.f_code.co_name})"
         f = f.f_back
     node = torch._C._current_autograd_node()
