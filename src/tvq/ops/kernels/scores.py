@@ -334,8 +334,11 @@ def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tens
     g_qu = qu.new_empty(B, H, nb, L, D)
     inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
     cache_io = (g_cache.contiguous(), ds_cache, d_bias) if S else (lse, lse, lse)  # without the cache never touched
+    # the float32 (BA, BD) accumulator of g_qu beside qu's tile and the (BA, BW) score, gradient and ds tiles: at
+    # 64 x 128 (enwik8) ~250 registers a thread over 4 warps, at the limit (spills); 8 warps halve it (not timed)
+    warps = 8 if meta["BA"] * meta["BD"] >= 64 * 128 else 4
     _scores_bwd_kernel[grid](*inputs, lse, g_win.contiguous(), cache_io[0], ds_win, cache_io[1], d_pos, cache_io[2],
-                             g_qu, *sizes, DIVIDE=divide, **meta)
+                             g_qu, *sizes, DIVIDE=divide, num_warps=warps, **meta)
     return ds_win, ds_cache, d_pos, d_bias, g_qu
 
 
