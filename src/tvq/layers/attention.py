@@ -29,7 +29,7 @@ from tvq.layers.residual import add_residual
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state, join_window
-from tvq.ops.kernels import kernels_enabled
+from tvq.ops.kernels import graph_capturing, kernels_enabled
 from tvq.ops.linear import cast_weights, fused_linear_ok, linear
 from tvq.state import LayerState, empty_slots
 
@@ -137,11 +137,21 @@ class Attention(HostFlags):
 
     def relative_embeddings(self, dtype: torch.dtype, w_r: Tensor | None = None) -> Tensor:
         """:meth:`position_terms`' relative embeddings alone, the sinusoid table read in ``dtype``; ``w_r`` the
-        projection's weight already cast (:meth:`_cast_weights`), else the module runs."""
+        projection's weight already cast (:meth:`_cast_weights`), else the module runs; with it, in training with
+        sinusoid dropout, the dropout and the GEMM are one kernel each way (:mod:`tvq.ops.kernels.dropout_linear`)."""
         cfg = self.config
         Hkv, Dk, M = cfg.n_kv_head, cfg.d_k, cfg.mem_len
-        sin = self.drop_sin(self.sin.scaled(dtype))  # (M + 1, D), the scale in the table
-        rel = self.w_r(sin) if w_r is None else F.linear(sin, w_r)  # (M + 1, H_kv D_k)
+        table = self.sin.scaled(dtype)  # (M + 1, D), the scale in the table
+        p = self.drop_sin.p if self.training else 0.0
+        if w_r is not None and 0.0 < p < 1.0 and not torch.compiler.is_compiling() and not graph_capturing(table):
+            from tvq.ops.kernels.dropout_linear import dropout_linear_kernel
+
+            # the Triton path: the mask drawn inside the GEMM, each way (one launch forward instead of two); op by
+            # op under compile or while a CUDA graph is captured (a host-drawn seed, as the residual kernel's)
+            rel = dropout_linear_kernel(table, w_r, p)  # (M + 1, H_kv D_k)
+        else:
+            sin = self.drop_sin(table)
+            rel = self.w_r(sin) if w_r is None else F.linear(sin, w_r)  # (M + 1, H_kv D_k)
         return rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:

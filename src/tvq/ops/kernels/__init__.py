@@ -3,7 +3,7 @@
 nearest codeword, the straight-through key, the error and key norms), the queries' Transformer-XL biases
 (``query_bias``), the key list of a chunk, its carried window joined with the chunk (``window_join``), and the rest
 of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU and gate, ``residual``:
-dropout, LayerDrop and the residual add). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
+dropout, LayerDrop and the residual add, ``dropout_linear``: the relative embeddings' dropout inside their GEMM). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
 is tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
 
 They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.

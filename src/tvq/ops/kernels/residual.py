@@ -53,16 +53,23 @@ def _r31(r):
 
 
 @triton.jit
+def dropout_scale(seed, cnt, lane, thresh, keep_scale):
+    """The dropout mask of the stream (module docstring) at Philox counters cnt, lanes lane (shapes that
+    broadcast): keep_scale where lane ``lane`` of ``philox(seed, cnt)`` passes the threshold, else 0 (float32).
+    Shared with the other kernels that draw this stream (:mod:`tvq.ops.kernels.dropout_linear`)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, cnt)  # 4 independent 32-bit draws per counter
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return tl.where(_r31(r) >= thresh, keep_scale, 0.0)
+
+
+@triton.jit
 def _multiplier(seed, b, cnt, lane, n_cnt, thresh, keep_scale, ld_thresh, ld_scale,
                 LAYERDROP: tl.constexpr, DROP: tl.constexpr):
     """(BG, 4) float32 multipliers of res for row b: mask (0 or keep_scale, from Philox at the groups' counters cnt)
     times LayerDrop's row factor (0 or ld_scale, from Philox at counter n_cnt + b, which no element uses)."""
     m = tl.full(lane.shape, 1.0, tl.float32) * keep_scale
     if DROP:
-        r0, r1, r2, r3 = tl.randint4x(seed, cnt)  # (BG,) each: 4 independent 32-bit draws per counter
-        r = tl.where(lane == 0, r0[:, None], tl.where(lane == 1, r1[:, None],
-                     tl.where(lane == 2, r2[:, None], r3[:, None])))  # (BG, 4)
-        m = tl.where(_r31(r) >= thresh, m, 0.0)
+        m = m * dropout_scale(seed, cnt[:, None], lane, thresh, 1.0)  # (BG, 4)
     if LAYERDROP:
         row = tl.randint(seed, tl.full((1,), 0, tl.int64) + n_cnt + b)  # (1,): the row's one draw
         m = m * tl.where(_r31(row) >= ld_thresh, ld_scale, 0.0)[:, None]
@@ -110,7 +117,7 @@ def _rows(t: Tensor) -> tuple[int, int]:
     return B, (t.numel() // B if B else 0)
 
 
-def _threshold(p: float, name: str) -> tuple[int, float, bool]:
+def dropout_threshold(p: float, name: str) -> tuple[int, float, bool]:
     """For dropping with probability p: the threshold of the 31-bit draws, the kept ones' scale, whether to draw."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"residual_dropout: {name} must be in [0, 1], got {p}")
@@ -122,8 +129,8 @@ def _threshold(p: float, name: str) -> tuple[int, float, bool]:
 def _launch(t: Tensor, p: float, layerdrop: float) -> dict:
     """The kernels' grid and scalar arguments for rows of t (see :func:`_multiplier`)."""
     B, E = _rows(t)
-    thresh, keep_scale, drop = _threshold(p, "p")
-    ld_thresh, ld_scale, ld_draw = _threshold(layerdrop, "layerdrop")
+    thresh, keep_scale, drop = dropout_threshold(p, "p")
+    ld_thresh, ld_scale, ld_draw = dropout_threshold(layerdrop, "layerdrop")
     n_chunk = cdiv(E, 4 * BLOCK)
     return dict(grid=(B * n_chunk,), E=E, n_chunk=n_chunk, n_cnt=B * ((E + 3) // 4), thresh=thresh,
                 keep_scale=keep_scale, ld_thresh=ld_thresh if ld_draw else 0, ld_scale=ld_scale,
