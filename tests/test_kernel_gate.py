@@ -119,6 +119,90 @@ def test_activation_rejects_bad_widths():
         kg.gau_activation(torch.zeros(2, 10), 6, 5)
 
 
+# ---- gau_activation with the query/key norms -----------------------------------------------------------------------
+
+def reference_normed(z, n_k, n_v, head_dim, eps, scale, split):
+    """The PyTorch path: split, the RMS norm of each head (tvq.layers.norm.rms_norm) times scale, SiLU of v."""
+    from tvq.layers.norm import rms_norm
+
+    qk, v, g_pre = z.split([n_k, n_v, z.shape[-1] - n_k - n_v], -1)
+    heads = rms_norm(qk.reshape(*z.shape[:-1], n_k // head_dim, head_dim), eps, scale=scale)
+    parts = heads.split([split, n_k // head_dim - split], -2) if split else (heads,)
+    return (*parts, F.silu(v), g_pre)
+
+
+@pytest.mark.parametrize("lead", LEAD)
+@pytest.mark.parametrize("H1, H2, D, n_v, n_g", [(1, 1, 8, 24, 24), (2, 1, 6, 5, 0), (3, 0, 4, 12, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_normed_heads_match_the_reference(monkeypatch, lead, H1, H2, D, n_v, n_g, dtype):
+    """One launch writes v and the normalized query/key heads (split in two parts or one), one writes dz: outputs and
+    z's gradient against the float64 PyTorch path; head rows not a power of two, several head-row tiles."""
+    small_tiles(monkeypatch)
+    split, n_k, seed = H1 if H2 else None, (H1 + H2) * D, H1 + D + n_v + len(lead)
+    z64 = randn(*lead, n_k + n_v + n_g, seed=seed) * 3
+    args = (n_k, n_v, D, 1e-6, 0.7, split)
+    outs64 = reference_normed(z64, *args)
+    grads = [randn(*o.shape, seed=seed + i + 1) for i, o in enumerate(outs64)]
+    want, (want_dz,) = ref_grads(lambda z: reference_normed(z, *args), [z64], grads)
+    z = z64.to(dtype).requires_grad_()
+    got = kg.gau_activation(z, n_k, n_v, head_dim=D, eps=1e-6, scale=0.7, split=split)
+    assert len(got) == len(want)
+    assert got[-1]._base is z and got[-2].is_contiguous()  # g_pre a view of z, v written
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        close(g, w, TOL[dtype])
+    (dz,) = torch.autograd.grad(got, z, [g.to(dtype) for g in grads])
+    assert dz.dtype == dtype and dz.shape == z.shape
+    close(dz, want_dz, TOL[dtype])
+
+
+@pytest.mark.parametrize("unused", ["q", "k", "qk", "v", "g"])
+def test_normed_heads_with_unused_outputs(monkeypatch, unused):
+    """An unused part's gradient is None: the kernel reads nothing for it, and that part of dz is zero."""
+    small_tiles(monkeypatch)
+    n_k, n_v, n_g, D = 12, 8, 8, 4  # heads: 2 queries, 1 key
+    args = (n_k, n_v, D, 1e-6, 1.0, 2)
+    z64 = randn(3, n_k + n_v + n_g, seed=4)
+    names = "qkvg"
+    grads = [None if name in unused else randn(*o.shape, seed=i + 5)
+             for i, (name, o) in enumerate(zip(names, reference_normed(z64, *args)))]
+    _, (want_dz,) = ref_grads(lambda z: reference_normed(z, *args), [z64], grads)
+    z = z64.float().requires_grad_()
+    outs = kg.gau_activation(z, n_k, n_v, head_dim=D, split=2)
+    used = [(o, g.float()) for o, g in zip(outs, grads) if g is not None]
+    (dz,) = torch.autograd.grad([o for o, _ in used], z, [g for _, g in used])
+    close(dz, want_dz, 1e-5)
+    for name, part in zip(names, dz.split([2 * D, D, n_v, n_g], -1)):
+        assert (not part.any()) == (name in unused)
+
+
+def test_normed_heads_of_a_strided_z(monkeypatch):
+    """z non-contiguous in its leading dims, gradients arriving transposed (as attention's (B, H, T, D_k) views)."""
+    small_tiles(monkeypatch)
+    n_k, n_v, n_g, D = 8, 12, 12, 4
+    z64 = randn(3, 2, n_k + n_v + n_g, seed=9).transpose(0, 1)  # (2, 3, n)
+    args = (n_k, n_v, D, 1e-5, 0.5, None)
+    grads = [randn(*o.transpose(1, 2).shape, seed=10 + i).transpose(1, 2) if o.dim() == 4
+             else randn(*o.shape, seed=10 + i) for i, o in enumerate(reference_normed(z64, *args))]
+    want, (want_dz,) = ref_grads(lambda z: reference_normed(z, *args), [z64], grads)
+    z = z64.float().requires_grad_()
+    got = kg.gau_activation(z, n_k, n_v, head_dim=D, eps=1e-5, scale=0.5)
+    for g, w in zip(got, want):
+        close(g, w, 1e-5)
+    assert not grads[0].is_contiguous()
+    (dz,) = torch.autograd.grad(got, z, [g.float() for g in grads])
+    close(dz, want_dz, 1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(head_dim=5), "multiple of head_dim"),
+                                           (dict(head_dim=0), "multiple of head_dim"),
+                                           (dict(head_dim=4, split=2), "split must be in"),
+                                           (dict(split=1), "split needs head_dim")])
+def test_normed_heads_reject_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kg.gau_activation(torch.zeros(2, 8 + 6 + 6), 8, 6, **kwargs)
+
+
 # ---- silu_gate -----------------------------------------------------------------------------------------------------
 
 def reference_gate(a, g_pre):
@@ -243,6 +327,12 @@ def test_the_ops_trace():
     for grads in ((dk, dv, dg), (None, dv, dg), (dk, None, dg), (dk, dv, None), (None, None, None)):
         torch.library.opcheck(kg.gau_activation_backward.op, (z_v, *grads, n_k, n_g), test_utils=utils)
     torch.library.opcheck(kg.gau_activation_backward.op, (z_v, dk, dv, None, n_k, 0), test_utils=utils)  # no gate
+    z_qk, D = z[..., :n_k], 2  # the normalized heads' ops: two heads of 2, split 1 + 1
+    torch.library.opcheck(kg.gau_activation_norm.op, (z_qk, z_v, D, 1e-6, 0.5), test_utils=utils)
+    d1, d2 = randn(2, 3, 1, D, seed=7, dtype=torch.float32), randn(2, 3, 1, D, seed=8, dtype=torch.float32)
+    for parts in ((d1, d2), (d1, None), (None, d2), (None, None)):
+        torch.library.opcheck(kg.gau_activation_backward.op, (z_v, None, dv, dg, n_k, n_g, z_qk, *parts, D, 1e-6, 0.5),
+                              test_utils=utils)
     a, g_pre = randn(2, 3, n_g, seed=5, dtype=torch.float32), z[..., n_k + n_v:]
     for args in ((a, g_pre), (a.half(), g_pre), (a.half(), g_pre.half())):
         torch.library.opcheck(kg.silu_gate_forward.op, args, test_utils=utils)

@@ -106,11 +106,8 @@ def unit_terms(attn, x: Tensor) -> dict:
     B, T, _ = x.shape
     Hq, Hkv, Dk, Dv = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v
     h = attn.norm(x)
-    q, k, v, _, _, qk = attn._projections(h)
-    if qk is not None:  # one tensor holds both (the GPU kernels' path)
-        q, k = qk.split([Hq * Dk, Hkv * Dk], -1)
-    q = attn.qk_norm(q.view(B, T, Hq, Dk)).transpose(1, 2) * Dk**-0.25  # (B, H_q, T, D_k)
-    k = attn.qk_norm(k.view(B, T, Hkv, Dk)).transpose(1, 2) * Dk**-0.25  # (B, H_kv, T, D_k)
+    q, k, v, _, _ = attn._projections(h)  # normalized and scaled: (B, T, H_q, D_k), (B, T, H_kv, D_k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
     v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
     rel, u, vb = attn.position_terms(h.dtype)
     codes = None

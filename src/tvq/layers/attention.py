@@ -190,14 +190,8 @@ class Attention(HostFlags):
         h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
         # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch each way
         w_proj, w_o, w_r = self._cast_weights(h.dtype) if self._joined_path(h) else (None, None, None)
-        q, k, v, g, fused, qk = self._projections(h, w_proj)
-        if qk is not None:  # the query and key heads side by side in the projection: one norm for both
-            # (B, T, H_q, D_k), (B, T, H_kv, D_k): parts of one output, their gradients read apart (no cat)
-            q, k = self.qk_norm(qk.view(B, T, Hq + Hkv, Dk), scale=scale, split=Hq)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
-        else:
-            q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale).transpose(1, 2)  # (B, H_q, T, D_k)
-            k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale).transpose(1, 2)  # (B, H_kv, T, D_k)
+        q, k, v, g, fused = self._projections(h, w_proj)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
         if self.quantizer is not None:  # u and v as they are: the VQ attention scales them and adds them to q
             rel, u, vb = self.relative_embeddings(h.dtype, w_r), self.xl_u, self.xl_v  # (one kernel on the GPU path)
@@ -265,16 +259,18 @@ class Attention(HostFlags):
         return w_proj, weights["o"], weights["r"]
 
     def _projections(self, h: Tensor, w_proj: Tensor | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, Tensor | None]:
-        """q (B, T, H_q D_k), k (B, T, H_kv D_k), v (B, T, H_kv D_v), g (B, T, H_q D_v) or None, whether
-        oneDNN's fused kernels ran (CPU inference: the activations applied inside the GEMM), and q and k side by
-        side (B, T, H_q D_k + H_kv D_k) where one GEMM wrote them so (else None). On the Triton path
-        (:func:`tvq.ops.kernels.kernels_enabled`) g is the gate BEFORE its SiLU (the gate's kernel applies it) and
-        one kernel writes v's SiLU, and in backward the whole projection's gradient
-        (:mod:`tvq.ops.kernels.gate`); ``w_proj`` the joined weight of :meth:`_cast_weights` there (one GEMM for
-        q too: h read once, its gradient written once, no add)."""
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+        """q (B, T, H_q, D_k) and k (B, T, H_kv, D_k) through the query/key norm and times D_k^-1/4, v (B, T, H_kv
+        D_v), g (B, T, H_q D_v) or None, and whether oneDNN's fused kernels ran (CPU inference: the activations
+        applied inside the GEMM). On the Triton path (:func:`tvq.ops.kernels.kernels_enabled`) g is the gate BEFORE
+        its SiLU (the gate's kernel applies it) and one kernel writes v's SiLU and the normalized heads, and in
+        backward the whole projection's gradient (:mod:`tvq.ops.kernels.gate`); ``w_proj`` the joined weight of
+        :meth:`_cast_weights` there (one GEMM for q too: h read once, its gradient written once, no add)."""
         cfg = self.config
-        n_k, n_v = cfg.n_kv_head * cfg.d_k, cfg.n_kv_head * cfg.head_d_v
+        B, T, _ = h.shape
+        Hq, Hkv, Dk = cfg.n_q_head, cfg.n_kv_head, cfg.d_k
+        scale = Dk**-0.25
+        n_k, n_v = Hkv * Dk, cfg.n_kv_head * cfg.head_d_v
         act = "silu" if cfg.gated else None
         fused = self._plain_projections() and fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
         if fused:
@@ -284,20 +280,23 @@ class Attention(HostFlags):
         elif cfg.gated and kernels_enabled(h):
             from tvq.ops.kernels.gate import gau_activation
 
-            if w_proj is not None:
+            norm = dict(head_dim=Dk, eps=self.qk_norm.eps, scale=scale)
+            if w_proj is not None:  # the query and key heads side by side in one projection: one norm for both
                 z = F.linear(h, w_proj)  # (B, T, n_q + n_k + n_v + n_g)
-                qk, v, g = gau_activation(z, self.w_q.out_features + n_k, n_v)  # views of the projection, v written
-                return None, None, v, g, False, qk
-            q = self.w_q(h)
-            k, v, g = gau_activation(self.w_kvg(h), n_k, n_v)
-            return q, k, v, g, False, None
+                # parts of one output, their gradients read apart (no cat); v written, g a view of z
+                q, k, v, g = gau_activation(z, Hq * Dk + n_k, n_v, split=Hq, **norm)
+                return q, k, v, g, False
+            k, v, g = gau_activation(self.w_kvg(h), n_k, n_v, **norm)
+            return self.qk_norm(self.w_q(h).view(B, T, Hq, Dk), scale=scale), k, v, g, False
         else:
             q = self.w_q(h)
             k, vg = self.w_kvg(h).split([n_k, self.w_kvg.out_features - n_k], -1)
             vg = F.silu(vg) if act else vg
         # split, not sliced: backward joins the two gradients in one pass
         v, g = vg.split([n_v, vg.shape[-1] - n_v], -1) if cfg.gated else (vg, None)
-        return q, k, v, g, fused, None
+        q = self.qk_norm(q.view(B, T, Hq, Dk), scale=scale)  # (B, T, H_q, D_k)
+        k = self.qk_norm(k.view(B, T, Hkv, Dk), scale=scale)  # (B, T, H_kv, D_k)
+        return q, k, v, g, fused
 
     def _plain_projections(self) -> bool:
         """Whether the projections are plain ``nn.Linear`` without hooks, so that the fused path, which

@@ -13,6 +13,13 @@ of dk and that: each its own pass over memory. Here:
   an unused output; a constexpr ``HAS_*`` flag, no zero tensor is made or read). Its two custom ops take z's v
   part (a view), not z: all that their kernels read of z, and what the cost model (:mod:`tvq.bench.cost`, which
   counts an op's operand bytes) then counts.
+* With ``head_dim`` (the Triton path of :meth:`tvq.layers.attention.Attention._projections`, where k is the query
+  and key heads side by side) the same forward launch also writes those heads through the query/key RMS norm (no
+  affine) times D_k^-1/4: programs past the v tiles own BH head rows of head_dim each, the whole row on chip, as
+  :mod:`tvq.ops.kernels.rms_norm`'s. The backward launch's extra programs recompute each head row's statistics from
+  z and write its part of dz from the two parts' gradients (queries, keys: read where they are). One launch each
+  way instead of two (the norm's own kernel and its backward): the gau_activation -> rms_norm chain read and wrote
+  the normalized heads' input in between.
 * :func:`silu_gate` is ``a * SiLU(g_pre)`` in one kernel (g_pre read in place through its row stride, e.g. the
   view above), and its backward ONE kernel writing ``da = grad * SiLU(g_pre)`` and
   ``dg_pre = grad * a * SiLU'(g_pre)``. It saves a and g_pre (the view: z's storage, which the activation's
@@ -66,9 +73,8 @@ def _rows(x: Tensor) -> Tensor:
 
 
 @triton.jit
-def _tile(n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
-    """Rows (BR,), columns (BC,) of this program's tile and their masks; column tiles fastest."""
-    pid = tl.program_id(0).to(tl.int64)
+def _tile(pid, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """Rows (BR,), columns (BC,) of tile ``pid`` (int64) and their masks; column tiles fastest."""
     n_c = tl.cdiv(n_cols, BC)
     r = (pid // n_c) * BR + tl.arange(0, BR).to(tl.int64)
     c = (pid % n_c) * BC + tl.arange(0, BC)
@@ -76,50 +82,98 @@ def _tile(n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _silu_fwd_kernel(z_ptr, v_ptr, n_rows, n_v, sz_r, sz_c,
-                     BR: tl.constexpr, BC: tl.constexpr):
-    """v[r, c] = SiLU(z_v[r, c]); v contiguous (rows, n_v)."""
-    r, c, r_ok, c_ok = _tile(n_rows, n_v, BR, BC)
-    ok = r_ok[:, None] & c_ok[None, :]
-    x = tl.load(z_ptr + r[:, None] * sz_r + c[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
-    v = x * tl.sigmoid(x)
-    tl.store(v_ptr + r[:, None] * n_v + c[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
+def _head_rows(pid, n_rows, n_heads, D, BH: tl.constexpr, BD: tl.constexpr):
+    """Head rows (BH,) of tile ``pid`` (row r n_heads + j: token row r, head j), as (token row, head), columns (BD,)
+    and the mask."""
+    hr = pid * BH + tl.arange(0, BH).to(tl.int64)  # (BH,)
+    d = tl.arange(0, BD)  # (BD,)
+    ok = (hr < n_rows * n_heads)[:, None] & (d < D)[None, :]
+    return hr // n_heads, hr % n_heads, d, ok
+
+
+@triton.jit
+def _silu_fwd_kernel(z_ptr, v_ptr, n_rows, n_v, sz_r, sz_c, zq_ptr, h_ptr, sq_r, sq_c, n_heads, D, eps, scale,
+                     v_tiles, NORM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
+                     BD: tl.constexpr):
+    """v[r, c] = SiLU(z_v[r, c]); v contiguous (rows, n_v). With NORM, programs from ``v_tiles`` on write the
+    normalized heads instead, BH head rows each: h[r, j] = z_qk[r, jD:(j+1)D] / rms * scale, h contiguous
+    (rows, n_heads, D)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < v_tiles:
+        r, c, r_ok, c_ok = _tile(pid, n_rows, n_v, BR, BC)
+        ok = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(z_ptr + r[:, None] * sz_r + c[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
+        v = x * tl.sigmoid(x)
+        tl.store(v_ptr + r[:, None] * n_v + c[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
+    elif NORM:
+        tok, j, d, ok = _head_rows(pid - v_tiles, n_rows, n_heads, D, BH, BD)
+        cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk
+        x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
+        h = x * (rstd * scale)[:, None]
+        tl.store(h_ptr + tok[:, None] * (n_heads * D) + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _activation_bwd_kernel(z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_cols,
                            sz_r, sz_c, sk_r, sk_c, sv_r, sv_c, sg_r, sg_c,
-                           HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DG: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr):
+                           zq_ptr, d1_ptr, d2_ptr, sq_r, sq_c, s1_r, s1_h, s1_c, s2_r, s2_h, s2_c, n_heads, H1, D,
+                           eps, scale, main_tiles, c0,
+                           HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DG: tl.constexpr, NORM: tl.constexpr,
+                           HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                           BH: tl.constexpr, BD: tl.constexpr):
     """dz[r, c] (contiguous (rows, n_k + n_v + n_g)): dk[r, c] for c < n_k, dv[r, c'] SiLU'(z_v[r, c']) for the
     next n_v columns (c' = c - n_k), dg[r, c - n_k - n_v] after them; zeros where a gradient is absent (HAS_*
-    False)."""
-    r, c, r_ok, c_ok = _tile(n_rows, n_cols, BR, BC)
-    ok = r_ok[:, None] & c_ok[None, :]
-    cc = c[None, :]
-    dz = tl.zeros((BR, BC), dtype=tl.float32)
-    if HAS_DK:
-        k_ok = ok & (cc < n_k)
-        dz += tl.load(dk_ptr + r[:, None] * sk_r + cc * sk_c, mask=k_ok, other=0.0).to(tl.float32)
-    if HAS_DV:
-        cv = cc - n_k
-        v_ok = ok & (cv >= 0) & (cv < n_v)
-        dv = tl.load(dv_ptr + r[:, None] * sv_r + cv * sv_c, mask=v_ok, other=0.0).to(tl.float32)
-        x = tl.load(z_ptr + r[:, None] * sz_r + cv * sz_c, mask=v_ok, other=0.0).to(tl.float32)
-        s = tl.sigmoid(x)
-        dz += dv * (s * (1.0 + x * (1.0 - s)))
-    if HAS_DG:
-        cg = cc - (n_k + n_v)
-        g_ok = ok & (cg >= 0)
-        dz += tl.load(dg_ptr + r[:, None] * sg_r + cg * sg_c, mask=g_ok, other=0.0).to(tl.float32)
-    tl.store(dz_ptr + r[:, None] * n_cols + cc, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    False). The first ``main_tiles`` programs tile columns c0..n_cols. With NORM (c0 = n_k) the rest write the
+    first n_k columns from the normalized heads' gradients, BH head rows each, statistics recomputed from z_qk
+    (h = x / rms, dh = grad scale: dx = (dh - h mean(dh h)) / rms); a head j < H1 reads d1[r, j], the others
+    d2[r, j - H1] (the two parts of a split output, never joined)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < main_tiles:
+        r, c, r_ok, c_ok = _tile(pid, n_rows, n_cols - c0, BR, BC)
+        ok = r_ok[:, None] & c_ok[None, :]
+        cc = c[None, :] + c0
+        dz = tl.zeros((BR, BC), dtype=tl.float32)
+        if HAS_DK:
+            k_ok = ok & (cc < n_k)
+            dz += tl.load(dk_ptr + r[:, None] * sk_r + cc * sk_c, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_DV:
+            cv = cc - n_k
+            v_ok = ok & (cv >= 0) & (cv < n_v)
+            dv = tl.load(dv_ptr + r[:, None] * sv_r + cv * sv_c, mask=v_ok, other=0.0).to(tl.float32)
+            x = tl.load(z_ptr + r[:, None] * sz_r + cv * sz_c, mask=v_ok, other=0.0).to(tl.float32)
+            s = tl.sigmoid(x)
+            dz += dv * (s * (1.0 + x * (1.0 - s)))
+        if HAS_DG:
+            cg = cc - (n_k + n_v)
+            g_ok = ok & (cg >= 0)
+            dz += tl.load(dg_ptr + r[:, None] * sg_r + cg * sg_c, mask=g_ok, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + r[:, None] * n_cols + cc, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    elif NORM:
+        tok, j, d, ok = _head_rows(pid - main_tiles, n_rows, n_heads, D, BH, BD)
+        cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk and dz
+        x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
+        first = (j < H1)[:, None]
+        g = tl.zeros((BH, BD), dtype=tl.float32)
+        if HAS_D1:
+            g += tl.load(d1_ptr + tok[:, None] * s1_r + j[:, None] * s1_h + d[None, :] * s1_c, mask=ok & first,
+                         other=0.0).to(tl.float32)
+        if HAS_D2:
+            g += tl.load(d2_ptr + tok[:, None] * s2_r + (j - H1)[:, None] * s2_h + d[None, :] * s2_c,
+                         mask=ok & ~first, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
+        h = x * rstd[:, None]
+        dh = g * scale
+        mean = tl.sum(dh * h, axis=1) / D  # (BH,)
+        dx = (dh - h * mean[:, None]) * rstd[:, None]
+        tl.store(dz_ptr + tok[:, None] * n_cols + cols, dx.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _gate_fwd_kernel(a_ptr, g_ptr, out_ptr, n_rows, n, sa_r, sa_c, sg_r, sg_c,
                      BR: tl.constexpr, BC: tl.constexpr):
     """out[r, c] = a[r, c] SiLU(g[r, c]); out contiguous (rows, n)."""
-    r, c, r_ok, c_ok = _tile(n_rows, n, BR, BC)
+    r, c, r_ok, c_ok = _tile(tl.program_id(0).to(tl.int64), n_rows, n, BR, BC)
     ok = r_ok[:, None] & c_ok[None, :]
     a = tl.load(a_ptr + r[:, None] * sa_r + c[None, :] * sa_c, mask=ok, other=0.0).to(tl.float32)
     x = tl.load(g_ptr + r[:, None] * sg_r + c[None, :] * sg_c, mask=ok, other=0.0).to(tl.float32)
@@ -131,7 +185,7 @@ def _gate_fwd_kernel(a_ptr, g_ptr, out_ptr, n_rows, n, sa_r, sa_c, sg_r, sg_c,
 def _gate_bwd_kernel(grad_ptr, a_ptr, g_ptr, da_ptr, dg_ptr, n_rows, n, so_r, so_c, sa_r, sa_c, sg_r, sg_c,
                      BR: tl.constexpr, BC: tl.constexpr):
     """da = grad SiLU(g), dg = grad a SiLU'(g); both contiguous (rows, n)."""
-    r, c, r_ok, c_ok = _tile(n_rows, n, BR, BC)
+    r, c, r_ok, c_ok = _tile(tl.program_id(0).to(tl.int64), n_rows, n, BR, BC)
     ok = r_ok[:, None] & c_ok[None, :]
     grad = tl.load(grad_ptr + r[:, None] * so_r + c[None, :] * so_c, mask=ok, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + r[:, None] * sa_r + c[None, :] * sa_c, mask=ok, other=0.0).to(tl.float32)
@@ -154,23 +208,59 @@ def _check_widths(z: Tensor, n_k: int, n_v: int) -> int:
 # ---- the activation: v = SiLU(z_v); backward dz from (dk, dv, dg) ------------------------------------------------
 # The ops take z's v part z_v (a view of z), not z: what the kernels read, and what the cost model counts.
 
+def _forward(z_v: Tensor, z_qk: Tensor | None = None, head_dim: int = 1, eps: float = 0.0,
+             scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Launch the forward kernel: v = SiLU(z_v) and, with z_qk, its heads normalized (one launch for both)."""
+    v = torch.empty(z_v.shape, dtype=z_v.dtype, device=z_v.device)
+    heads = None if z_qk is None else torch.empty(z_qk.shape, dtype=z_qk.dtype, device=z_qk.device)
+    if not (v.numel() or (heads is not None and heads.numel())):
+        return v, heads
+    z2 = _rows(z_v)
+    rows, n_v = z2.shape
+    br, bc = _tiles(rows, n_v)
+    v_tiles = _grid(rows, n_v, br, bc)[0] if n_v else 0
+    q2, n_heads, bh, bd = (z2, 0, 1, 1) if z_qk is None else _head_args(z_qk, head_dim)
+    h_tiles = cdiv(rows * n_heads, bh)
+    _silu_fwd_kernel[(v_tiles + h_tiles,)](
+        z2, v, rows, n_v, *z2.stride(), q2, q2 if heads is None else heads, *q2.stride(), n_heads, head_dim, eps,
+        scale, v_tiles, NORM=z_qk is not None, BR=br, BC=bc, BH=bh, BD=bd)
+    return v, heads
+
+
+def _head_args(z_qk: Tensor, head_dim: int) -> tuple[Tensor, int, int, int]:
+    """z_qk as rows, its heads per row, and the head tiles (BH head rows of BD columns)."""
+    q2 = _rows(z_qk)
+    bd = next_power_of_2(head_dim)
+    n_heads = q2.shape[1] // head_dim
+    bh = min(max(1, TILES["elements"] // bd), next_power_of_2(max(q2.shape[0] * n_heads, 1)))
+    return q2, n_heads, bh, bd
+
+
 @kernel_op("tvq_kernels::gau_activation")
 def gau_activation_values(z_v: Tensor) -> Tensor:
     """v = SiLU(z_v): contiguous, z_v's dtype (float32 math); z_v (..., n_v) any strides (the v part of z, read in
     place)."""
-    v = torch.empty(z_v.shape, dtype=z_v.dtype, device=z_v.device)
-    if not v.numel():
-        return v
-    z2 = _rows(z_v)
-    rows, n_v = z2.shape
-    br, bc = _tiles(rows, n_v)
-    _silu_fwd_kernel[_grid(rows, n_v, br, bc)](z2, v, rows, n_v, *z2.stride(), BR=br, BC=bc)
-    return v
+    return _forward(z_v)[0]
 
 
 @gau_activation_values.register_fake
 def _(z_v):
     return torch.empty(z_v.shape, dtype=z_v.dtype, device=z_v.device)
+
+
+@kernel_op("tvq_kernels::gau_activation_norm")
+def gau_activation_norm(z_qk: Tensor, z_v: Tensor, head_dim: int, eps: float, scale: float) -> tuple[Tensor, Tensor]:
+    """(heads, v) from one launch: heads (..., n_k) contiguous in z_qk's dtype, each ``head_dim`` columns of z_qk
+    divided by their root mean square (+ eps) and times ``scale`` (the query/key norms, no affine), v = SiLU(z_v)
+    contiguous; float32 math. z_qk (..., n_k) and z_v (..., n_v) any strides (parts of z, read in place)."""
+    v, heads = _forward(z_v, z_qk, head_dim, eps, scale)
+    return heads, v
+
+
+@gau_activation_norm.register_fake
+def _(z_qk, z_v, head_dim, eps, scale):
+    return torch.empty_like(z_qk, memory_format=torch.contiguous_format), torch.empty_like(
+        z_v, memory_format=torch.contiguous_format)
 
 
 def _dz_shape(z_v: Tensor, n_k: int, n_g: int) -> tuple[int, ...]:
@@ -180,64 +270,126 @@ def _dz_shape(z_v: Tensor, n_k: int, n_g: int) -> tuple[int, ...]:
     return (*z_v.shape[:-1], n_k + z_v.shape[-1] + n_g)
 
 
+def _heads_grad(d: Tensor | None, lead: tuple, n: int, head_dim: int, name: str, dummy: Tensor) -> tuple:
+    """A normalized part's gradient (..., n, head_dim) as (rows, n, head_dim) and its three strides (a dummy
+    pointer where absent, never read)."""
+    if d is None or n == 0:
+        return dummy, 0, 0, 0
+    if d.shape != (*lead, n, head_dim):
+        raise ValueError(f"gau_activation_backward: {name} {(*lead, n, head_dim)} expected, got {tuple(d.shape)}")
+    d3 = d.reshape(-1, n, head_dim)
+    return d3, *d3.stride()
+
+
 @kernel_op("tvq_kernels::gau_activation_backward")
 def gau_activation_backward(z_v: Tensor, dk: Tensor | None, dv: Tensor | None, dg: Tensor | None, n_k: int,
-                            n_g: int) -> Tensor:
+                            n_g: int, z_qk: Tensor | None = None, d1: Tensor | None = None, d2: Tensor | None = None,
+                            head_dim: int = 1, eps: float = 0.0, scale: float = 1.0) -> Tensor:
     """dz (..., n_k + n_v + n_g), contiguous, z_v's dtype: [dk, dv * SiLU'(z_v), dg] along the last dim; a None
-    gradient is zeros. z_v (..., n_v), dk (..., n_k), dv (..., n_v), dg (..., n_g): any strides."""
+    gradient is zeros. z_v (..., n_v), dk (..., n_k), dv (..., n_v), dg (..., n_g): any strides.
+
+    With ``z_qk`` (..., n_k) (:func:`gau_activation_norm`'s input; dk then None) the first n_k columns are the
+    gradient of its normalized heads instead, from d1 (..., H1, head_dim) for the first H1 heads and d2 (...,
+    n_k / head_dim - H1, head_dim) for the rest (either None: zeros), in the same launch."""
     dz = z_v.new_empty(_dz_shape(z_v, n_k, n_g))
     if not dz.numel():
         return dz
     n_v = z_v.shape[-1]
     z2 = _rows(z_v)
+    norm = z_qk is not None
+    if norm and (dk is not None or z_qk.shape != (*z_v.shape[:-1], n_k) or head_dim < 1 or n_k % head_dim):
+        raise ValueError(f"gau_activation_backward: z_qk {(*z_v.shape[:-1], n_k)} in heads of {head_dim} and no dk "
+                         f"expected, got {tuple(z_qk.shape)} and dk {None if dk is None else tuple(dk.shape)}")
     grads, has = [], []
     for name, d, width in (("dk", dk, n_k), ("dv", dv, n_v), ("dg", dg, n_g)):
         if d is not None and d.shape != (*z_v.shape[:-1], width):
             raise ValueError(f"gau_activation_backward: {name} {tuple(z_v.shape[:-1]) + (width,)} expected, got "
                              f"{tuple(d.shape)}")
         has.append(d is not None and width > 0)
-        d2 = _rows(d) if has[-1] else z2  # a dummy pointer for an absent gradient, never read
-        grads += [d2, *d2.stride()]
+        d2_ = _rows(d) if has[-1] else z2  # a dummy pointer for an absent gradient, never read
+        grads += [d2_, *d2_.stride()]
     rows, n = z2.shape[0], dz.shape[-1]
-    br, bc = _tiles(rows, n)
-    _activation_bwd_kernel[_grid(rows, n, br, bc)](
+    c0 = n_k if norm else 0
+    br, bc = _tiles(rows, n - c0)
+    main_tiles = _grid(rows, n - c0, br, bc)[0] if n > c0 else 0
+    q2, n_heads, bh, bd = _head_args(z_qk, head_dim) if norm else (z2, 0, 1, 1)
+    H1 = (d1.shape[-2] if d1 is not None else n_heads - d2.shape[-2] if d2 is not None else n_heads) if norm else 0
+    lead = tuple(z_v.shape[:-1])
+    p1 = _heads_grad(d1, lead, H1, head_dim, "d1", z2) if norm else (z2, 0, 0, 0)
+    p2 = _heads_grad(d2, lead, n_heads - H1, head_dim, "d2", z2) if norm else (z2, 0, 0, 0)
+    h_tiles = cdiv(rows * n_heads, bh)
+    _activation_bwd_kernel[(main_tiles + h_tiles,)](
         z2, grads[0], grads[3], grads[6], dz, rows, n_k, n_v, n, *z2.stride(), *grads[1:3], *grads[4:6],
-        *grads[7:9], HAS_DK=has[0], HAS_DV=has[1], HAS_DG=has[2], BR=br, BC=bc)
+        *grads[7:9], q2, p1[0], p2[0], *q2.stride(), *p1[1:], *p2[1:], n_heads, H1, head_dim, eps, scale,
+        main_tiles, c0, HAS_DK=has[0], HAS_DV=has[1], HAS_DG=has[2], NORM=norm,
+        HAS_D1=norm and d1 is not None and H1 > 0, HAS_D2=norm and d2 is not None and n_heads > H1,
+        BR=br, BC=bc, BH=bh, BD=bd)
     return dz
 
 
 @gau_activation_backward.register_fake
-def _(z_v, dk, dv, dg, n_k, n_g):
+def _(z_v, dk, dv, dg, n_k, n_g, z_qk=None, d1=None, d2=None, head_dim=1, eps=0.0, scale=1.0):
     return z_v.new_empty(_dz_shape(z_v, n_k, n_g))
 
 
 class _GauActivation(torch.autograd.Function):
     """(k, v, g_pre): k and g_pre views of z, v by the kernel; backward one kernel writing dz. Saves z's v part
-    (a view)."""
+    (a view). With ``head_dim`` k's heads are normalized by the same launch, k a new tensor returned as one part
+    (..., H, head_dim) or two (split at head ``split``), and z's k part is saved too."""
 
     @staticmethod
-    def forward(ctx, z, n_k, n_v):
+    def forward(ctx, z, n_k, n_v, head_dim, eps, scale, split):
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zeros made or read
-        z_v = z[..., n_k:n_k + n_v]
-        ctx.save_for_backward(z_v)
-        ctx.n_k, ctx.n_g = n_k, z.shape[-1] - n_k - n_v
-        return z[..., :n_k], gau_activation_values(z_v), z[..., n_k + n_v:]
+        z_qk, z_v = z[..., :n_k], z[..., n_k:n_k + n_v]
+        ctx.n_k, ctx.n_g, ctx.norm = n_k, z.shape[-1] - n_k - n_v, (head_dim, eps, scale, split)
+        g_pre = z[..., n_k + n_v:]
+        if not head_dim:
+            ctx.save_for_backward(z_v)
+            return z_qk, gau_activation_values(z_v), g_pre
+        ctx.save_for_backward(z_v, z_qk)
+        heads, v = gau_activation_norm(z_qk, z_v, head_dim, eps, scale)
+        n_h = n_k // head_dim
+        heads = heads.view(*z.shape[:-1], n_h, head_dim)  # (..., H, head_dim)
+        return (*(heads.split([split, n_h - split], -2) if split else (heads,)), v, g_pre)
 
     @staticmethod
-    def backward(ctx, dk, dv, dg):
+    def backward(ctx, *grads):
+        n_in = 7
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        (z_v,) = ctx.saved_tensors
-        return gau_activation_backward(z_v, dk, dv, dg, ctx.n_k, ctx.n_g), None, None
+            return (None,) * n_in
+        head_dim, eps, scale, split = ctx.norm
+        if not head_dim:
+            (z_v,) = ctx.saved_tensors
+            dk, dv, dg = grads
+            return (gau_activation_backward(z_v, dk, dv, dg, ctx.n_k, ctx.n_g), *(None,) * (n_in - 1))
+        z_v, z_qk = ctx.saved_tensors
+        d1, d2 = grads[0], grads[1] if split else None
+        dz = gau_activation_backward(z_v, None, grads[-2], grads[-1], ctx.n_k, ctx.n_g, z_qk, d1, d2, head_dim, eps,
+                                     scale)
+        return (dz, *(None,) * (n_in - 1))
 
 
-def gau_activation(z: Tensor, n_k: int, n_v: int) -> tuple[Tensor, Tensor, Tensor]:
+def gau_activation(z: Tensor, n_k: int, n_v: int, *, head_dim: int | None = None, eps: float = 1e-6,
+                   scale: float = 1.0, split: int | None = None) -> tuple[Tensor, ...]:
     """(k, v, g_pre) of the GAU's joint projection z (..., n_k + n_v + n_g): k = z[..., :n_k] and
     g_pre = z[..., n_k + n_v:] are views of z (no copy: the gate's SiLU is :func:`silu_gate`'s), v =
     SiLU(z[..., n_k:n_k + n_v]) a new contiguous tensor in z's dtype (float32 math). Backward: one kernel writes
-    z's gradient (contiguous) from those of k, v and g_pre (any of them unused: zeros)."""
+    z's gradient (contiguous) from those of k, v and g_pre (any of them unused: zeros).
+
+    With ``head_dim``: the first n_k columns are heads of ``head_dim`` (the query and key heads), each divided by
+    its root mean square (+ ``eps``) and times ``scale`` by the same launch as v (the query/key norms of
+    :class:`tvq.layers.norm.RMSNorm` without affine): k is then a new tensor (..., n_k / head_dim, head_dim), or
+    with ``split`` n its two parts (the first n heads, the rest: views, their gradients read apart): (q, k, v,
+    g_pre). Backward is still one kernel."""
     _check_widths(z, n_k, n_v)
-    return _GauActivation.apply(z, n_k, n_v)
+    if head_dim is not None:
+        if head_dim < 1 or n_k % head_dim:
+            raise ValueError(f"gau_activation: n_k ({n_k}) must be a multiple of head_dim, got {head_dim}")
+        if split is not None and not 0 < split < n_k // head_dim:
+            raise ValueError(f"gau_activation: split must be in (0, {n_k // head_dim}), got {split}")
+    elif split is not None:
+        raise ValueError("gau_activation: split needs head_dim")
+    return _GauActivation.apply(z, n_k, n_v, head_dim or 0, float(eps), float(scale), split or 0)
 
 
 # ---- the gate: a * SiLU(g_pre) -------------------------------------------------------------------------------------
