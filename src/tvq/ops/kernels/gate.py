@@ -92,26 +92,90 @@ def _head_rows(pid, n_rows, n_heads, D, BH: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _silu_tile(pid, z_ptr, v_ptr, n_rows, n_v, sz_r, sz_c, BR: tl.constexpr, BC: tl.constexpr):
+    """v tile ``pid``: v[r, c] = SiLU(z_v[r, c]), v contiguous (rows, n_v)."""
+    r, c, r_ok, c_ok = _tile(pid, n_rows, n_v, BR, BC)
+    ok = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(z_ptr + r[:, None] * sz_r + c[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
+    v = x * tl.sigmoid(x)
+    tl.store(v_ptr + r[:, None] * n_v + c[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _norm_tile(pid, zq_ptr, h_ptr, n_rows, sq_r, sq_c, n_heads, D, eps, scale, BH: tl.constexpr, BD: tl.constexpr):
+    """Head-row tile ``pid``: h[r, j] = z_qk[r, jD:(j+1)D] / rms * scale, h contiguous (rows, n_heads, D)."""
+    tok, j, d, ok = _head_rows(pid, n_rows, n_heads, D, BH, BD)
+    cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk
+    x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
+    h = x * (rstd * scale)[:, None]
+    tl.store(h_ptr + tok[:, None] * (n_heads * D) + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _silu_fwd_kernel(z_ptr, v_ptr, n_rows, n_v, sz_r, sz_c, zq_ptr, h_ptr, sq_r, sq_c, n_heads, D, eps, scale,
                      v_tiles, NORM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr,
                      BD: tl.constexpr):
-    """v[r, c] = SiLU(z_v[r, c]); v contiguous (rows, n_v). With NORM, programs from ``v_tiles`` on write the
-    normalized heads instead, BH head rows each: h[r, j] = z_qk[r, jD:(j+1)D] / rms * scale, h contiguous
-    (rows, n_heads, D)."""
+    """v = SiLU(z_v) by the first ``v_tiles`` programs (:func:`_silu_tile`); with NORM the rest write the
+    normalized heads, BH head rows each (:func:`_norm_tile`). (Each branch's body is a function of its own: Triton
+    wants a variable assigned in both branches of an ``if`` to have one type, and the tiles differ.)"""
     pid = tl.program_id(0).to(tl.int64)
     if pid < v_tiles:
-        r, c, r_ok, c_ok = _tile(pid, n_rows, n_v, BR, BC)
-        ok = r_ok[:, None] & c_ok[None, :]
-        x = tl.load(z_ptr + r[:, None] * sz_r + c[None, :] * sz_c, mask=ok, other=0.0).to(tl.float32)
-        v = x * tl.sigmoid(x)
-        tl.store(v_ptr + r[:, None] * n_v + c[None, :], v.to(v_ptr.dtype.element_ty), mask=ok)
+        _silu_tile(pid, z_ptr, v_ptr, n_rows, n_v, sz_r, sz_c, BR, BC)
     elif NORM:
-        tok, j, d, ok = _head_rows(pid - v_tiles, n_rows, n_heads, D, BH, BD)
-        cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk
-        x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
-        h = x * (rstd * scale)[:, None]
-        tl.store(h_ptr + tok[:, None] * (n_heads * D) + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
+        _norm_tile(pid - v_tiles, zq_ptr, h_ptr, n_rows, sq_r, sq_c, n_heads, D, eps, scale, BH, BD)
+
+
+@triton.jit
+def _dz_tile(pid, z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_cols, sz_r, sz_c, sk_r, sk_c, sv_r,
+             sv_c, sg_r, sg_c, c0, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DG: tl.constexpr,
+             BR: tl.constexpr, BC: tl.constexpr):
+    """dz tile ``pid`` of columns c0..n_cols: dk[r, c] for c < n_k, dv[r, c'] SiLU'(z_v[r, c']) for the next n_v
+    columns (c' = c - n_k), dg[r, c - n_k - n_v] after them; zeros where a gradient is absent (HAS_* False)."""
+    r, c, r_ok, c_ok = _tile(pid, n_rows, n_cols - c0, BR, BC)
+    ok = r_ok[:, None] & c_ok[None, :]
+    cc = c[None, :] + c0
+    dz = tl.zeros((BR, BC), dtype=tl.float32)
+    if HAS_DK:
+        k_ok = ok & (cc < n_k)
+        dz += tl.load(dk_ptr + r[:, None] * sk_r + cc * sk_c, mask=k_ok, other=0.0).to(tl.float32)
+    if HAS_DV:
+        cv = cc - n_k
+        v_ok = ok & (cv >= 0) & (cv < n_v)
+        dv = tl.load(dv_ptr + r[:, None] * sv_r + cv * sv_c, mask=v_ok, other=0.0).to(tl.float32)
+        x = tl.load(z_ptr + r[:, None] * sz_r + cv * sz_c, mask=v_ok, other=0.0).to(tl.float32)
+        s = tl.sigmoid(x)
+        dz += dv * (s * (1.0 + x * (1.0 - s)))
+    if HAS_DG:
+        cg = cc - (n_k + n_v)
+        g_ok = ok & (cg >= 0)
+        dz += tl.load(dg_ptr + r[:, None] * sg_r + cg * sg_c, mask=g_ok, other=0.0).to(tl.float32)
+    tl.store(dz_ptr + r[:, None] * n_cols + cc, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dnorm_tile(pid, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, s1_r, s1_h, s1_c, s2_r, s2_h, s2_c,
+                n_heads, H1, D, eps, scale, HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, BH: tl.constexpr,
+                BD: tl.constexpr):
+    """Head-row tile ``pid`` of dz's first n_heads D columns: statistics recomputed from z_qk, h = x / rms,
+    dh = grad scale, dx = (dh - h mean(dh h)) / rms; head j < H1 reads d1[r, j], the others d2[r, j - H1]."""
+    tok, j, d, ok = _head_rows(pid, n_rows, n_heads, D, BH, BD)
+    cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk and dz
+    x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
+    first = (j < H1)[:, None]
+    g = tl.zeros((BH, BD), dtype=tl.float32)
+    if HAS_D1:
+        g += tl.load(d1_ptr + tok[:, None] * s1_r + j[:, None] * s1_h + d[None, :] * s1_c, mask=ok & first,
+                     other=0.0).to(tl.float32)
+    if HAS_D2:
+        g += tl.load(d2_ptr + tok[:, None] * s2_r + (j - H1)[:, None] * s2_h + d[None, :] * s2_c,
+                     mask=ok & ~first, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
+    h = x * rstd[:, None]
+    dh = g * scale
+    mean = tl.sum(dh * h, axis=1) / D  # (BH,)
+    dx = (dh - h * mean[:, None]) * rstd[:, None]
+    tl.store(dz_ptr + tok[:, None] * n_cols + cols, dx.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -122,51 +186,16 @@ def _activation_bwd_kernel(z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n
                            HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DG: tl.constexpr, NORM: tl.constexpr,
                            HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                            BH: tl.constexpr, BD: tl.constexpr):
-    """dz[r, c] (contiguous (rows, n_k + n_v + n_g)): dk[r, c] for c < n_k, dv[r, c'] SiLU'(z_v[r, c']) for the
-    next n_v columns (c' = c - n_k), dg[r, c - n_k - n_v] after them; zeros where a gradient is absent (HAS_*
-    False). The first ``main_tiles`` programs tile columns c0..n_cols. With NORM (c0 = n_k) the rest write the
-    first n_k columns from the normalized heads' gradients, BH head rows each, statistics recomputed from z_qk
-    (h = x / rms, dh = grad scale: dx = (dh - h mean(dh h)) / rms); a head j < H1 reads d1[r, j], the others
-    d2[r, j - H1] (the two parts of a split output, never joined)."""
+    """dz (contiguous (rows, n_k + n_v + n_g)): the first ``main_tiles`` programs write columns c0..n_cols
+    (:func:`_dz_tile`); with NORM (c0 = n_k) the rest write the first n_k columns from the normalized heads'
+    gradients, BH head rows each (:func:`_dnorm_tile`)."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < main_tiles:
-        r, c, r_ok, c_ok = _tile(pid, n_rows, n_cols - c0, BR, BC)
-        ok = r_ok[:, None] & c_ok[None, :]
-        cc = c[None, :] + c0
-        dz = tl.zeros((BR, BC), dtype=tl.float32)
-        if HAS_DK:
-            k_ok = ok & (cc < n_k)
-            dz += tl.load(dk_ptr + r[:, None] * sk_r + cc * sk_c, mask=k_ok, other=0.0).to(tl.float32)
-        if HAS_DV:
-            cv = cc - n_k
-            v_ok = ok & (cv >= 0) & (cv < n_v)
-            dv = tl.load(dv_ptr + r[:, None] * sv_r + cv * sv_c, mask=v_ok, other=0.0).to(tl.float32)
-            x = tl.load(z_ptr + r[:, None] * sz_r + cv * sz_c, mask=v_ok, other=0.0).to(tl.float32)
-            s = tl.sigmoid(x)
-            dz += dv * (s * (1.0 + x * (1.0 - s)))
-        if HAS_DG:
-            cg = cc - (n_k + n_v)
-            g_ok = ok & (cg >= 0)
-            dz += tl.load(dg_ptr + r[:, None] * sg_r + cg * sg_c, mask=g_ok, other=0.0).to(tl.float32)
-        tl.store(dz_ptr + r[:, None] * n_cols + cc, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+        _dz_tile(pid, z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_cols, sz_r, sz_c, sk_r, sk_c, sv_r,
+                 sv_c, sg_r, sg_c, c0, HAS_DK, HAS_DV, HAS_DG, BR, BC)
     elif NORM:
-        tok, j, d, ok = _head_rows(pid - main_tiles, n_rows, n_heads, D, BH, BD)
-        cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk and dz
-        x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
-        first = (j < H1)[:, None]
-        g = tl.zeros((BH, BD), dtype=tl.float32)
-        if HAS_D1:
-            g += tl.load(d1_ptr + tok[:, None] * s1_r + j[:, None] * s1_h + d[None, :] * s1_c, mask=ok & first,
-                         other=0.0).to(tl.float32)
-        if HAS_D2:
-            g += tl.load(d2_ptr + tok[:, None] * s2_r + (j - H1)[:, None] * s2_h + d[None, :] * s2_c,
-                         mask=ok & ~first, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
-        h = x * rstd[:, None]
-        dh = g * scale
-        mean = tl.sum(dh * h, axis=1) / D  # (BH,)
-        dx = (dh - h * mean[:, None]) * rstd[:, None]
-        tl.store(dz_ptr + tok[:, None] * n_cols + cols, dx.to(dz_ptr.dtype.element_ty), mask=ok)
+        _dnorm_tile(pid - main_tiles, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, s1_r, s1_h, s1_c,
+                    s2_r, s2_h, s2_c, n_heads, H1, D, eps, scale, HAS_D1, HAS_D2, BH, BD)
 
 
 @triton.jit
