@@ -2,7 +2,7 @@
 ``window_values``), the per-code sums and the state's cache fold (``code_sums``), the quantizer (``vq_codes``: the
 nearest codeword, the straight-through key, the error and key norms), the queries' Transformer-XL biases
 (``query_bias``), the key list of a chunk, its carried window joined with the chunk (``window_join``), and the rest
-of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU and gate, ``residual``:
+of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU (with the query/key norms) and gate, ``residual``:
 dropout, LayerDrop and the residual add, ``dropout_linear``: the relative embeddings' dropout inside their GEMM). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
 is tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
 
