@@ -91,6 +91,7 @@ class _Compiler:
         self.targets = [(arch, _cuda_target(arch)) for arch in archs]
         self.backends = {arch: make_backend(t) for arch, t in self.targets}
         self.variants: dict[str, dict] = {}
+        self.binders: dict[tuple, object] = {}  # (kernel, arch) -> Triton's argument binder, made once
         self.workload = 0  # index of the workload running
 
     def run(self, fn, args, kwargs) -> None:
@@ -106,7 +107,9 @@ class _Compiler:
                 kwargs[name] = getattr(knobs.compilation, name)
         for arch, target in self.targets:
             backend = self.backends[arch]
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            binder = self.binders.get((fn, arch))
+            if binder is None:
+                binder = self.binders[fn, arch] = create_function_from_signature(fn.signature, fn.params, backend)
             bound, specialization, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
             key = repr((arch, fn.module, fn.__name__, signature, sorted(constexprs.items(), key=str),

@@ -270,7 +270,7 @@ class Attention(HostFlags):
         B, T, _ = h.shape
         Hq, Hkv, Dk = cfg.n_q_head, cfg.n_kv_head, cfg.d_k
         scale = Dk**-0.25
-        n_k, n_v = Hkv * Dk, cfg.n_kv_head * cfg.head_d_v
+        n_k, n_v = Hkv * Dk, Hkv * cfg.head_d_v
         act = "silu" if cfg.gated else None
         fused = self._plain_projections() and fused_linear_ok(h, self.w_q.weight, self.w_kvg.weight, self.w_o.weight)
         if fused:

@@ -335,8 +335,8 @@ def gau_activation_backward(z_v: Tensor, dk: Tensor | None, dv: Tensor | None, d
             raise ValueError(f"gau_activation_backward: {name} {tuple(z_v.shape[:-1]) + (width,)} expected, got "
                              f"{tuple(d.shape)}")
         has.append(d is not None and width > 0)
-        d2_ = _rows(d) if has[-1] else z2  # a dummy pointer for an absent gradient, never read
-        grads += [d2_, *d2_.stride()]
+        d_rows = _rows(d) if has[-1] else z2  # a dummy pointer for an absent gradient, never read
+        grads += [d_rows, *d_rows.stride()]
     rows, n = z2.shape[0], dz.shape[-1]
     c0 = n_k if norm else 0
     br, bc = _tiles(rows, n - c0)
