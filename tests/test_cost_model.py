@@ -105,7 +105,7 @@ def test_kernels_scale_with_the_number_of_sublayers(results):
     one, two = results["train1"], results["train2"]
     assert one["meta"]["n_attn"] == 2 and two["meta"]["n_attn"] == 4
     k1, k2 = one["per_sublayer"]["total"]["kernels"], two["per_sublayer"]["total"]["kernels"]
-    assert k1 > 30  # every sublayer op is counted (the kernel path: 43 launches a sublayer)
+    assert k1 > 30  # every sublayer op is counted (the kernel path: 36 launches a sublayer)
     assert abs(k2 - k1) <= 0.02 * k1  # every sublayer runs the same ops
     in_sublayers = [r["per_sublayer"]["total"]["kernels"] * r["meta"]["n_attn"] for r in (one, two)]
     assert 1.95 <= in_sublayers[1] / in_sublayers[0] <= 2.05
@@ -119,7 +119,7 @@ def test_kernels_scale_with_the_number_of_sublayers(results):
                  if op == "aten.zeros" and site.startswith("tvq/state.py")) for r in (one, two)]
     assert zeros[0] == zeros[1] <= 3  # keys and values, codes, the cache: one fill per dtype
     assert 0 <= out2 - out1 <= 8 * 2
-    assert two["summary"]["kernels"] > 1.6 * one["summary"]["kernels"]
+    assert two["summary"]["kernels"] > 1.5 * one["summary"]["kernels"]  # the sublayers' launches are most of a step
     d1, d2 = results["decode1"], results["decode2"]
     assert abs(d2["per_sublayer"]["total"]["kernels"] - d1["per_sublayer"]["total"]["kernels"]) <= 1
 

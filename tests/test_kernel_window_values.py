@@ -60,6 +60,41 @@ def test_op_matches_the_reference(monkeypatch, M, L, Dv, tiles, keep, with_acc):
         close(g, w, 1e-5)
 
 
+@pytest.mark.parametrize("T, need_p, tiles", [(24, True, None), (21, True, (16, 16, 16)), (21, False, None)],
+                         ids=["whole", "padded-tiled", "no-weights-grad"])
+def test_gate_in_the_forward_and_weights_launches(monkeypatch, T, need_p, tiles):
+    """With ``gate`` the result is out SiLU(gate) (the last block's rows past T zero), every gradient equal to the
+    reference's, the gate's written by the weights' backward launch (or the gate's own kernel when p_win needs
+    none); the gate a strided view, as the GAU's is (a slice of its projection)."""
+    if tiles:
+        monkeypatch.setattr(kwv, "TILES", dict(zip(("rows", "window", "dv"), tiles)))
+    M, Dv = 8, 40
+    gen = torch.Generator().manual_seed(T)
+    W = M + L
+    p_win = torch.rand(P, NB, L, W, generator=gen, dtype=F64)
+    values = torch.randn(P, M + NB * L, Dv, generator=gen, dtype=F64)
+    acc = torch.randn(P, NB, L, Dv, generator=gen, dtype=F64)
+    z = torch.randn(P, T, 2 * Dv + 5, generator=gen, dtype=F64)
+    grad = torch.randn(P, NB, L, Dv, generator=gen, dtype=F64)
+    grad[:, :, :].flatten(1, 2)[:, T:] = 0.0  # rows past T reach nothing
+    ref = [p_win.clone().requires_grad_(need_p), values.clone().requires_grad_(), acc.clone().requires_grad_(),
+           z.clone().requires_grad_()]
+    out = reference(ref[0], ref[1], ref[2], "near")
+    want = torch.nn.functional.pad(out.flatten(1, 2)[:, :T] * torch.nn.functional.silu(ref[3][..., Dv + 3:2 * Dv + 3]),
+                                   (0, 0, 0, NB * L - T)).view(out.shape)
+    leaves = [r for r in ref if r.requires_grad]
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    kin = [r.detach().float().requires_grad_(r.requires_grad) for r in ref]
+    gate = kin[3][..., Dv + 3:2 * Dv + 3]  # (P, T, D_v), rows strided
+    got = kwv.window_values_kernel(kin[0], kin[1], kin[2], keep="near", gate=gate)
+    got_grads = torch.autograd.grad(got, [k for k in kin if k.requires_grad], grad.float())
+    close(got, want, 1e-5)
+    for g, w in zip(got_grads, want_grads):
+        close(g, w, 1e-5)
+    with pytest.raises(ValueError, match="gate"):
+        kwv.window_values_kernel(kin[0], kin[1], gate=gate[:, :, :-1])
+
+
 @pytest.mark.parametrize("H, expanded", [(1, False), (3, False), (3, True)], ids=["one-head", "per-head", "mqa"])
 def test_cache_product_with_per_block_or_shared_means(H, expanded):
     """The op's cache product: per-block means (P, nb, S, D) or one (H, S, D) for every block, row p reading head
@@ -127,7 +162,15 @@ def test_the_ops_trace_and_count_their_flops():
     torch.library.opcheck(kwv.window_values_grad_values.op, (p_win, grad, 2, torch.float32, add), test_utils=utils)
     torch.testing.assert_close(kwv.window_values_grad_values(p_win, grad, 2, torch.float32, add),
                                kwv.window_values_grad_values(p_win, grad, 2, torch.float32) + add)
+    gate = torch.randn(P, NB * L - 2, Dv + 3, generator=gen)[..., 1:Dv + 1]  # (P, T, D_v), rows strided
+    torch.library.opcheck(kwv.window_values_gated.op, (p_win, values, acc, torch.float32, None, None, gate),
+                          test_utils=utils)
+    out = kwv.window_values(p_win, values, acc, torch.float32)
+    torch.library.opcheck(kwv.window_values_grad_weights_gated.op, (grad, values, W, torch.float32, means, out, gate),
+                          test_utils=utils)
     flops = 2 * P * NB * L * W * Dv
+    assert KERNEL_FLOPS["tvq_kernels::window_values_gated"](p_win, values, acc, torch.float32, None, None, gate) == (
+        "float32", flops)
     assert KERNEL_FLOPS["tvq_kernels::window_values"](p_win, values, acc, torch.bfloat16) == ("bfloat16", flops)
     assert KERNEL_FLOPS["tvq_kernels::window_values_grad_weights"](grad, values, W, torch.float32) == ("float32", flops)
     assert KERNEL_FLOPS["tvq_kernels::window_values_grad_weights"](grad, values, W, torch.float32, means) == (
@@ -166,6 +209,9 @@ def attention_inputs(M, T, per_row, gen, S=S):
 def run_attention(inputs, codes, count, n_invalid, dtype, M, kernels, **switches):
     leaves = {k: x.detach().to(dtype).requires_grad_() for k, x in inputs.items()}
     cache = (leaves["codebook"], count.to(dtype), leaves["mean"])
+    if "z" in leaves:  # the gate: a strided view of a projection (B, T, H D_v + 3), as the GAU's
+        Bz, T, _ = leaves["z"].shape
+        switches["gate"] = leaves["z"][..., 3:].unflatten(-1, (H, DV)).transpose(1, 2)  # (B, H, T, D_v)
     with use_kernels(kernels):
         out = blockwise_attention(leaves["q"], leaves["keys"], leaves["values"], codes, n_invalid=n_invalid,
                                   rel=leaves["rel"], u=leaves["u"], v=leaves["v"], mem_len=M, block_len=L,
@@ -216,6 +262,29 @@ def test_blockwise_with_the_kernel_equals_pytorch(monkeypatch, straight_through,
     assert calls == [rule]  # the kernel ran once, with the straight-through rule, and only with the kernels on
     close(got, want, 1e-5)
     grads_close(got_grads, want_grads, 1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5]], ids=["cache", "no-cache", "rows", "block"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_blockwise_with_the_gate_equals_pytorch(monkeypatch, case, groups):
+    """``gate``: out * SiLU(gate), on the kernel path in the value kernels' launches (also over two row groups of the
+    cache's scan, each its own gated launch), equal to the PyTorch path's, every gradient (the gate's too)."""
+    from tvq.ops.kernels import cache_scan
+
+    straight_through, agg_cache, grad_thru_cache, n_invalid, M, T, _ = case
+    if groups > 1:  # the means of one row at a time
+        monkeypatch.setattr(cache_scan, "_CHUNK_BYTES", 1)
+    gen = torch.Generator().manual_seed(M + T + 1)
+    inputs, codes, count, ninv = attention_inputs(M, T, n_invalid == "rows", gen)
+    inputs["z"] = torch.randn(B, T, H * DV + 3, generator=gen, dtype=F64)
+    if ninv is None:
+        ninv = n_invalid
+    switches = dict(straight_through=straight_through, agg_cache=agg_cache, grad_thru_cache=grad_thru_cache)
+    want, want_grads = run_attention(inputs, codes, count, ninv, F64, M, False, **switches)
+    got, got_grads = run_attention(inputs, codes, count, ninv, torch.float32, M, True, **switches)
+    close(got, want, 1e-5)
+    grads_close(got_grads, want_grads, 1e-5)
+    assert want_grads["z"] is not None
 
 
 @pytest.mark.parametrize("straight_through, agg_cache, grad_thru_cache, n_invalid",

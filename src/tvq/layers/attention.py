@@ -218,13 +218,19 @@ class Attention(HostFlags):
             cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
-            attend = quadratic_attention if cfg.attn_impl == "quadratic" else blockwise_attention
             use_cache = self.uses_cache()
+            gate = {}
+            if cfg.attn_impl == "quadratic":
+                attend = quadratic_attention
+            else:
+                attend = blockwise_attention
+                if g is not None and not fused and kernels_enabled(h):  # g before its SiLU: the value kernels
+                    gate, g = {"gate": g.view(B, T, Hq, Dv).transpose(1, 2)}, None  # apply it (B, H_q, T, D_v)
             attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           block_len=cfg.block_len, agg_cache=use_cache, grad_thru_cache=cfg.grad_thru_cache,
                           cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias,
-                          uv_scale=scale)
+                          uv_scale=scale, **gate)
             if not use_cache and self.cache_bias is not None:  # cache warm-up: keep the unused offset in the
                 attn = attn + 0.0 * self.cache_bias.sum()  # graph (a zero gradient; DDP wants every parameter)
             new_state = segment_state if context is not None else advance_state(

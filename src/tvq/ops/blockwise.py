@@ -126,6 +126,7 @@ def blockwise_attention(
     straight_through: str = "window",
     cache_bias: Tensor | None = None,
     uv_scale: float = 1.0,
+    gate: Tensor | None = None,
 ) -> Tensor:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
@@ -139,7 +140,9 @@ def blockwise_attention(
     ``"block"`` they depend on ``block_len``. ``cache_bias`` (H,), if given, is added to the score of every
     key beyond the window (the cache entries and the older keys of the window's blocks). u and v (H, D_k), in any
     float dtype (the parameters), are added to the queries as ``(u * uv_scale).to(q.dtype)`` (one Triton kernel
-    on the kernel path, from float32).
+    on the kernel path, from float32). ``gate`` (B, H, T, D_v), if given, is the GAU's output gate before its SiLU:
+    the result is then ``out * F.silu(gate)``, on the kernel path applied as the output is written (and its
+    gradient taken by the values' backward launch: no kernel of its own either way).
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -242,12 +245,14 @@ def blockwise_attention(
         v_dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else vals.dtype
         # value_keep by name: the block's own slots (w >= M) or the near ones (w >= a)
         value_rule = None if value_keep is None else "own" if straight_through == "block" else "near"
+        gate_rows = None if gate is None else gate.reshape(B * H, T, gate.shape[-1])  # (B H, T, D_v), a view for H 1
     if not agg_cache and fused:
-        out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), keep=value_rule, dtype=v_dt)
+        out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), keep=value_rule, dtype=v_dt,
+                                   gate=gate_rows)
         return out.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
     if not agg_cache:
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
-        return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+        return _gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype)  # (B, H, T, D_v)
 
     # the cache read's products run in the values' dtype; its sums in acc
     if fused:  # the cache read (a Triton scan writes the means C_n / count_n, sums in float32 on chip) and the
@@ -258,7 +263,7 @@ def blockwise_attention(
                  mean0.flatten(0, 1), count.flatten(0, 1),  # the scan multiplies mean0 by count[:, 0] = c0
                  n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid)  # per row: (B H,)
         out = block_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), cache, keep=value_rule, dtype=v_dt,
-                                  cache_grad=grad_thru_cache).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
+                                  cache_grad=grad_thru_cache, gate=gate_rows).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
         return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
@@ -283,4 +288,9 @@ def blockwise_attention(
         out = torch.baddbmm(out.flatten(0, 2), p_win.flatten(0, 2), v_win.flatten(0, 2)).view(out.shape)
     else:
         out = out + p_win @ v_win
-    return out.flatten(2, 3)[:, :, :T].to(q.dtype)
+    return _gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype)
+
+
+def _gated(out: Tensor, gate: Tensor | None) -> Tensor:
+    """out (B, H, T, D_v) times SiLU(gate) (the same shape), or out (gate None)."""
+    return out if gate is None else out * F.silu(gate)

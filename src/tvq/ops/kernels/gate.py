@@ -20,10 +20,11 @@ of dk and that: each its own pass over memory. Here:
   z and write its part of dz from the two parts' gradients (queries, keys: read where they are). One launch each
   way instead of two (the norm's own kernel and its backward): the gau_activation -> rms_norm chain read and wrote
   the normalized heads' input in between.
-* :func:`silu_gate` is ``a * SiLU(g_pre)`` in one kernel (g_pre read in place through its row stride, e.g. the
-  view above), and its backward ONE kernel writing ``da = grad * SiLU(g_pre)`` and
-  ``dg_pre = grad * a * SiLU'(g_pre)``. It saves a and g_pre (the view: z's storage, which the activation's
-  backward keeps anyway); the gate SiLU(g) is never materialised or saved.
+* :func:`silu_gate` (where the attention is not the blockwise path's, whose value kernels apply the gate as they
+  write the output: :mod:`tvq.ops.kernels.window_values`) is ``a * SiLU(g_pre)`` in one kernel (g_pre read in
+  place through its row stride, e.g. the view above), and its backward ONE kernel writing
+  ``da = grad * SiLU(g_pre)`` and ``dg_pre = grad * a * SiLU'(g_pre)``. It saves a and g_pre (the view: z's
+  storage, which the activation's backward keeps anyway); the gate SiLU(g) is never materialised or saved.
 
 SiLU(x) = x s(x), SiLU'(x) = s(x) (1 + x (1 - s(x))), s the sigmoid. All math in float32 on chip; results in the
 inputs' dtype (the gate's output in the promoted dtype of a and g_pre, as ``a * F.silu(g_pre)``; its gradients in

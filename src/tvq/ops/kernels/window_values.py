@@ -27,6 +27,13 @@ from the scan's per-block means (:mod:`tvq.ops.kernels.cache_scan`), so the cach
 backward, the window's ``g_values`` kernel starts from the cache read's gradient of the values, so the values get
 one gradient tensor instead of two that autograd would add.
 
+The GAU's output gate rides along (``gate``, the gate's pre-activation): forward, the program that writes an output
+tile also writes y = out SiLU(gate) (out is still written: the gate's gradient needs it); backward, the weights'
+gradient launch reads y's gradient and makes it out's (times SiLU(gate)) as it loads each tile, and its column-tile-0
+programs, which between them read every (row, D_v) tile once, write out's gradient (for the launches after it) and
+the gate's. The gate's own kernel (:func:`tvq.ops.kernels.gate.silu_gate`) and its backward then never run: one
+launch fewer each way, and out is not read back to be gated.
+
 The score kernel's backward (:mod:`tvq.ops.kernels.scores`) calls the forward and ``g_values`` ops directly for
 the keys' side (p := ds_win, values := keys: g_qu; grad := qu: the keys' gradient, keep the key rule).
 
@@ -51,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.nn import functional as F
 
 from tvq.ops.kernels import kernel_op, register_flops
 from tvq.ops.kernels.common import cdiv, dot_options, tile
@@ -71,12 +79,22 @@ def _cast(x, like_ptr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d, m_rows, sm_p,
-                sm_n, HAS_ACC: tl.constexpr, HAS_CACHE: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr,
-                BS: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _gate_tile(gate_ptr, p, t, d, T, Dv, sg_p, sg_t):
+    """The gate's pre-activation (BA, BD) at rows t (BA,) of row p and columns d (BD,), float32; rows t >= T (a
+    padded last block) zero."""
+    ok = (t < T)[:, None] & (d < Dv)[None, :]
+    return tl.load(gate_ptr + p * sg_p + t[:, None] * sg_t + d[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, gate_ptr, y_ptr, nb, L, W, S, Dv, T, sv_p, sv_r, sv_d,
+                m_rows, sm_p, sm_n, sg_p, sg_t, HAS_ACC: tl.constexpr, HAS_CACHE: tl.constexpr, GATE: tl.constexpr,
+                BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     """out tile (BA, BD) of one (p, n) = acc + sum over window tiles of p_win (BA, BW) @ values (BW, BD) [+ sum over
     code tiles of the cache's weights (BA, BS) @ means (BS, BD) (HAS_CACHE): means of row p and block n at
-    (p % m_rows) sm_p + n sm_n, rows of D_v]."""
+    (p % m_rows) sm_p + n sm_n, rows of D_v]; GATE: also y = out SiLU(gate) (out as written; gate (P, T, D_v) at
+    row p, query n L + a)."""
     pid = tl.program_id(0).to(tl.int64)
     n_d, n_a = tl.cdiv(Dv, BD), tl.cdiv(L, BA)
     td, ta, pn = pid % n_d, (pid // n_d) % n_a, pid // (n_d * n_a)
@@ -107,15 +125,43 @@ def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, nb, L, W, S, Dv, 
             m = tl.load(m_ptr + (p % m_rows) * sm_p + n * sm_n + s[:, None] * Dv + d[None, :],
                         mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BS, BD)
             acc = tl.dot(_cast(cw, out_ptr, UPCAST), _cast(m, out_ptr, UPCAST), acc, input_precision=PRECISION)
-    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tile, out, mask=tile_ok)
+    if GATE:
+        g = _gate_tile(gate_ptr, p, n * L + a, d, T, Dv, sg_p, sg_t)  # (BA, BD)
+        y = out.to(tl.float32) * g * tl.sigmoid(g)
+        tl.store(y_ptr + tile, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, nb, L, W, S, Dv, sv_p, sv_r, sv_d,
-                   BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _ungate(dy, gate_ptr, o_ptr, do_ptr, dgate_ptr, p, pn, n, a, d, L, T, Dv, sg_p, sg_t, sdg_p, sdg_t, write):
+    """The gated output's gradient dy (BA, BD) -> the output's, d_o = dy SiLU(gate), in do's dtype (as the gate's
+    own backward writes it); ``write`` (one program of each (rows, D_v) tile): d_o and the gate's gradient
+    dy o SiLU'(gate) stored too."""
+    gt = _gate_tile(gate_ptr, p, n * L + a, d, T, Dv, sg_p, sg_t)  # (BA, BD)
+    sig = tl.sigmoid(gt)
+    dy = dy.to(tl.float32)
+    d_o = (dy * gt * sig).to(do_ptr.dtype.element_ty)
+    if write:
+        ok = (a < L)[:, None] & (d < Dv)[None, :]
+        tile = (pn * L + a[:, None]) * Dv + d[None, :]
+        tl.store(do_ptr + tile, d_o, mask=ok)
+        o = tl.load(o_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+        d_gate = dy * o * sig * (1.0 + gt * (1.0 - sig))
+        t = n * L + a
+        tl.store(dgate_ptr + p * sdg_p + t[:, None] * sdg_t + d[None, :], d_gate.to(dgate_ptr.dtype.element_ty),
+                 mask=ok & (t < T)[:, None])
+    return d_o
+
+
+@triton.jit
+def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, nb, L, W, S, Dv, T,
+                   sv_p, sv_r, sv_d, sg_p, sg_t, sdg_p, sdg_t, GATE: tl.constexpr, BA: tl.constexpr,
+                   BW: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """g_p tile (BA, BW) of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW); the column tiles
-    after the window's (S > 0) the cache's, g_w (BA, BW) = grad @ means[p, n]^T (the means (P, nb, S, D_v))."""
+    after the window's (S > 0) the cache's, g_w (BA, BW) = grad @ means[p, n]^T (the means (P, nb, S, D_v)).
+    GATE: g_ptr holds the gated output's gradient, made the output's on load (:func:`_ungate`: the column tile 0
+    programs write it, and the gate's gradient)."""
     pid = tl.program_id(0).to(tl.int64)
     n_w, n_a = tl.cdiv(W, BW) + tl.cdiv(S, BW), tl.cdiv(L, BA)
     tw, ta, pn = pid % n_w, (pid // n_w) % n_a, pid // (n_w * n_a)
@@ -138,6 +184,9 @@ def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, nb, L, W, S, Dv, sv_p, s
         d = d0 + tl.arange(0, BD)  # (BD,)
         d_ok = d < Dv
         g = tl.load(g_ptr + (pn * L + a[:, None]) * Dv + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+        if GATE:
+            g = _ungate(g, gate_ptr, o_ptr, do_ptr, dgate_ptr, p, pn, n, a, d, L, T, Dv, sg_p, sg_t, sdg_p, sdg_t,
+                        tw == 0)
         v = tl.load(src + w[None, :] * s_col + d[:, None] * s_d, mask=d_ok[:, None] & w_ok[None, :],
                     other=0.0)  # (BD, BW)
         acc = tl.dot(_cast(g, g_ptr, UPCAST), _cast(v, g_ptr, UPCAST), acc, input_precision=PRECISION)
@@ -208,21 +257,26 @@ def _check(p_win: Tensor, values: Tensor) -> tuple[int, int, int, int, int, int]
     return P, nb, L, W, M, Dv
 
 
-@kernel_op("tvq_kernels::window_values")
-def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype,
-                  cache_w: Tensor | None = None, means: Tensor | None = None) -> Tensor:
-    """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]
-    [+ sum_s cache_w[p, n, a, s] means[p, n, s]: the cache read's product, whose output then never goes through
-    HBM; or with means (H, S, D_v), the same for every block, means[p % H, s]: the cache's share of the queries'
-    gradient, ds_cache @ codebook].
+def _gate_args(gate: Tensor | None, P: int, T: int, Dv: int, name: str) -> tuple:
+    """The gate's (P, T, D_v) pointer and row strides (its last dim dense), checked; None: a dummy and zeros."""
+    if gate is None:
+        return None, 0, 0
+    if gate.shape != (P, T, Dv) or gate.stride(-1) != 1:
+        raise ValueError(f"{name}: gate (P, T, D_v) = {(P, T, Dv)} with a dense last dim expected, got "
+                         f"{tuple(gate.shape)} strides {gate.stride()}")
+    return gate, *gate.stride()[:2]
 
-    p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None,
-    cache_w (P, nb, L, S) and means (P, nb, S, D_v) or (H, S, D_v) (P a multiple of H) both or neither; products in
-    ``dtype``, sums in float32."""
+
+def _forward(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype, cache_w: Tensor | None,
+             means: Tensor | None, gate: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The forward launch of :func:`window_values` (with ``gate``, of :func:`window_values_gated`): (out, y or None)."""
     P, nb, L, W, M, Dv = _check(p_win, values)
     out = values.new_empty(P, nb, L, Dv, dtype=dtype)
+    T = gate.shape[1] if gate is not None else nb * L
+    gate, sg_p, sg_t = _gate_args(gate, P, T, Dv, "window_values_gated")
+    y = torch.empty_like(out) if gate is not None else None
     if not out.numel():
-        return out
+        return out, y
     S = cache_w.shape[-1] if cache_w is not None else 16
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
     BS = tile(S, TILES["window"])
@@ -238,9 +292,24 @@ def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torc
         m_rows, sm_p, sm_n = 1, 0, 0
     _fwd_kernel[grid](p_win.contiguous(), values, acc.contiguous() if acc is not None else out,
                       cache_w.contiguous() if has_cache else out, means if has_cache else out, out,
-                      nb, L, W, S, Dv, *values.stride(), m_rows, sm_p, sm_n, HAS_ACC=acc is not None,
-                      HAS_CACHE=has_cache, BA=BA, BW=BW, BS=BS, BD=BD, **dot_options(dtype))
-    return out
+                      out if gate is None else gate, out if y is None else y, nb, L, W, S, Dv, T, *values.stride(),
+                      m_rows, sm_p, sm_n, sg_p, sg_t, HAS_ACC=acc is not None, HAS_CACHE=has_cache,
+                      GATE=gate is not None, BA=BA, BW=BW, BS=BS, BD=BD, **dot_options(dtype))
+    return out, y
+
+
+@kernel_op("tvq_kernels::window_values")
+def window_values(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype,
+                  cache_w: Tensor | None = None, means: Tensor | None = None) -> Tensor:
+    """(P, nb, L, D_v) in ``dtype``: out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w]
+    [+ sum_s cache_w[p, n, a, s] means[p, n, s]: the cache read's product, whose output then never goes through
+    HBM; or with means (H, S, D_v), the same for every block, means[p % H, s]: the cache's share of the queries'
+    gradient, ds_cache @ codebook].
+
+    p_win (P, nb, L, W), values (P, M + nb L, D_v) with M = W - L (any strides), acc (P, nb, L, D_v) or None,
+    cache_w (P, nb, L, S) and means (P, nb, S, D_v) or (H, S, D_v) (P a multiple of H) both or neither; products in
+    ``dtype``, sums in float32."""
+    return _forward(p_win, values, acc, dtype, cache_w, means, None)[0]
 
 
 @window_values.register_fake
@@ -249,30 +318,81 @@ def _(p_win, values, acc, dtype, cache_w=None, means=None):
     return values.new_empty(P, nb, L, values.shape[-1], dtype=dtype)
 
 
+@kernel_op("tvq_kernels::window_values_gated")
+def window_values_gated(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype,
+                        cache_w: Tensor | None, means: Tensor | None, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, y), both (P, nb, L, D_v) in ``dtype``: out as :func:`window_values` writes it and y = out SiLU(gate)
+    from the same launch (the GAU's output gate, float32 math on out as written, as
+    :func:`tvq.ops.kernels.gate.silu_gate` computes it); gate (P, T, D_v) the gate's pre-activation of the T
+    queries (T <= nb L: the rest of a padded last block get y = 0), any row strides, its last dim dense."""
+    out, y = _forward(p_win, values, acc, dtype, cache_w, means, gate)
+    return out, y
+
+
+@window_values_gated.register_fake
+def _(p_win, values, acc, dtype, cache_w, means, gate):
+    P, nb, L, _ = p_win.shape
+    out = values.new_empty(P, nb, L, values.shape[-1], dtype=dtype)
+    return out, torch.empty_like(out)
+
+
+def _grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype, means: Tensor | None,
+                  gated: tuple[Tensor, Tensor] | None) -> tuple[Tensor, ...]:
+    """The launch of :func:`window_values_grad_weights` (``gated`` None) and :func:`window_values_grad_weights_gated`
+    (``gated`` = (out, gate)): (g_p, g_w[, d_out, d_gate])."""
+    P, nb, L, Dv = grad.shape
+    S = means.shape[2] if means is not None else 0
+    g_p = grad.new_empty(P, nb, L, W, dtype=dtype)
+    g_w = grad.new_empty((P, nb, L, S) if means is not None else (0,), dtype=dtype)
+    o, gate = gated if gated is not None else (None, None)
+    T = gate.shape[1] if gate is not None else nb * L
+    gate, sg_p, sg_t = _gate_args(gate, P, T, Dv, "window_values_grad_weights_gated")
+    d_o = torch.empty_like(grad) if gate is not None else None
+    d_gate = gate.new_empty(P, T, Dv) if gate is not None else None
+    extra = () if gate is None else (d_o, d_gate)
+    if not g_p.numel() and not g_w.numel() and not (d_o is not None and d_o.numel()):
+        return (g_p, g_w, *(t.zero_() for t in extra))
+    BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
+    grid = (P * nb * cdiv(L, BA) * (cdiv(W, BW) + cdiv(S, BW)),)
+    dummy = grad
+    _grad_p_kernel[grid](grad.contiguous(), values, means.contiguous() if means is not None else dummy, g_p,
+                         g_w if means is not None else g_p, *((dummy,) * 4 if gate is None else
+                                                              (gate, o.contiguous(), d_o, d_gate)),
+                         nb, L, W, S, Dv, T, *values.stride(), sg_p, sg_t, T * Dv, Dv, GATE=gate is not None,
+                         BA=BA, BW=BW, BD=BD, **dot_options(grad.dtype))
+    return (g_p, g_w, *extra)
+
+
 @kernel_op("tvq_kernels::window_values_grad_weights")
 def window_values_grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype,
                                means: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(g_p (P, nb, L, W), g_w) in ``dtype``: g_p[p, n, a, w] = grad[p, n, a] . values[p, n L + w]; with the cache's
     per-block means (P, nb, S, D_v) also its weights' gradient g_w (P, nb, L, S) = grad[p, n] @ means[p, n]^T in the
     same launch (else g_w is empty (0,)); grad (P, nb, L, D_v), products in its dtype."""
-    P, nb, L, Dv = grad.shape
-    S = means.shape[2] if means is not None else 0
-    g_p = grad.new_empty(P, nb, L, W, dtype=dtype)
-    g_w = grad.new_empty((P, nb, L, S) if means is not None else (0,), dtype=dtype)
-    if not g_p.numel() and not g_w.numel():
-        return g_p, g_w
-    BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
-    grid = (P * nb * cdiv(L, BA) * (cdiv(W, BW) + cdiv(S, BW)),)
-    _grad_p_kernel[grid](grad.contiguous(), values, means.contiguous() if means is not None else grad, g_p,
-                         g_w if means is not None else g_p, nb, L, W, S, Dv, *values.stride(), BA=BA, BW=BW, BD=BD,
-                         **dot_options(grad.dtype))
-    return g_p, g_w
+    return _grad_weights(grad, values, W, dtype, means, None)
 
 
 @window_values_grad_weights.register_fake
 def _(grad, values, W, dtype, means=None):
     g_w = grad.new_empty((*grad.shape[:3], means.shape[2]) if means is not None else (0,), dtype=dtype)
     return grad.new_empty(*grad.shape[:3], W, dtype=dtype), g_w
+
+
+@kernel_op("tvq_kernels::window_values_grad_weights_gated")
+def window_values_grad_weights_gated(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype, means: Tensor | None,
+                                     out: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`window_values_grad_weights` behind the gate of :func:`window_values_gated`: ``grad`` is y's gradient,
+    made out's (d_out = grad SiLU(gate)) as each tile is read, -> (g_p, g_w, d_out (P, nb, L, D_v) in grad's dtype,
+    d_gate (P, T, D_v) = grad out SiLU'(gate) in the gate's dtype, contiguous), one launch: the gate's backward
+    needs none of its own."""
+    return _grad_weights(grad, values, W, dtype, means, (out, gate))
+
+
+@window_values_grad_weights_gated.register_fake
+def _(grad, values, W, dtype, means, out, gate):
+    g_w = grad.new_empty((*grad.shape[:3], means.shape[2]) if means is not None else (0,), dtype=dtype)
+    return (grad.new_empty(*grad.shape[:3], W, dtype=dtype), g_w, torch.empty_like(grad),
+            gate.new_empty(gate.shape))
 
 
 @kernel_op("tvq_kernels::window_values_grad_values")
@@ -316,13 +436,15 @@ def _name(dtype: torch.dtype) -> str:
 
 
 @register_flops("tvq_kernels::window_values")
-def _(p_win, values, acc, dtype, cache_w=None, means=None):
+@register_flops("tvq_kernels::window_values_gated")
+def _(p_win, values, acc, dtype, cache_w=None, means=None, gate=None):
     """(L, W) @ (W, D_v) per block [and (L, S) @ (S, D_v)], in ``dtype``."""
     return _name(dtype), 2 * (p_win.numel() + (cache_w.numel() if cache_w is not None else 0)) * values.shape[-1]
 
 
 @register_flops("tvq_kernels::window_values_grad_weights")
-def _(grad, values, W, dtype, means=None):
+@register_flops("tvq_kernels::window_values_grad_weights_gated")
+def _(grad, values, W, dtype, means=None, out=None, gate=None):
     """(L, D_v) @ (D_v, W [+ S]) per block, in grad's dtype."""
     return _name(grad.dtype), 2 * grad.numel() * (W + (means.shape[2] if means is not None else 0))
 
@@ -333,77 +455,97 @@ def _(p_win, grad, keep, dtype, add=None, g_next=None, codes=None, first_valid=N
     return _name(grad.dtype), 2 * p_win.numel() * grad.shape[-1]
 
 
+def _gated_forward(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: torch.dtype, cache_w: Tensor | None,
+                   means: Tensor | None, gate: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out, what the node returns): out itself, or with ``gate`` y = out SiLU(gate) from the same launch."""
+    if gate is None:
+        out = window_values(p_win, values, acc, dtype, cache_w, means)
+        return out, out
+    return window_values_gated(p_win, values, acc, dtype, cache_w, means, gate)
+
+
+def _weights_and_gate_grads(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype, means: Tensor | None,
+                  gated: tuple[Tensor, Tensor] | None, need_p: bool) -> tuple:
+    """(g_p or None, g_w, the output's gradient, the gate's or None) from the node's output gradient ``grad``: behind a
+    gate (``gated`` = (out, gate)) the weights' launch ungates it as it reads it; without the weights' gradient the
+    gate's own backward kernel does (:func:`tvq.ops.kernels.gate.silu_gate_backward`)."""
+    if need_p and gated is None:
+        return (*window_values_grad_weights(grad, values, W, dtype, means), grad, None)
+    if need_p:
+        return window_values_grad_weights_gated(grad, values, W, dtype, means, *gated)
+    if gated is None:
+        return None, None, grad, None
+    from tvq.ops.kernels.gate import silu_gate_backward
+
+    out, gate = gated
+    P, nb, L, Dv = grad.shape
+    T = gate.shape[1]
+    d_out, d_gate = silu_gate_backward(grad.flatten(1, 2)[:, :T], out.flatten(1, 2)[:, :T], gate)  # (P, T, D_v)
+    d_out = F.pad(d_out, (0, 0, 0, nb * L - T)).view(P, nb, L, Dv) if nb * L > T else d_out.view(P, nb, L, Dv)
+    return None, None, d_out, d_gate
+
+
 class _WindowValues(torch.autograd.Function):
-    """out = acc + the window product; gradients: g_p and g_values by the kernels (g_values after the keep rule),
-    g_acc = grad. Saves only p_win and the values (no window copy)."""
+    """out = acc + the window product [times SiLU(gate)]; gradients: g_p and g_values by the kernels (g_values after
+    the keep rule), g_acc the output's gradient, the gate's from the weights' launch. Saves only p_win and the
+    values (no window copy), and behind a gate the ungated output and the gate."""
 
     @staticmethod
-    def forward(ctx, p_win, values, acc, keep, dtype):
-        ctx.save_for_backward(p_win, values)
+    def forward(ctx, p_win, values, acc, keep, dtype, gate):
+        out, y = _gated_forward(p_win, values, acc, dtype, None, None, gate)
+        ctx.save_for_backward(p_win, values, *((out, gate) if gate is not None else ()))
         ctx.keep, ctx.dtype, ctx.acc_dtype = keep, dtype, acc.dtype if acc is not None else None
-        return window_values(p_win, values, acc, dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        p_win, values = ctx.saved_tensors
+        p_win, values, *gated = ctx.saved_tensors
         grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
-        g_p = g_v = g_acc = None
-        if ctx.needs_input_grad[0]:
-            g_p, _ = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype)  # (P, nb, L, W)
+        # (P, nb, L, W), -, the output's gradient (P, nb, L, D_v) behind the gate, the gate's
+        g_p, _, grad, g_gate = _weights_and_gate_grads(grad, values, p_win.shape[-1], p_win.dtype, None,
+                                                       gated or None, ctx.needs_input_grad[0])
+        g_v = g_acc = None
         if ctx.needs_input_grad[1]:
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype)  # (P, M + nb L, D_v)
         if ctx.needs_input_grad[2]:
             g_acc = grad.to(ctx.acc_dtype)
-        return g_p, g_v, g_acc, None, None
-
-
-def window_values_kernel(p_win: Tensor, values: Tensor, acc: Tensor | None = None, *, keep: str | None = None,
-                         dtype: torch.dtype | None = None) -> Tensor:
-    """The window's share of each block's output plus ``acc``: (P, nb, L, D_v) in ``dtype`` (default values'),
-    out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w] (products in ``dtype``, sums in
-    float32).
-
-    p_win (P, nb, L, W) the window's softmax weights, values (P, M + nb L, D_v) the key list's values (M = W - L
-    carried slots first; the windows are read in place), acc (P, nb, L, D_v) or None (the cache read's output).
-    Gradients reach p_win, values and acc; ``keep`` is the straight-through rule for the values' gradient:
-    None (every product), "own" (the block's own slots, w >= M) or "near" (w >= a: no old slot).
-    """
-    _check(p_win, values)
-    if acc is not None and acc.shape != (*p_win.shape[:3], values.shape[-1]):
-        raise ValueError(f"window_values_kernel: acc (P, nb, L, D_v) expected, got {tuple(acc.shape)}")
-    return _WindowValues.apply(p_win, values, acc, KEEP_MODES[keep], dtype or values.dtype)
+        return g_p, g_v, g_acc, None, None, g_gate
 
 
 class _BlockValues(torch.autograd.Function):
-    """out = the cache read (:mod:`tvq.ops.kernels.cache_scan`) + the window product over the same values, as one
-    autograd node, so that the values' two gradients (through the cache and through the windows) are written by
-    one kernel (the window's ``g_values`` started from the cache's) instead of two tensors that autograd adds."""
+    """out = the cache read (:mod:`tvq.ops.kernels.cache_scan`) + the window product over the same values [times
+    SiLU(gate)], as one autograd node, so that the values' two gradients (through the cache and through the windows)
+    are written by one kernel (the window's ``g_values`` started from the cache's) instead of two tensors that
+    autograd adds."""
 
     @staticmethod
-    def forward(ctx, p_win, values, weights, codes, mean0, count, first_valid, first, keep, dtype, cache_grad):
+    def forward(ctx, p_win, values, weights, codes, mean0, count, first_valid, first, keep, dtype, cache_grad, gate):
         from tvq.ops.kernels.cache_scan import cache_means, join, keep_means
 
-        out, means = [], None
+        outs, ys, means = [], [], None
         for r, means in cache_means(weights, codes, values, mean0, count, first_valid, first):  # the scan, then
-            out.append(window_values(p_win[r], values[r], None, dtype, weights[r], means))  # one kernel for both
+            out, y = _gated_forward(p_win[r], values[r], None, dtype, weights[r], means,  # one kernel for both
+                                    gate[r] if gate is not None else None)
+            outs.append(out)
+            ys.append(y)
         saved = means if ctx.needs_input_grad[2] and keep_means(weights, values) else None
-        ctx.save_for_backward(p_win, values, weights, codes, mean0, count, first_valid, saved)
+        ctx.save_for_backward(p_win, values, weights, codes, mean0, count, first_valid, saved,
+                              *((join(outs), gate) if gate is not None else ()))
         ctx.first, ctx.keep, ctx.dtype, ctx.cache_grad = first, keep, dtype, cache_grad
-        return join(out)
+        return join(ys)
 
     @staticmethod
     def backward(ctx, grad):
         from tvq.ops.kernels.cache_scan import cache_read_backward
 
-        p_win, values, weights, codes, mean0, count, first_valid, means = ctx.saved_tensors
+        p_win, values, weights, codes, mean0, count, first_valid, means, *gated = ctx.saved_tensors
         need_p, need_v, need_w, _, need_m = ctx.needs_input_grad[:5]
         grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
-        g_p = g_w = None
         # the saved means: the cache weights' gradient grad @ means^T in the window's launch (more column tiles)
         joint = need_p and need_w and means is not None and weights.dtype == p_win.dtype == grad.dtype
-        if need_p:  # (P, nb, L, W), (P, nb, L, S) or (0,)
-            g_p, g_w = window_values_grad_weights(grad, values, p_win.shape[-1], p_win.dtype, means if joint else None)
-            g_w = g_w if joint else None
+        # (P, nb, L, W), (P, nb, L, S) or (0,), then the output's gradient behind the gate, and the gate's
+        g_p, g_w, grad, g_gate = _weights_and_gate_grads(grad, values, p_win.shape[-1], p_win.dtype,
+                                                         means if joint else None, gated or None, need_p)
         # the cache's reverse scan G_{n+1} (P, nb, S, D_v), gathered at each key's code by the window's kernel
         g_w2, g_next, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
                                                 means, need_w and not joint, need_m or (need_v and ctx.cache_grad),
@@ -413,16 +555,49 @@ class _BlockValues(torch.autograd.Function):
         if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
             cache = (g_next, codes, first_valid, ctx.first) if ctx.cache_grad else (None, None, None, 0)
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype, None, *cache)
-        return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None
+        return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None, g_gate
+
+
+def _gate_rows(gate: Tensor | None, p_win: Tensor, values: Tensor) -> Tensor | None:
+    """The gate as (P, T, D_v) (T <= nb L queries), checked: a view where its strides allow."""
+    if gate is None:
+        return None
+    P, nb, L, _ = p_win.shape
+    if gate.dim() != 3 or gate.shape[0] != P or not 0 < gate.shape[1] <= nb * L or gate.shape[2] != values.shape[-1]:
+        raise ValueError(f"window_values: gate (P, T <= nb L, D_v) = ({P}, <= {nb * L}, {values.shape[-1]}) expected, "
+                         f"got {tuple(gate.shape)}")
+    return gate if gate.stride(-1) == 1 else gate.contiguous()
+
+
+def window_values_kernel(p_win: Tensor, values: Tensor, acc: Tensor | None = None, *, keep: str | None = None,
+                         dtype: torch.dtype | None = None, gate: Tensor | None = None) -> Tensor:
+    """The window's share of each block's output plus ``acc``: (P, nb, L, D_v) in ``dtype`` (default values'),
+    out[p, n, a] = acc[p, n, a] + sum_w p_win[p, n, a, w] values[p, n L + w] (products in ``dtype``, sums in
+    float32).
+
+    p_win (P, nb, L, W) the window's softmax weights, values (P, M + nb L, D_v) the key list's values (M = W - L
+    carried slots first; the windows are read in place), acc (P, nb, L, D_v) or None (the cache read's output).
+    Gradients reach p_win, values and acc; ``keep`` is the straight-through rule for the values' gradient:
+    None (every product), "own" (the block's own slots, w >= M) or "near" (w >= a: no old slot). ``gate`` (P, T,
+    D_v), T <= nb L, the GAU's gate before its SiLU: the result is then out SiLU(gate) (rows past T zero), the gate
+    applied as the output is written and its gradient taken by the weights' backward launch (no kernel of its own
+    either way).
+    """
+    _check(p_win, values)
+    if acc is not None and acc.shape != (*p_win.shape[:3], values.shape[-1]):
+        raise ValueError(f"window_values_kernel: acc (P, nb, L, D_v) expected, got {tuple(acc.shape)}")
+    return _WindowValues.apply(p_win, values, acc, KEEP_MODES[keep], dtype or values.dtype,
+                               _gate_rows(gate, p_win, values))
 
 
 def block_values_kernel(p_win: Tensor, values: Tensor, cache: tuple, *, keep: str | None = None,
-                        dtype: torch.dtype | None = None, cache_grad: bool = True) -> Tensor:
+                        dtype: torch.dtype | None = None, cache_grad: bool = True,
+                        gate: Tensor | None = None) -> Tensor:
     """Each block's whole output, (P, nb, L, D_v) in ``dtype``: the cache read
     (:func:`tvq.ops.kernels.cache_scan.cache_read_kernel` of ``cache`` = (weights, codes, mean0, count, first_valid)
     over ``values``) plus the window product (:func:`window_values_kernel`), in one autograd node: the values get
     one gradient tensor, written by one kernel. ``cache_grad`` False: the values get no gradient through the cache
-    (``grad_thru_cache`` off; the window's still follows ``keep``)."""
+    (``grad_thru_cache`` off; the window's still follows ``keep``). ``gate`` as in :func:`window_values_kernel`."""
     from tvq.ops.kernels.cache_scan import cache_read_args
 
     _check(p_win, values)
@@ -430,4 +605,4 @@ def block_values_kernel(p_win: Tensor, values: Tensor, cache: tuple, *, keep: st
     weights, codes, _, mean0, count, first_valid, first = cache_read_args(weights, codes, values, mean0, count,
                                                                           first_valid)
     return _BlockValues.apply(p_win, values, weights, codes, mean0, count, first_valid, first, KEEP_MODES[keep],
-                              dtype or values.dtype, cache_grad)
+                              dtype or values.dtype, cache_grad, _gate_rows(gate, p_win, values))
