@@ -307,3 +307,98 @@ def test_the_window_kernel_gathers_the_reverse_scan_as_the_gather_kernel_does(fi
                           (codes, g_means, count, fv, first, torch.float32, torch.float32, N, False), test_utils=utils)
     torch.library.opcheck(kwv.window_values_grad_values.op,
                           (p_win, grad, 1, torch.float32, None, g_next, codes, fv, first), test_utils=utils)
+
+
+# ---- the state's cache folded by the scan (cache_scan_fold) -----------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("first_valid", [0, 11, [0, 21, 5]], ids=["none", "two-blocks", "per-row"])
+def test_fold_equals_code_statistics_then_merge(shape, first_valid):
+    """cache_scan_fold's state (count', mean') is the carried cache with every block's valid keys folded in, as
+    code_statistics + merge_cache compute it in float64 (codes with no key keep mean0: merge_cache's); its means are
+    cache_scan's, bit for bit."""
+    from tvq.ops.cache import code_statistics, merge_cache
+
+    if isinstance(first_valid, list):
+        first_valid = first_valid[: shape[0]]
+    _, codes, values, mean0, count, first = make_read(*shape, first_valid, seed=5)
+    _, nb, L, S = *codes.shape, mean0.shape[1]
+    valid = (torch.arange(nb * L) >= first[:, None])  # (P, nb L)
+    n, sums = code_statistics(codes.flatten(1), values.flatten(1, 2), valid, S, F64)
+    want_count, want_mean = merge_cache(count[:, 0], mean0, n, sums)
+    fv, first_int = (first.to(torch.int32), 0) if isinstance(first_valid, list) else (None, first_valid)
+    args = (codes, values.float(), mean0.float(), count.float(), fv, first_int, torch.float32)
+    means, new_count, new_mean = scan.cache_scan_fold(*args)
+    assert new_count.dtype == new_mean.dtype == torch.float32
+    assert torch.equal(new_count, want_count.float())
+    assert (want_count == 0).any()  # some codes got no key: their mean stays mean0
+    assert rel_err(new_mean, want_mean) < 1e-5
+    torch.testing.assert_close(means, scan.cache_scan(*args), rtol=0, atol=0)
+    torch.library.opcheck(scan.cache_scan_fold.op, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="one key"):
+        scan.cache_scan_fold(codes[:, :0], values[:, :0].float(), *args[2:])
+
+
+def fold_case(T, grad_thru_cache, n_invalid, kernels, seed=3):
+    """blockwise_attention(fold=True) then the state's cache (advance_state's, folding itself where the attention
+    returned None), in float64 off the kernel path and float32 on it: the output, the new count and mean, and the
+    gradients of a loss reading both the output and the new mean (a carried state's gradient)."""
+    from tvq.ops.cache import advance_state
+    from tvq.state import LayerState
+
+    B, H, M, L, S, Dk, Dv = 2, 1, 8, 8, 12, 8, 16
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float32 if kernels else F64
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).to(dt).requires_grad_()  # noqa: E731
+    q, keys, values, rel, mean0 = r(B, H, T, Dk), r(B, H, M + T, Dk), r(B, H, M + T, Dv), r(H, M + 1, Dk), \
+        r(B, H, S, Dv)
+    codebook = r(H, S, Dk)
+    codes = torch.randint(0, S, (B, H, M + T), generator=g)
+    count0 = torch.randint(0, 2, (B, H, S), generator=g).to(dt)
+    ninv = torch.tensor([M + 3, 2]) if n_invalid == "rows" else n_invalid
+    w_out = torch.randn(B, H, T, Dv, generator=g, dtype=F64)
+    w_mean = torch.randn(B, H, S, Dv, generator=g, dtype=F64)
+    with use_kernels(kernels):
+        out, folded = blockwise.blockwise_attention(
+            q, keys, values, codes, n_invalid=ninv, rel=rel, u=torch.zeros(H, Dk, dtype=dt),
+            v=torch.zeros(H, Dk, dtype=dt), mem_len=M, block_len=L, agg_cache=True, grad_thru_cache=grad_thru_cache,
+            cache=(codebook, count0, mean0), fold=True)
+        state = LayerState(keys[:, :, :M], values[:, :, :M], codes[:, :, :M], count0, mean0)
+        new = advance_state(state, keys, values, codes, ninv, n_code=S, agg_cache=True,
+                            grad_thru_cache=grad_thru_cache, folded=folded)
+    loss = (out.double() * w_out).sum() + (new.cache_mean.double() * w_mean).sum()
+    leaves = (q, keys, values, mean0)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return folded is not None, out, new.cache_count, new.cache_mean, grads
+
+
+@pytest.mark.parametrize("grad_thru_cache", [True, False])
+@pytest.mark.parametrize("n_invalid", [0, 11, "rows"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_blockwise_fold_equals_advance_state(monkeypatch, grad_thru_cache, n_invalid, groups):
+    """The kernel path's scan writes the state's cache (T a whole number of blocks): the same count, mean and every
+    gradient, the new mean's included (it reaches the values through the cache only with grad_thru_cache, and the
+    carried means), as the PyTorch path folding it apart; over one or two row groups of the scan."""
+    if groups > 1:
+        monkeypatch.setattr(scan, "_CHUNK_BYTES", 1)
+    did, *want = fold_case(24, grad_thru_cache, n_invalid, False)
+    assert not did  # off the kernel path the caller folds
+    did, *got = fold_case(24, grad_thru_cache, n_invalid, True)
+    assert did
+    for a, b in zip(got[:3], want[:3]):
+        assert rel_err(a, b) < 1e-5
+    assert torch.equal(got[1], want[1].float())
+    for name, a, b in zip(("q", "keys", "values", "mean0"), got[3], want[3]):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel_err(a, b) < 1e-5, name
+
+
+def test_blockwise_fold_leaves_a_padded_chunk_to_the_caller():
+    """T not a whole number of blocks: the scan's last block holds keys that stay in the window; no fold, the
+    caller's (advance_state) gives the same state."""
+    did, *got = fold_case(21, True, 0, True)
+    _, *want = fold_case(21, True, 0, False)
+    assert not did
+    for a, b in zip(got[:3], want[:3]):
+        assert rel_err(a, b) < 1e-5

@@ -219,23 +219,27 @@ class Attention(HostFlags):
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
             use_cache = self.uses_cache()
-            gate = {}
+            extra = {}
             if cfg.attn_impl == "quadratic":
                 attend = quadratic_attention
             else:
                 attend = blockwise_attention
                 if g is not None and not fused and kernels_enabled(h):  # g before its SiLU: the value kernels
-                    gate, g = {"gate": g.view(B, T, Hq, Dv).transpose(1, 2)}, None  # apply it (B, H_q, T, D_v)
+                    extra["gate"], g = g.view(B, T, Hq, Dv).transpose(1, 2), None  # apply it (B, H_q, T, D_v)
+                # the scan reading the cache may also write the state's (one head per query head, float32)
+                extra["fold"] = (use_cache and context is None and Hq == Hkv
+                                 and state.cache_count.dtype == state.cache_mean.dtype == torch.float32)
             attn = attend(q, per_query_head(keys, Hq), per_query_head(values, Hq),
                           per_query_head(codes, Hq), n_invalid=n_invalid, rel=rel, u=u, v=vb, mem_len=M,
                           block_len=cfg.block_len, agg_cache=use_cache, grad_thru_cache=cfg.grad_thru_cache,
                           cache=cache, straight_through=cfg.straight_through, cache_bias=self.cache_bias,
-                          uv_scale=scale, **gate)
+                          uv_scale=scale, **extra)
+            attn, folded = attn if extra.get("fold") else (attn, None)
             if not use_cache and self.cache_bias is not None:  # cache warm-up: keep the unused offset in the
                 attn = attn + 0.0 * self.cache_bias.sum()  # graph (a zero gradient; DDP wants every parameter)
             new_state = segment_state if context is not None else advance_state(
                 state, keys, values, codes, n_invalid, n_code=cfg.n_code, agg_cache=cfg.agg_cache,
-                grad_thru_cache=cfg.grad_thru_cache)
+                grad_thru_cache=cfg.grad_thru_cache, folded=folded)
 
         out = attn.transpose(1, 2).reshape(B, T, Hq * Dv)  # (B, T, H_q D_v)
         if g is not None and not fused and kernels_enabled(h):  # g before its SiLU (_projections): one kernel

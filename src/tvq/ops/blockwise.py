@@ -127,7 +127,8 @@ def blockwise_attention(
     cache_bias: Tensor | None = None,
     uv_scale: float = 1.0,
     gate: Tensor | None = None,
-) -> Tensor:
+    fold: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
     keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T) start with the
@@ -142,7 +143,10 @@ def blockwise_attention(
     float dtype (the parameters), are added to the queries as ``(u * uv_scale).to(q.dtype)`` (one Triton kernel
     on the kernel path, from float32). ``gate`` (B, H, T, D_v), if given, is the GAU's output gate before its SiLU:
     the result is then ``out * F.silu(gate)``, on the kernel path applied as the output is written (and its
-    gradient taken by the values' backward launch: no kernel of its own either way).
+    gradient taken by the values' backward launch: no kernel of its own either way). ``fold``: returns (out,
+    folded), folded the cache after the chunk's first T keys (count (B, H, S), mean (B, H, S, D_v), float32: the
+    state's, as :func:`tvq.ops.cache.advance_state` folds them) where the kernel path's scan wrote it as it read the
+    cache (with ``agg_cache``, T a whole number of blocks), else None (the caller folds).
     """
     B, H, T, _ = q.shape
     M = mem_len
@@ -249,10 +253,10 @@ def blockwise_attention(
     if not agg_cache and fused:
         out = window_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), keep=value_rule, dtype=v_dt,
                                    gate=gate_rows)
-        return out.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+        return _result(out.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T].to(q.dtype), fold)  # (B, H, T, D_v)
     if not agg_cache:
         out = p_win @ v_win if value_keep is None else _KeepGradMatmul.apply(p_win, v_win, value_keep, True)
-        return _gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype)  # (B, H, T, D_v)
+        return _result(_gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype), fold)  # (B, H, T, D_v)
 
     # the cache read's products run in the values' dtype; its sums in acc
     if fused:  # the cache read (a Triton scan writes the means C_n / count_n, sums in float32 on chip) and the
@@ -262,9 +266,14 @@ def blockwise_attention(
         cache = (p_cache.to(vals.dtype).flatten(0, 1), blk_codes.flatten(0, 1),
                  mean0.flatten(0, 1), count.flatten(0, 1),  # the scan multiplies mean0 by count[:, 0] = c0
                  n_invalid[:, None].expand(B, H).flatten() if per_row else n_invalid)  # per row: (B H,)
+        scan_folds = fold and not pad  # the scan folds whole blocks: the chunk's T keys when none is padded
         out = block_values_kernel(p_win.flatten(0, 1), vals.flatten(0, 1), cache, keep=value_rule, dtype=v_dt,
-                                  cache_grad=grad_thru_cache, gate=gate_rows).unflatten(0, (B, H))  # (B, H, nb, L, D_v)
-        return out.flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+                                  cache_grad=grad_thru_cache, gate=gate_rows, fold=scan_folds)  # (B H, nb, L, D_v)
+        out, folded = out if scan_folds else (out, None)
+        out = out.unflatten(0, (B, H)).flatten(2, 3)[:, :, :T].to(q.dtype)  # (B, H, T, D_v)
+        if folded is not None:  # (B, H, S), (B, H, S, D_v)
+            folded = folded[0].unflatten(0, (B, H)), folded[1].unflatten(0, (B, H))
+        return (out, folded) if fold else out
     cache_vals = vals[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L, D_v)
     if not grad_thru_cache:
         cache_vals = cache_vals.detach()
@@ -288,7 +297,12 @@ def blockwise_attention(
         out = torch.baddbmm(out.flatten(0, 2), p_win.flatten(0, 2), v_win.flatten(0, 2)).view(out.shape)
     else:
         out = out + p_win @ v_win
-    return _gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype)
+    return _result(_gated(out.flatten(2, 3)[:, :, :T], gate).to(q.dtype), fold)
+
+
+def _result(out: Tensor, fold: bool) -> Tensor | tuple[Tensor, None]:
+    """out, or (out, None) where a fold was asked for and the caller must do it."""
+    return (out, None) if fold else out
 
 
 def _gated(out: Tensor, gate: Tensor | None) -> Tensor:

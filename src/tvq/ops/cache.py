@@ -37,16 +37,21 @@ def join_window(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor) 
 
 
 def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor, n_invalid: int | Tensor,
-                  *, n_code: int, agg_cache: bool, grad_thru_cache: bool) -> LayerState:
+                  *, n_code: int, agg_cache: bool, grad_thru_cache: bool,
+                  folded: tuple[Tensor, Tensor] | None = None) -> LayerState:
     """The state after a chunk of T tokens (docs/spec.md section 4): the window keeps the last M keys; the T
     that leave it fold into the cache (with ``agg_cache``), except empty slots (the first ``n_invalid``, an
     int or one per row (B,)).
 
     keys (B, H, M + T, D_k), values (B, H, M + T, D_v) and codes (B, H, M + T): the old window, then the chunk.
+    ``folded``: that cache (count (B, H, S), mean (B, H, S, D_v)) where the attention already folded it (the kernel
+    path's scan: ``blockwise_attention(fold=True)``).
     """
     T = keys.shape[2] - state.keys.shape[2]
     count, mean = state.cache_count, state.cache_mean  # (B, H, S), (B, H, S, D_v)
-    if agg_cache:
+    if agg_cache and folded is not None:
+        count, mean = folded
+    elif agg_cache:
         leaving = values[:, :, :T] if grad_thru_cache else values[:, :, :T].detach()  # (B, H, T, D_v)
         if mean.dtype == torch.float32 and count.dtype == torch.float32 and kernels_enabled(leaving):
             from tvq.ops.kernels.code_sums import cache_fold_kernel

@@ -17,6 +17,14 @@ kernel doing both, each program walking every block's keys in order with a one-h
 H200 at 1.7 ms a call at 32k tokens, enwik8: 192 programs each running a chain of 1,024 small products, 7 of 8
 of whose rows were masked away: latency-bound, 19% of the step's GPU time.)
 
+The scan also writes the state's cache after the chunk (:func:`cache_scan_fold`, the blockwise path's choice where
+the chunk is whole blocks): a program walking its tile through every block holds, after the last one, exactly the
+per-code sums that :func:`tvq.ops.cache.advance_state` folds into the carried cache, so it adds the last block's keys
+too (which reach no block's cache) and writes count' and mean' in float32. That replaces
+:func:`tvq.ops.kernels.code_sums.cache_fold_kernel`'s second pass over the leaving values (two launches with its
+split-K partials). Backward, the new mean's gradient (a carried state's, where a later chunk's loss reads it) starts
+the reverse scan.
+
 Why the means go through HBM rather than being fused into the read: a fused read would hold a row's
 running sums on chip while it multiplies: all of them, S x D_v float32, are 3 MiB at S 512, d_v 1536
 (enwik8), far beyond one SM (256 KiB of registers, 228 KiB of shared memory). Tiled over D_v (S x 64
@@ -61,13 +69,35 @@ def _tile_ids(S, Dv, BS: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(codes_ptr, values_ptr, mean0_ptr, count_ptr, first_ptr, means_ptr, first_valid,
-                     nb, L, S, Dv, stride_vp, stride_vn, stride_vl, PER_ROW: tl.constexpr,
-                     BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+def _add_block(acc, cnt, codes_ptr, values_ptr, row, p, n, L, s, d, d_ok, first_valid, stride_vp, stride_vn,
+               stride_vl, COUNT: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc (BS, BD) plus block n's valid keys per code s (one-hot (BS, BL) @ values (BL, BD), float32), and with
+    COUNT cnt (BS,) plus how many there are."""
+    for l0 in range(0, L, BL):
+        ll = l0 + tl.arange(0, BL)  # (BL,)
+        keep = (ll < L) & (n * L + ll >= first_valid)  # empty slots are never counted
+        code = tl.load(codes_ptr + row * L + ll, mask=keep, other=-1)  # (BL,)
+        v = tl.load(values_ptr + p * stride_vp + n * stride_vn + ll[:, None] * stride_vl + d[None, :],
+                    mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BL, BD)
+        if UPCAST:
+            v = v.to(tl.float32)
+        hit = tl.where(code[None, :] == s[:, None], 1.0, 0.0)  # (BS, BL)
+        acc = tl.dot(hit.to(v.dtype), v, acc, input_precision=PRECISION)
+        if COUNT:
+            cnt += tl.sum(hit, 1)
+    return acc, cnt
+
+
+@triton.jit
+def _scan_fwd_kernel(codes_ptr, values_ptr, mean0_ptr, count_ptr, first_ptr, means_ptr, fold_count_ptr,
+                     fold_mean_ptr, first_valid, nb, L, S, Dv, stride_vp, stride_vn, stride_vl, PER_ROW: tl.constexpr,
+                     FOLD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One (BS, BD) tile of row p's cache: C_0 = mean0 * count[p, 0] (the carried sums), then for n = 0..nb-1
     write means[p, n] = C_n / max(count_n, 1) and add block n's valid keys (one-hot (BS, BL) @ values (BL, BD),
-    float32 accumulator). Keys before first_ptr[p] (PER_ROW) or ``first_valid`` are empty slots."""
+    float32 accumulator). Keys before first_ptr[p] (PER_ROW) or ``first_valid`` are empty slots. FOLD: the last
+    block's keys added too, and the cache after every block written in float32 (the state's: count
+    count[p, nb - 1] + the last block's keys, mean C_nb / count, or mean0 where the count is 0)."""
     ts, td, p = _tile_ids(S, Dv, BS, BD)
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     d = td * BD + tl.arange(0, BD)  # (BD,)
@@ -76,6 +106,7 @@ def _scan_fwd_kernel(codes_ptr, values_ptr, mean0_ptr, count_ptr, first_ptr, mea
     c0 = tl.load(count_ptr + p * nb * S + s, mask=s_ok, other=0.0)  # (BS,) the carried counts
     acc = tl.load(mean0_ptr + (p * S + s[:, None]) * Dv + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     acc = acc * c0[:, None]  # (BS, BD)
+    hits = tl.zeros((BS,), dtype=tl.float32)
     if PER_ROW:
         first_valid = tl.load(first_ptr + p)
     for n in range(nb):
@@ -84,32 +115,41 @@ def _scan_fwd_kernel(codes_ptr, values_ptr, mean0_ptr, count_ptr, first_ptr, mea
         mean = acc / tl.maximum(cnt, 1.0)[:, None]
         tl.store(means_ptr + (row * S + s[:, None]) * Dv + d[None, :], mean.to(means_ptr.dtype.element_ty),
                  mask=tile_ok)
-        if n + 1 < nb:  # the last block's keys reach no cache
-            for l0 in range(0, L, BL):
-                ll = l0 + tl.arange(0, BL)  # (BL,)
-                keep = (ll < L) & (n * L + ll >= first_valid)  # empty slots are never counted
-                code = tl.load(codes_ptr + row * L + ll, mask=keep, other=-1)  # (BL,)
-                v = tl.load(values_ptr + p * stride_vp + n * stride_vn + ll[:, None] * stride_vl + d[None, :],
-                            mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BL, BD)
-                if UPCAST:
-                    v = v.to(tl.float32)
-                onehot = tl.where(code[None, :] == s[:, None], 1.0, 0.0).to(v.dtype)  # (BS, BL)
-                acc = tl.dot(onehot, v, acc, input_precision=PRECISION)
+        if n + 1 < nb:  # the last block's keys reach no block's cache
+            acc, hits = _add_block(acc, hits, codes_ptr, values_ptr, row, p, n, L, s, d, d_ok, first_valid,
+                                   stride_vp, stride_vn, stride_vl, False, BL, UPCAST, PRECISION)
+    if FOLD:  # but the state's
+        row = p * nb + nb - 1
+        acc, hits = _add_block(acc, hits, codes_ptr, values_ptr, row, p, nb - 1, L, s, d, d_ok, first_valid,
+                               stride_vp, stride_vn, stride_vl, True, BL, UPCAST, PRECISION)
+        new = tl.load(count_ptr + row * S + s, mask=s_ok, other=0.0) + hits  # (BS,)
+        at = (p * S + s[:, None]) * Dv + d[None, :]
+        m0 = tl.load(mean0_ptr + at, mask=tile_ok & (new == 0.0)[:, None], other=0.0).to(tl.float32)
+        tl.store(fold_mean_ptr + at, tl.where((new > 0.0)[:, None], acc / tl.maximum(new, 1.0)[:, None], m0),
+                 mask=tile_ok)
+        if td == 0:
+            tl.store(fold_count_ptr + p * S + s, new, mask=s_ok)
 
 
 @triton.jit
-def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_mean0_ptr, nb, S, Dv,
-                   BS: tl.constexpr, BD: tl.constexpr):
+def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_mean0_ptr, g_fold_ptr, fold_count_ptr, nb, S, Dv,
+                   FOLD: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
     """The reverse scan of one (BS, BD) tile, float32 on chip: G_n = sum over n' >= n of g_means[p, n'] /
-    max(count_n', 1). Writes g_next[p, n] = G_{n+1} (what block n's keys get; in g_next's dtype, the values')
-    and g_mean0[p] = G_0 count[p, 0] (the carried means' gradient, in g_mean0's dtype). A tile is read and written once per block: the walk is short (nb steps) and the
-    per-key gather is :func:`_gather_kernel`'s, in parallel over keys."""
+    max(count_n', 1) [+ g_fold[p] / max(fold_count[p], 1) (FOLD: the gradient of the state's mean, which every
+    block's keys reach)]. Writes g_next[p, n] = G_{n+1} (what block n's keys get; in g_next's dtype, the values')
+    and g_mean0[p] = G_0 count[p, 0] (the carried means' gradient, in g_mean0's dtype; FOLD: plus g_fold where the
+    state's count is 0, its mean then mean0 itself). A tile is read and written once per block: the walk is short
+    (nb steps) and the per-key gather is :func:`_gather_kernel`'s, in parallel over keys."""
     ts, td, p = _tile_ids(S, Dv, BS, BD)
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     d = td * BD + tl.arange(0, BD)  # (BD,)
     s_ok, d_ok = s < S, d < Dv
     tile_ok = s_ok[:, None] & d_ok[None, :]  # (BS, BD)
+    at0 = (p * S + s[:, None]) * Dv + d[None, :]  # (BS, BD) in (P, S, D_v)
     g = tl.zeros((BS, BD), dtype=tl.float32)  # G_{n + 1}
+    if FOLD:
+        new = tl.load(fold_count_ptr + p * S + s, mask=s_ok, other=1.0)  # (BS,)
+        g += tl.load(g_fold_ptr + at0, mask=tile_ok, other=0.0).to(tl.float32) / tl.maximum(new, 1.0)[:, None]
     for i in range(nb):
         n = nb - 1 - i
         at = ((p * nb + n) * S + s[:, None]) * Dv + d[None, :]  # (BS, BD)
@@ -118,8 +158,11 @@ def _suffix_kernel(g_means_ptr, count_ptr, g_next_ptr, g_mean0_ptr, nb, S, Dv,
         tl.store(g_next_ptr + at, g.to(g_next_ptr.dtype.element_ty), mask=tile_ok)
         g += gm.to(tl.float32) / tl.maximum(cnt, 1.0)[:, None]
     c0 = tl.load(count_ptr + p * nb * S + s, mask=s_ok, other=0.0)  # (BS,) the carried counts
-    tl.store(g_mean0_ptr + (p * S + s[:, None]) * Dv + d[None, :],
-             (g * c0[:, None]).to(g_mean0_ptr.dtype.element_ty), mask=tile_ok)
+    g = g * c0[:, None]
+    if FOLD:  # an empty code's state mean is mean0 (its count 0, so is c0: G_0 c0 is 0 there)
+        new = tl.load(fold_count_ptr + p * S + s, mask=s_ok, other=1.0)
+        g += tl.load(g_fold_ptr + at0, mask=tile_ok & (new == 0.0)[:, None], other=0.0).to(tl.float32)
+    tl.store(g_mean0_ptr + at0, g.to(g_mean0_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -149,6 +192,27 @@ def _grid(P: int, S: int, Dv: int, BS: int, BD: int) -> tuple[int]:
     return (cdiv(S, BS) * cdiv(Dv, BD) * P,)
 
 
+def _scan(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
+          dtype: torch.dtype, fold: bool) -> tuple[Tensor, ...]:
+    """The launch of :func:`cache_scan` (and with ``fold``, :func:`cache_scan_fold`): (means[, count', mean'])."""
+    P, nb, L = codes.shape
+    if values.stride(-1) != 1:
+        values = values.contiguous()
+    S, Dv = mean0.shape[1:]
+    means = values.new_empty(P, nb, S, Dv, dtype=dtype)
+    state = (count.new_empty(P, S), mean0.new_empty(P, S, Dv, dtype=torch.float32)) if fold else ()
+    BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
+    if not means.numel():  # (fold: no rows, cache_scan_fold's check)
+        return (means, *state)
+    dummy = means
+    _scan_fwd_kernel[_grid(P, S, Dv, BS, BD)](
+        codes.contiguous(), values, mean0.contiguous(), count.contiguous(),
+        first_valid if first_valid is not None else codes, means, *(state or (dummy, dummy)), first, nb, L, S, Dv,
+        *values.stride()[:3], PER_ROW=first_valid is not None, FOLD=fold, BS=BS, BD=BD, BL=BL,
+        **dot_options(values.dtype))
+    return (means, *state)
+
+
 @kernel_op("tvq_kernels::cache_scan")
 def cache_scan(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
                dtype: torch.dtype) -> Tensor:
@@ -160,19 +224,7 @@ def cache_scan(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, firs
     count (P, nb, S) float32 (count[:, 0] the carried counts), first_valid (P,) int32 or None. values may be
     strided (a view of the keys' values), its last dim dense.
     """
-    P, nb, L = codes.shape
-    if values.stride(-1) != 1:
-        values = values.contiguous()
-    S, Dv = mean0.shape[1:]
-    means = values.new_empty(P, nb, S, Dv, dtype=dtype)
-    BS, BD, BL = tile(S, 64), tile(Dv, 64), tile(L, 32)
-    if not means.numel():
-        return means
-    _scan_fwd_kernel[_grid(P, S, Dv, BS, BD)](
-        codes.contiguous(), values, mean0.contiguous(), count.contiguous(),
-        first_valid if first_valid is not None else codes, means, first, nb, L, S, Dv, *values.stride()[:3],
-        PER_ROW=first_valid is not None, BS=BS, BD=BD, BL=BL, **dot_options(values.dtype))
-    return means
+    return _scan(codes, values, mean0, count, first_valid, first, dtype, False)[0]
 
 
 @cache_scan.register_fake
@@ -181,17 +233,44 @@ def _(codes, values, mean0, count, first_valid, first, dtype):
     return values.new_empty(P, nb, *mean0.shape[1:], dtype=dtype)
 
 
+@kernel_op("tvq_kernels::cache_scan_fold")
+def cache_scan_fold(codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor, first_valid: Tensor | None,
+                    first: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(means, count', mean'): :func:`cache_scan`'s means, and from the same launch the cache after every block, the
+    last one's keys folded in too (the state's after the chunk: count' (P, S) = count[:, nb - 1] + the last block's
+    valid keys per code, mean' (P, S, D_v) = C_nb / count', or mean0 where count' is 0, as
+    :func:`tvq.ops.cache.merge_cache` leaves an empty code's mean), both float32: the per-code sums the scan holds
+    on chip, written once, instead of a second pass over the values (:func:`tvq.ops.kernels.code_sums.
+    cache_fold_kernel`: two launches, the values read again, float32 partials)."""
+    P, nb, L = codes.shape
+    if not nb * L * mean0.shape[1] * mean0.shape[2]:
+        raise ValueError(f"cache_scan_fold: one key, one code and one value column at least, got nb L {nb * L}, "
+                         f"S {mean0.shape[1]} and D_v {mean0.shape[2]}")
+    means, new_count, new_mean = _scan(codes, values, mean0, count, first_valid, first, dtype, True)
+    return means, new_count, new_mean
+
+
+@cache_scan_fold.register_fake
+def _(codes, values, mean0, count, first_valid, first, dtype):
+    P, nb, _ = codes.shape
+    S, Dv = mean0.shape[1:]
+    return (values.new_empty(P, nb, S, Dv, dtype=dtype), count.new_empty(P, S),
+            mean0.new_empty(P, S, Dv, dtype=torch.float32))
+
+
 @kernel_op("tvq_kernels::cache_scan_backward")
 def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_valid: Tensor | None, first: int,
                         values_dtype: torch.dtype, mean0_dtype: torch.dtype, n_rows: int,
-                        gather: bool = True) -> tuple[Tensor, Tensor]:
+                        gather: bool = True, g_fold: Tensor | None = None,
+                        fold_count: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`cache_scan` given g_means (P, nb, S, D_v): g_values (P, n_rows, D_v) in ``values_dtype``
     (the gradient of a key list of n_rows >= nb L values whose first nb L are the blocks' keys: the rest get zero)
     and g_mean0 (P, S, D_v) in ``mean0_dtype``. With G_n = sum over n' >= n of g_means[:, n'] / max(count[:, n'], 1),
     a valid key of block n gets G_{n+1} at its code (an empty slot zero) and mean0 gets G_0 count[:, 0]. Without
     ``gather``, G_{n+1} (P, nb, S, D_v) in ``values_dtype`` instead of g_values, for a kernel that gathers it as it
     reads (:func:`tvq.ops.kernels.window_values.window_values_grad_values`): one launch and one (P, n_rows, D_v)
-    tensor fewer."""
+    tensor fewer. ``g_fold`` (P, S, D_v), with ``fold_count`` (P, S): the gradient of :func:`cache_scan_fold`'s
+    mean' too (G_n then starts from g_fold / max(fold_count, 1), and mean0 gets g_fold where fold_count is 0)."""
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
     g_mean0 = g_means.new_empty(P, S, Dv, dtype=mean0_dtype)
@@ -202,7 +281,14 @@ def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_val
     if not g_mean0.numel():
         return g_values.zero_(), g_mean0
     BS, BD = tile(S, 64), tile(Dv, 64)
-    _suffix_kernel[_grid(P, S, Dv, BS, BD)](g_means.contiguous(), count.contiguous(), g_next, g_mean0, nb, S, Dv,
+    fold = g_fold is not None
+    if fold and (fold_count is None or g_fold.shape != (P, S, Dv) or fold_count.shape != (P, S)):
+        raise ValueError(f"cache_scan_backward: g_fold {(P, S, Dv)} and fold_count {(P, S)} expected, got "
+                         f"{None if g_fold is None else tuple(g_fold.shape)} and "
+                         f"{None if fold_count is None else tuple(fold_count.shape)}")
+    _suffix_kernel[_grid(P, S, Dv, BS, BD)](g_means.contiguous(), count.contiguous(), g_next, g_mean0,
+                                            g_fold.contiguous() if fold else g_next,
+                                            fold_count.contiguous() if fold else count, nb, S, Dv, FOLD=fold,
                                             BS=BS, BD=BD)
     if not gather:
         return g_next, g_mean0
@@ -214,7 +300,8 @@ def cache_scan_backward(codes: Tensor, g_means: Tensor, count: Tensor, first_val
 
 
 @cache_scan_backward.register_fake
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True, g_fold=None,
+      fold_count=None):
     P, nb, L = codes.shape
     S, Dv = g_means.shape[2:]
     first_out = (P, n_rows, Dv) if gather else (P, nb, S, Dv)
@@ -228,14 +315,23 @@ def _(codes, values, mean0, count, first_valid, first, dtype):
     return str(values.dtype).removeprefix("torch."), 2 * P * max(nb - 1, 0) * L * mean0.shape[1] * mean0.shape[2]
 
 
+@register_flops("tvq_kernels::cache_scan_fold")
+def _(codes, values, mean0, count, first_valid, first, dtype):
+    """The one-hot products: (S, L) @ (L, D_v) per block, in the values' dtype."""
+    P, nb, L = codes.shape
+    return str(values.dtype).removeprefix("torch."), 2 * P * nb * L * mean0.shape[1] * mean0.shape[2]
+
+
 @register_flops("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True, g_fold=None,
+      fold_count=None):
     """No products: a suffix sum over blocks and a gather."""
     return str(values_dtype).removeprefix("torch."), 0
 
 
 @register_launches("tvq_kernels::cache_scan_backward")
-def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True):
+def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_rows, gather=True, g_fold=None,
+      fold_count=None):
     """The suffix scan and the gather; scratch: G_{n+1} (P, nb, S, D_v) in the values' dtype, written whole and read
     at each key's code (nb L rows of D_v). Without ``gather`` the suffix scan alone, G_{n+1} its output."""
     P, nb, L = codes.shape
@@ -306,13 +402,19 @@ def _row_groups(P: int, nb: int, S: int, Dv: int, dtype: torch.dtype) -> list[sl
 
 
 def cache_means(weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
-                first_valid: Tensor | None, first: int):
+                first_valid: Tensor | None, first: int, fold: bool = False):
     """The scan over row groups whose means stay under :data:`_CHUNK_BYTES`: yields (rows, means (P', nb, S, D_v)
-    in weights' dtype). Arguments as :func:`cache_read_args` returns them."""
+    in weights' dtype), with ``fold`` (rows, means, (count' (P', S), mean' (P', S, D_v)): the cache after every
+    block, :func:`cache_scan_fold`). Arguments as :func:`cache_read_args` returns them."""
     P, nb, L, S = weights.shape
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v), a view
     for r in _row_groups(P, nb, S, values.shape[-1], weights.dtype):
-        yield r, cache_scan(codes[r], blocks[r], mean0[r], count[r], _rows(first_valid, r), first, weights.dtype)
+        args = (codes[r], blocks[r], mean0[r], count[r], _rows(first_valid, r), first, weights.dtype)
+        if fold:
+            means, *state = cache_scan_fold(*args)
+            yield r, means, state
+        else:
+            yield r, cache_scan(*args)
 
 
 def _rows(first_valid: Tensor | None, r: slice) -> Tensor | None:
@@ -330,11 +432,13 @@ def keep_means(weights: Tensor, values: Tensor) -> bool:
 
 def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Tensor, mean0: Tensor, count: Tensor,
                         first_valid: Tensor | None, first: int, saved_means: Tensor | None, need_w: bool,
-                        keys_too: bool, gather: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                        keys_too: bool, gather: bool = True, fold: tuple[Tensor, Tensor] | None = None
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the cache read (weights, values (P, N, D_v) whole, mean0; None where not asked):
     g_weights = grad @ means^T and g_means = weights^T @ grad (GEMMs in the compute dtype), the latter through the
     reverse scan. Without ``gather`` the scan's G_{n+1} (P, nb, S, D_v) in place of the values' gradient (see
-    :func:`cache_scan_backward`)."""
+    :func:`cache_scan_backward`). ``fold`` = (g_fold, count'): the gradient of the state's mean that the scan
+    folded (:func:`cache_scan_fold`) joins the reverse scan's."""
     P, nb, L, S = weights.shape
     N, Dv = values.shape[1:]
     blocks = values[:, : nb * L].unflatten(1, (nb, L))  # (P, nb, L, D_v)
@@ -350,7 +454,8 @@ def cache_read_backward(grad: Tensor, weights: Tensor, codes: Tensor, values: Te
         if keys_too:
             g_means = weights[r].transpose(-1, -2) @ grad[r]  # (P', nb, S, D_v)
             g_values, g_mean0 = cache_scan_backward(codes[r], g_means, count[r], fv, first, values.dtype,
-                                                    mean0.dtype, N, gather)
+                                                    mean0.dtype, N, gather,
+                                                    *((fold[0][r], fold[1][r]) if fold is not None else ()))
             g_v.append(g_values)
             g_m.append(g_mean0)
             del g_means

@@ -15,7 +15,10 @@ Gradient (only the sums have one): a valid key r gets g_sums[code[r]] (a gather,
 :func:`cache_fold_kernel` is the same kernel folding the sums into a carried cache as it writes them (the state's
 advance, :func:`tvq.ops.cache.advance_state`): per code the new count c + n and mean m + (sum - n m) / max(c + n, 1)
 (:func:`tvq.ops.cache.merge_cache`'s formula), with the empty slots given as each row's first valid key, so no
-mask, no sums and none of the merge's six elementwise kernels go through HBM.
+mask, no sums and none of the merge's six elementwise kernels go through HBM. (Where the blockwise path's cache scan
+runs over the same keys it writes that state itself: :func:`tvq.ops.kernels.cache_scan.cache_scan_fold`; this
+kernel folds the rest: a padded last block, the cache's warm-up, an mqa sublayer, a chunk of a context-parallel
+sequence.)
 """
 
 from __future__ import annotations

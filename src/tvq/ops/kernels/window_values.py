@@ -516,31 +516,45 @@ class _BlockValues(torch.autograd.Function):
     """out = the cache read (:mod:`tvq.ops.kernels.cache_scan`) + the window product over the same values [times
     SiLU(gate)], as one autograd node, so that the values' two gradients (through the cache and through the windows)
     are written by one kernel (the window's ``g_values`` started from the cache's) instead of two tensors that
-    autograd adds."""
+    autograd adds. With ``fold`` also the cache after the chunk (count', mean'), from the scan's launch; mean''s
+    gradient joins the reverse scan's."""
 
     @staticmethod
-    def forward(ctx, p_win, values, weights, codes, mean0, count, first_valid, first, keep, dtype, cache_grad, gate):
+    def forward(ctx, p_win, values, weights, codes, mean0, count, first_valid, first, keep, dtype, cache_grad, gate,
+                fold):
         from tvq.ops.kernels.cache_scan import cache_means, join, keep_means
 
-        outs, ys, means = [], [], None
-        for r, means in cache_means(weights, codes, values, mean0, count, first_valid, first):  # the scan, then
-            out, y = _gated_forward(p_win[r], values[r], None, dtype, weights[r], means,  # one kernel for both
-                                    gate[r] if gate is not None else None)
+        ctx.set_materialize_grads(False)
+        outs, ys, states, means = [], [], [], None
+        for r, means, *state in cache_means(weights, codes, values, mean0, count, first_valid, first, fold):
+            out, y = _gated_forward(p_win[r], values[r], None, dtype, weights[r], means,  # the scan, then one
+                                    gate[r] if gate is not None else None)  # kernel for both
             outs.append(out)
             ys.append(y)
+            states += state
         saved = means if ctx.needs_input_grad[2] and keep_means(weights, values) else None
-        ctx.save_for_backward(p_win, values, weights, codes, mean0, count, first_valid, saved,
+        new_count, new_mean = (join([c for c, _ in states]), join([m for _, m in states])) if fold else (None, None)
+        ctx.save_for_backward(p_win, values, weights, codes, mean0, count, first_valid, saved, new_count,
                               *((join(outs), gate) if gate is not None else ()))
         ctx.first, ctx.keep, ctx.dtype, ctx.cache_grad = first, keep, dtype, cache_grad
-        return join(ys)
+        if not fold:
+            return join(ys)
+        ctx.mark_non_differentiable(new_count)
+        return join(ys), new_count, new_mean
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *fold_grads):
         from tvq.ops.kernels.cache_scan import cache_read_backward
 
-        p_win, values, weights, codes, mean0, count, first_valid, means, *gated = ctx.saved_tensors
+        p_win, values, weights, codes, mean0, count, first_valid, means, new_count, *gated = ctx.saved_tensors
         need_p, need_v, need_w, _, need_m = ctx.needs_input_grad[:5]
-        grad = grad.to(ctx.dtype)  # (P, nb, L, D_v)
+        g_fold = fold_grads[1] if fold_grads else None  # the state's mean's, None where it reached no loss
+        none = (None,) * 10
+        if grad is None and g_fold is None:
+            return (None, None, None, None, None, *none[:8])
+        # (P, nb, L, D_v); zeros where only the state's mean reached a loss
+        grad = p_win.new_zeros(*p_win.shape[:3], values.shape[-1], dtype=ctx.dtype) if grad is None \
+            else grad.to(ctx.dtype)
         # the saved means: the cache weights' gradient grad @ means^T in the window's launch (more column tiles)
         joint = need_p and need_w and means is not None and weights.dtype == p_win.dtype == grad.dtype
         # (P, nb, L, W), (P, nb, L, S) or (0,), then the output's gradient behind the gate, and the gate's
@@ -549,13 +563,13 @@ class _BlockValues(torch.autograd.Function):
         # the cache's reverse scan G_{n+1} (P, nb, S, D_v), gathered at each key's code by the window's kernel
         g_w2, g_next, g_m = cache_read_backward(grad, weights, codes, values, mean0, count, first_valid, ctx.first,
                                                 means, need_w and not joint, need_m or (need_v and ctx.cache_grad),
-                                                gather=False)
+                                                gather=False, fold=None if g_fold is None else (g_fold, new_count))
         g_w = g_w if joint else g_w2
         g_v = None
         if need_v:  # (P, M + nb L, D_v): the window's gradient added to the cache's in the kernel
             cache = (g_next, codes, first_valid, ctx.first) if ctx.cache_grad else (None, None, None, 0)
             g_v = window_values_grad_values(p_win, grad, ctx.keep, values.dtype, None, *cache)
-        return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None, g_gate
+        return g_p, g_v, g_w, None, g_m if need_m else None, None, None, None, None, None, None, g_gate, None
 
 
 def _gate_rows(gate: Tensor | None, p_win: Tensor, values: Tensor) -> Tensor | None:
@@ -591,18 +605,22 @@ def window_values_kernel(p_win: Tensor, values: Tensor, acc: Tensor | None = Non
 
 
 def block_values_kernel(p_win: Tensor, values: Tensor, cache: tuple, *, keep: str | None = None,
-                        dtype: torch.dtype | None = None, cache_grad: bool = True,
-                        gate: Tensor | None = None) -> Tensor:
+                        dtype: torch.dtype | None = None, cache_grad: bool = True, gate: Tensor | None = None,
+                        fold: bool = False) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
     """Each block's whole output, (P, nb, L, D_v) in ``dtype``: the cache read
     (:func:`tvq.ops.kernels.cache_scan.cache_read_kernel` of ``cache`` = (weights, codes, mean0, count, first_valid)
     over ``values``) plus the window product (:func:`window_values_kernel`), in one autograd node: the values get
     one gradient tensor, written by one kernel. ``cache_grad`` False: the values get no gradient through the cache
-    (``grad_thru_cache`` off; the window's still follows ``keep``). ``gate`` as in :func:`window_values_kernel`."""
+    (``grad_thru_cache`` off; the window's still follows ``keep``). ``gate`` as in :func:`window_values_kernel`.
+    ``fold``: (out, (count' (P, S), mean' (P, S, D_v))), the cache with every block's keys folded in, float32, from
+    the scan's launch (:func:`tvq.ops.kernels.cache_scan.cache_scan_fold`; mean' has a gradient, through the cache
+    to the values only with ``cache_grad``)."""
     from tvq.ops.kernels.cache_scan import cache_read_args
 
     _check(p_win, values)
     weights, codes, mean0, count, first_valid = cache
     weights, codes, _, mean0, count, first_valid, first = cache_read_args(weights, codes, values, mean0, count,
                                                                           first_valid)
-    return _BlockValues.apply(p_win, values, weights, codes, mean0, count, first_valid, first, KEEP_MODES[keep],
-                              dtype or values.dtype, cache_grad, _gate_rows(gate, p_win, values))
+    out = _BlockValues.apply(p_win, values, weights, codes, mean0, count, first_valid, first, KEEP_MODES[keep],
+                             dtype or values.dtype, cache_grad, _gate_rows(gate, p_win, values), fold)
+    return (out[0], out[1:]) if fold else out
