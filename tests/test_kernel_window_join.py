@@ -1,7 +1,8 @@
 """The key-list join kernel (tvq.ops.kernels.window_join): the state's window slots then the chunk's keys, values
 and codes, equal to the three ``torch.cat`` of tvq.ops.cache.join_window's PyTorch path, outputs and gradients, for
 strided chunks (the values' transposed view), a wider state (float32 under float16), several row tiles, an empty
-window or chunk; the custom op's registrations. On a CPU through Triton's interpreter (conftest sets
+window or chunk; each block's cache counts from the same launch, equal to tvq.ops.cache.block_counts'; the custom
+op's registrations. On a CPU through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def run(leaves, sc, c, kernels):
     v = proj.view(B_, T, H, DV).transpose(1, 2)  # (B, H, T, D_v), strided
     state = LayerState(sk, sv, sc)
     with use_kernels(kernels):
-        keys, values, codes = join_window(state, k, v, c)
+        keys, values, codes, _ = join_window(state, k, v, c)
     gen = torch.Generator().manual_seed(9)
     gk, gv = torch.randn(keys.shape, generator=gen).to(keys.dtype), torch.randn(values.shape, generator=gen).to(
         values.dtype)
@@ -69,7 +70,7 @@ def test_a_state_without_gradient_and_the_op_registrations():
     v = proj.view(B, 5, H, DV).transpose(1, 2)
     k.requires_grad_()
     with use_kernels(True):
-        keys, values, codes = join_window(LayerState(sk, sv, sc), k, v, c)
+        keys, values, codes, _ = join_window(LayerState(sk, sv, sc), k, v, c)
     assert not codes.requires_grad and keys.requires_grad
     (g_k,) = torch.autograd.grad(keys.sum(), (k,))
     assert torch.equal(g_k, torch.ones_like(k))
@@ -84,3 +85,37 @@ def test_bad_shapes_are_refused():
         kjoin.window_join_kernel(sk, k[:, :1], sv, v, sc, c)
     with pytest.raises(ValueError, match="int64 codes"):
         kjoin.window_join_kernel(sk, k, sv, v, sc.int(), c)
+
+
+@pytest.mark.parametrize("M, T, block_len, n_invalid", [(8, 24, 8, 0), (8, 21, 8, 11), (3, 21, 8, "rows"),
+                                                        (8, 5, 16, 2), (0, 16, 4, 0)],
+                         ids=["whole", "padded", "padding-past-the-list", "one-short-block", "no-window"])
+def test_block_counts_from_the_join_launch(monkeypatch, M, T, block_len, n_invalid):
+    """join_window(block_len=...): each block's cache counts (B, H, nb, S) written by the join's launch (its programs
+    past the row tiles), equal to block_counts of the joined list (the PyTorch path's), empty slots not counted (one
+    count or one per row), whatever the list's length against the blocks'; the lists unchanged."""
+    from tvq.ops.cache import block_counts, block_grid
+
+    monkeypatch.setattr(kjoin, "BLOCK_ROWS", 4)
+    leaves, sc, c = chunk_and_state(M, T, torch.float32, torch.float32, seed=T)
+    sk, k, sv, proj = leaves
+    v = proj.view(B, T, H, DV).transpose(1, 2)
+    count0 = torch.randint(0, 4, (B, H, S), generator=torch.Generator().manual_seed(1)).float()
+    ninv = torch.tensor([M + 2, 1]) if n_invalid == "rows" else n_invalid
+    state = LayerState(sk, sv, sc, count0, torch.zeros(B, H, S, DV))
+    outs = {}
+    for kernels in (False, True):
+        with use_kernels(kernels):
+            outs[kernels] = join_window(state, k, v, c, block_len=block_len, n_invalid=ninv)
+    (*want, want_n), (*got, got_n) = outs[False], outs[True]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    L, nb = block_grid(T, block_len)
+    assert got_n.shape == (B, H, nb, S) and got_n.dtype == torch.float32
+    assert torch.equal(got_n, want_n)
+    if (M + T) >= nb * L:  # the list covers every block: the counts' own kernel on it
+        assert torch.equal(got_n, block_counts(want[2][:, :, :nb * L], ninv, count0, L))
+    assert join_window(state, k, v, c)[3] is None  # not asked: none
+    first = ninv.to(torch.int32) if isinstance(ninv, torch.Tensor) else None
+    torch.library.opcheck(kjoin.window_join.op, (sk, k.detach(), sv, v, sc, c, count0, first,
+                                                 0 if first is not None else ninv, nb, L))

@@ -211,19 +211,24 @@ class Attention(HostFlags):
             commit = quant.commit
             if context is not None:  # the state at the start of this rank's chunk, and after the segment
                 state, quant, v, segment_state = context.exchange(state, quant, v, pos, start, cfg)
-            # the key list in the compute dtype: (B, H_kv, M + T, D_k), (B, H_kv, M + T, D_v), (B, H_kv, M + T)
-            keys, values, codes = join_window(state, quant.keys, v, quant.codes)
             n_invalid = empty_slots(M, pos, start)  # int or (B,)
+            use_cache = self.uses_cache()
+            blockwise = cfg.attn_impl != "quadratic"
+            # the key list in the compute dtype: (B, H_kv, M + T, D_k), (B, H_kv, M + T, D_v), (B, H_kv, M + T), and
+            # for the blockwise path reading the cache each block's counts (B, H_kv, nb, S) (one launch for all)
+            keys, values, codes, block_count = join_window(
+                state, quant.keys, v, quant.codes, block_len=cfg.block_len if blockwise and use_cache else None,
+                n_invalid=n_invalid)
             # the codebook in the compute dtype, cast once per update (VectorQuantizer.codebook), not per forward
             cache = (per_query_head(self.quantizer.codebook(q.dtype), Hq, 0),  # (H_q, S, D_k)
                      per_query_head(state.cache_count, Hq),  # (B, H_q, S)
                      per_query_head(state.cache_mean, Hq))  # (B, H_q, S, D_v)
-            use_cache = self.uses_cache()
             extra = {}
-            if cfg.attn_impl == "quadratic":
+            if not blockwise:
                 attend = quadratic_attention
             else:
                 attend = blockwise_attention
+                extra["block_count"] = None if block_count is None else per_query_head(block_count, Hq)
                 if g is not None and not fused and kernels_enabled(h):  # g before its SiLU: the value kernels
                     extra["gate"], g = g.view(B, T, Hq, Dv).transpose(1, 2), None  # apply it (B, H_q, T, D_v)
                 # the scan reading the cache may also write the state's (one head per query head, float32)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tvq.ops.cache import block_counts, cache_log_count, cache_read
+from tvq.ops.cache import block_counts, block_grid, cache_log_count, cache_read
 from tvq.ops.kernels import kernels_enabled
 from tvq.ops.quadratic import scaled_biases
 
@@ -128,6 +128,7 @@ def blockwise_attention(
     uv_scale: float = 1.0,
     gate: Tensor | None = None,
     fold: bool = False,
+    block_count: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Exactly :func:`tvq.ops.quadratic_attention` with quantized keys, in linear time.
 
@@ -146,12 +147,13 @@ def blockwise_attention(
     gradient taken by the values' backward launch: no kernel of its own either way). ``fold``: returns (out,
     folded), folded the cache after the chunk's first T keys (count (B, H, S), mean (B, H, S, D_v), float32: the
     state's, as :func:`tvq.ops.cache.advance_state` folds them) where the kernel path's scan wrote it as it read the
-    cache (with ``agg_cache``, T a whole number of blocks), else None (the caller folds).
+    cache (with ``agg_cache``, T a whole number of blocks), else None (the caller folds). ``block_count`` (B, H, nb,
+    S): each block's cache counts where the caller has them (:func:`tvq.ops.cache.join_window`'s, counted by the
+    launch that writes the key list), else counted here (:func:`tvq.ops.cache.block_counts`).
     """
     B, H, T, _ = q.shape
     M = mem_len
-    L = min(block_len, T)
-    nb = -(-T // L)
+    L, nb = block_grid(T, block_len)
     pad = nb * L - T
     W = M + L  # window of one block
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -197,7 +199,8 @@ def blockwise_attention(
         # sum_s p_s (c0 m0 + S_n)_s / count_n,s, is then one (L, S) @ (S, D_v) product per block.
         blk_codes = codes[:, :, : nb * L].unflatten(2, (nb, L))  # (B, H, nb, L)
         c0 = count0.to(acc)  # (B, H, S)
-        count = block_counts(codes[:, :, : nb * L], n_invalid, c0, L)  # (B, H, nb, S)
+        count = block_count.to(acc) if block_count is not None else \
+            block_counts(codes[:, :, : nb * L], n_invalid, c0, L)  # (B, H, nb, S)
 
     if fused:  # scores, masks and softmax in one Triton kernel (tvq.ops.kernels.scores)
         from tvq.ops.kernels.scores import window_softmax

@@ -23,17 +23,39 @@ def merge_cache(count: Tensor, mean: Tensor, add_count: Tensor, add_sum: Tensor)
     return new_count, new_mean
 
 
-def join_window(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def join_window(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor, *, block_len: int | None = None,
+                n_invalid: int | Tensor = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The key list of a chunk: the state's M window slots, then the chunk's T keys (B, H, T, D_k), values
     (B, H, T, D_v) and codes (B, H, T) -> (B, H, M + T, D_k), (B, H, M + T, D_v), (B, H, M + T), in the chunk's
-    dtypes (a carried state may be wider: an fp32 state under autocast would promote the window's products to fp32).
-    On the Triton path one launch writes all three (:mod:`tvq.ops.kernels.window_join`)."""
+    dtypes (a carried state may be wider: an fp32 state under autocast would promote the window's products to fp32),
+    and with ``block_len`` each block's cache counts (B, H, nb, S) of a chunk of T queries in blocks of it
+    (:func:`block_counts` of the list from the state's cache counts; ``n_invalid`` its empty slots), else None.
+    On the Triton path one launch writes all (:mod:`tvq.ops.kernels.window_join`)."""
+    L, nb = block_grid(keys.shape[2], block_len) if block_len is not None else (0, 0)
+    count0 = state.cache_count if block_len is not None else None
     if kernels_enabled(keys) and kernels_enabled(values):
         from tvq.ops.kernels.window_join import window_join_kernel
 
-        return window_join_kernel(state.keys, keys, state.values, values, state.codes, codes)
-    return (torch.cat([state.keys.to(keys.dtype), keys], 2), torch.cat([state.values.to(values.dtype), values], 2),
-            torch.cat([state.codes, codes], 2))
+        in_launch = count0 is not None and count0.dtype == torch.float32  # (the counting kernel's float32 counts)
+        *joined, count = window_join_kernel(state.keys, keys, state.values, values, state.codes, codes,
+                                            (count0, n_invalid, nb, L) if in_launch else None)
+        if count is not None or count0 is None:
+            return (*joined, count)
+    else:
+        joined = (torch.cat([state.keys.to(keys.dtype), keys], 2),
+                  torch.cat([state.values.to(values.dtype), values], 2), torch.cat([state.codes, codes], 2))
+    if count0 is None:
+        return (*joined, None)
+    listed = joined[2][:, :, : nb * L]  # a padded last block may reach past the list: its keys are never counted
+    listed = torch.nn.functional.pad(listed, (0, nb * L - listed.shape[2])) if listed.shape[2] < nb * L else listed
+    return (*joined, block_counts(listed, n_invalid, count0, L))
+
+
+def block_grid(T: int, block_len: int) -> tuple[int, int]:
+    """(L, nb): a chunk of T queries in nb blocks of L = min(block_len, T) (a chunk shorter than a block is one
+    block; the last may be padded)."""
+    L = min(block_len, T)
+    return L, -(-T // L) if L else 0
 
 
 def advance_state(state: LayerState, keys: Tensor, values: Tensor, codes: Tensor, n_invalid: int | Tensor,

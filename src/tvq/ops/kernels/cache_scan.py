@@ -341,25 +341,37 @@ def _(codes, g_means, count, first_valid, first, values_dtype, mean0_dtype, n_ro
 
 
 @triton.jit
-def _block_counts_kernel(codes_ptr, first_ptr, count0_ptr, out_ptr, first_valid, nb, L, S, stride_cp,
-                         PER_ROW: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr):
-    """BS codes of row p: out[p, n] = count0[p] + the valid keys of blocks 0..n-1 per code (int32 on chip)."""
-    pid = tl.program_id(0).to(tl.int64)
-    n_s = tl.cdiv(S, BS)
-    ts, p = pid % n_s, pid // n_s
+def count_blocks(old_ptr, new_ptr, M, count0_ptr, out_ptr, p, ts, first, nb, L, S, BS: tl.constexpr,
+                 BL: tl.constexpr):
+    """BS codes (tile ts) of row p: out[p, n] = count0[p] + the valid keys (key-list index >= first) of blocks
+    0..n-1 per code (int32 on chip), in float32; the row's key-list codes are old_ptr[i] for i < M, then
+    new_ptr[i - M] (M 0: one list). Also run by :mod:`tvq.ops.kernels.window_join`'s launch, which writes that list."""
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     s_ok = s < S
-    first = tl.load(first_ptr + p) if PER_ROW else first_valid
     run = tl.load(count0_ptr + p * S + s, mask=s_ok, other=0.0)  # (BS,) float32
     for n in range(0, nb):
         tl.store(out_ptr + (p * nb + n) * S + s, run, mask=s_ok)
-        hits = tl.zeros((BS,), dtype=tl.int32)
-        for r0 in range(0, L, BL):
-            i = n * L + r0 + tl.arange(0, BL)  # (BL,) key-list index
-            keep = (r0 + tl.arange(0, BL) < L) & (i >= first)
-            code = tl.load(codes_ptr + p * stride_cp + i, mask=keep, other=-1)  # (BL,), -1: no code
-            hits += tl.sum((code[None, :] == s[:, None]).to(tl.int32), 1)
-        run += hits.to(tl.float32)
+        if n + 1 < nb:  # the last block's keys reach no block's cache
+            hits = tl.zeros((BS,), dtype=tl.int32)
+            for r0 in range(0, L, BL):
+                i = n * L + r0 + tl.arange(0, BL)  # (BL,) key-list index
+                keep = (r0 + tl.arange(0, BL) < L) & (i >= first)
+                code = tl.load(old_ptr + i, mask=keep & (i < M), other=-1)  # (BL,), -1: no code
+                code = tl.where(i < M, code, tl.load(new_ptr + (i - M), mask=keep & (i >= M), other=-1))
+                hits += tl.sum((code[None, :] == s[:, None]).to(tl.int32), 1)
+            run += hits.to(tl.float32)
+
+
+@triton.jit
+def _block_counts_kernel(codes_ptr, first_ptr, count0_ptr, out_ptr, first_valid, nb, L, S, stride_cp,
+                         PER_ROW: tl.constexpr, BS: tl.constexpr, BL: tl.constexpr):
+    """BS codes of row p: :func:`count_blocks` of its codes."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_s = tl.cdiv(S, BS)
+    ts, p = pid % n_s, pid // n_s
+    first = tl.load(first_ptr + p) if PER_ROW else first_valid
+    row = codes_ptr + p * stride_cp
+    count_blocks(row, row, 0, count0_ptr, out_ptr, p, ts, first, nb, L, S, BS, BL)
 
 
 @kernel_op("tvq_kernels::block_counts")
