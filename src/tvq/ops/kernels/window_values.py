@@ -29,9 +29,11 @@ one gradient tensor instead of two that autograd would add.
 
 The GAU's output gate rides along (``gate``, the gate's pre-activation): forward, the program that writes an output
 tile also writes y = out SiLU(gate) (out is still written: the gate's gradient needs it); backward, the weights'
-gradient launch reads y's gradient and makes it out's (times SiLU(gate)) as it loads each tile, and its column-tile-0
-programs, which between them read every (row, D_v) tile once, write out's gradient (for the launches after it) and
-the gate's. The gate's own kernel (:func:`tvq.ops.kernels.gate.silu_gate`) and its backward then never run: one
+gradient launch reads y's gradient and makes it out's (times SiLU(gate)) as it loads each tile, and extra programs
+of the same launch (one per (rows, D_v) tile, elementwise) write out's gradient (for the launches after it) and the
+gate's. (Stores in the weight tiles' own loop, from their column-tile-0 programs, took the kernel from 86 to 255
+registers per thread at enwik8's shape on sm_90 and spilled on sm_80: the compile check of
+:mod:`tvq.bench.gpu_compile`.) The gate's own kernel (:func:`tvq.ops.kernels.gate.silu_gate`) and its backward then never run: one
 launch fewer each way, and out is not read back to be gated.
 
 The score kernel's backward (:mod:`tvq.ops.kernels.scores`) calls the forward and ``g_values`` ops directly for
@@ -134,35 +136,43 @@ def _fwd_kernel(p_ptr, v_ptr, acc_ptr, cw_ptr, m_ptr, out_ptr, gate_ptr, y_ptr, 
 
 
 @triton.jit
-def _ungate(dy, gate_ptr, o_ptr, do_ptr, dgate_ptr, p, pn, n, a, d, L, T, Dv, sg_p, sg_t, sdg_p, sdg_t, write):
-    """The gated output's gradient dy (BA, BD) -> the output's, d_o = dy SiLU(gate), in do's dtype (as the gate's
-    own backward writes it); ``write`` (one program of each (rows, D_v) tile): d_o and the gate's gradient
-    dy o SiLU'(gate) stored too."""
+def _ungated(dy, gate_ptr, p, n, a, d, L, T, Dv, sg_p, sg_t, like_ptr):
+    """The gated output's gradient dy (BA, BD) -> the output's, dy SiLU(gate), in like_ptr's dtype (as the gate's own
+    backward writes it)."""
     gt = _gate_tile(gate_ptr, p, n * L + a, d, T, Dv, sg_p, sg_t)  # (BA, BD)
-    sig = tl.sigmoid(gt)
-    dy = dy.to(tl.float32)
-    d_o = (dy * gt * sig).to(do_ptr.dtype.element_ty)
-    if write:
-        ok = (a < L)[:, None] & (d < Dv)[None, :]
-        tile = (pn * L + a[:, None]) * Dv + d[None, :]
-        tl.store(do_ptr + tile, d_o, mask=ok)
-        o = tl.load(o_ptr + tile, mask=ok, other=0.0).to(tl.float32)
-        d_gate = dy * o * sig * (1.0 + gt * (1.0 - sig))
-        t = n * L + a
-        tl.store(dgate_ptr + p * sdg_p + t[:, None] * sdg_t + d[None, :], d_gate.to(dgate_ptr.dtype.element_ty),
-                 mask=ok & (t < T)[:, None])
-    return d_o
+    return (dy.to(tl.float32) * gt * tl.sigmoid(gt)).to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
-def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, nb, L, W, S, Dv, T,
-                   sv_p, sv_r, sv_d, sg_p, sg_t, sdg_p, sdg_t, GATE: tl.constexpr, BA: tl.constexpr,
-                   BW: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """g_p tile (BA, BW) of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW); the column tiles
-    after the window's (S > 0) the cache's, g_w (BA, BW) = grad @ means[p, n]^T (the means (P, nb, S, D_v)).
-    GATE: g_ptr holds the gated output's gradient, made the output's on load (:func:`_ungate`: the column tile 0
-    programs write it, and the gate's gradient)."""
-    pid = tl.program_id(0).to(tl.int64)
+def _ungate_tile(tid, g_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, nb, L, Dv, T, sg_p, sg_t, sdg_p, sdg_t,
+                 BA: tl.constexpr, BD: tl.constexpr):
+    """One (BA, BD) tile (number tid, D_v tiles fastest; BA a quarter of the weight tiles' rows, so that this
+    elementwise branch holds no more registers than theirs) of the gate's backward: d_o = dy SiLU(gate) (what the
+    launches after this one read) and d_gate = dy o SiLU'(gate) (rows past T: none)."""
+    n_d, n_a = tl.cdiv(Dv, BD), tl.cdiv(L, BA)
+    td, ta, pn = tid % n_d, (tid // n_d) % n_a, tid // (n_d * n_a)
+    p, n = pn // nb, pn % nb
+    a = ta * BA + tl.arange(0, BA)  # (BA,)
+    d = td * BD + tl.arange(0, BD)  # (BD,)
+    ok = (a < L)[:, None] & (d < Dv)[None, :]
+    tile = (pn * L + a[:, None]) * Dv + d[None, :]
+    dy = tl.load(g_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+    gt = _gate_tile(gate_ptr, p, n * L + a, d, T, Dv, sg_p, sg_t)
+    sig = tl.sigmoid(gt)
+    tl.store(do_ptr + tile, (dy * gt * sig).to(do_ptr.dtype.element_ty), mask=ok)
+    o = tl.load(o_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+    t = n * L + a
+    tl.store(dgate_ptr + p * sdg_p + t[:, None] * sdg_t + d[None, :],
+             (dy * o * sig * (1.0 + gt * (1.0 - sig))).to(dgate_ptr.dtype.element_ty), mask=ok & (t < T)[:, None])
+
+
+@triton.jit
+def _grad_p_tile(pid, g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, do_ptr, nb, L, W, S, Dv, T, sv_p, sv_r, sv_d,
+                 sg_p, sg_t, GATE: tl.constexpr, BA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """g_p tile (BA, BW) number pid of one (p, n) = sum over D_v tiles of grad (BA, BD) @ values^T (BD, BW); the
+    column tiles after the window's (S > 0) the cache's, g_w (BA, BW) = grad @ means[p, n]^T (the means (P, nb, S,
+    D_v)). GATE: grad is the gated output's gradient, ungated as it is loaded (:func:`_ungated`)."""
     n_w, n_a = tl.cdiv(W, BW) + tl.cdiv(S, BW), tl.cdiv(L, BA)
     tw, ta, pn = pid % n_w, (pid // n_w) % n_a, pid // (n_w * n_a)
     p, n = pn // nb, pn % nb
@@ -185,8 +195,7 @@ def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, o_ptr, do_ptr,
         d_ok = d < Dv
         g = tl.load(g_ptr + (pn * L + a[:, None]) * Dv + d[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
         if GATE:
-            g = _ungate(g, gate_ptr, o_ptr, do_ptr, dgate_ptr, p, pn, n, a, d, L, T, Dv, sg_p, sg_t, sdg_p, sdg_t,
-                        tw == 0)
+            g = _ungated(g, gate_ptr, p, n, a, d, L, T, Dv, sg_p, sg_t, do_ptr)
         v = tl.load(src + w[None, :] * s_col + d[:, None] * s_d, mask=d_ok[:, None] & w_ok[None, :],
                     other=0.0)  # (BD, BW)
         acc = tl.dot(_cast(g, g_ptr, UPCAST), _cast(v, g_ptr, UPCAST), acc, input_precision=PRECISION)
@@ -195,6 +204,27 @@ def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, o_ptr, do_ptr,
         tl.store(gw_ptr + (pn * L + a[:, None]) * S + w[None, :], acc.to(gw_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(gp_ptr + (pn * L + a[:, None]) * W + w[None, :], acc.to(gp_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _grad_p_kernel(g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, nb, L, W, S, Dv, T,
+                   sv_p, sv_r, sv_d, sg_p, sg_t, sdg_p, sdg_t, n_main, GATE: tl.constexpr, BA: tl.constexpr,
+                   BW: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """The first n_main programs: :func:`_grad_p_tile`; GATE: the rest write the output's gradient and the gate's
+    (:func:`_ungate_tile`, elementwise), so that no weight tile's program holds them (their stores would double its
+    registers)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if GATE:
+        if pid < n_main:
+            _grad_p_tile(pid, g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, do_ptr, nb, L, W, S, Dv, T, sv_p, sv_r,
+                         sv_d, sg_p, sg_t, GATE, BA, BW, BD, UPCAST, PRECISION)
+        else:
+            _ungate_tile(pid - n_main, g_ptr, gate_ptr, o_ptr, do_ptr, dgate_ptr, nb, L, Dv, T, sg_p, sg_t, sdg_p,
+                         sdg_t, BU, BD)
+    else:
+        _grad_p_tile(pid, g_ptr, v_ptr, m_ptr, gp_ptr, gw_ptr, gate_ptr, do_ptr, nb, L, W, S, Dv, T, sv_p, sv_r,
+                     sv_d, sg_p, sg_t, GATE, BA, BW, BD, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -353,13 +383,15 @@ def _grad_weights(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype, mean
     if not g_p.numel() and not g_w.numel() and not (d_o is not None and d_o.numel()):
         return (g_p, g_w, *(t.zero_() for t in extra))
     BA, BW, BD = tile(L, TILES["rows"]), tile(W, TILES["window"]), tile(Dv, TILES["dv"])
-    grid = (P * nb * cdiv(L, BA) * (cdiv(W, BW) + cdiv(S, BW)),)
+    n_main = P * nb * cdiv(L, BA) * (cdiv(W, BW) + cdiv(S, BW))
+    BU = max(BA // 4, 1)  # rows of the gate's elementwise tiles
+    n_gate = P * nb * cdiv(L, BU) * cdiv(Dv, BD) if gate is not None else 0
     dummy = grad
-    _grad_p_kernel[grid](grad.contiguous(), values, means.contiguous() if means is not None else dummy, g_p,
-                         g_w if means is not None else g_p, *((dummy,) * 4 if gate is None else
-                                                              (gate, o.contiguous(), d_o, d_gate)),
-                         nb, L, W, S, Dv, T, *values.stride(), sg_p, sg_t, T * Dv, Dv, GATE=gate is not None,
-                         BA=BA, BW=BW, BD=BD, **dot_options(grad.dtype))
+    _grad_p_kernel[(n_main + n_gate,)](grad.contiguous(), values, means.contiguous() if means is not None else dummy,
+                                       g_p, g_w if means is not None else g_p,
+                                       *((dummy,) * 4 if gate is None else (gate, o.contiguous(), d_o, d_gate)),
+                                       nb, L, W, S, Dv, T, *values.stride(), sg_p, sg_t, T * Dv, Dv, n_main,
+                                       GATE=gate is not None, BA=BA, BW=BW, BD=BD, BU=BU, **dot_options(grad.dtype))
     return (g_p, g_w, *extra)
 
 
