@@ -46,14 +46,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def default_workloads() -> list[dict]:
     """The variants of the tiny model (head types, straight-through rules, the cache's gradient, dropout and
-    LayerDrop, padding) in every dtype, and the enwik8 widths in bf16: training steps and decode steps."""
+    LayerDrop, padding, the quadratic attention) in every dtype, and the enwik8 widths in bf16: training steps and
+    decode steps."""
     tiny = [dict(), dict(head_type="mha", n_head=2), dict(head_type="mqa", n_head=2, d_ff=64),
             dict(straight_through="block", grad_thru_cache=False),
-            dict(dropout_res=0.1, dropout_sin=0.1, layerdrop=0.1, cache_bias=True)]
+            dict(dropout_res=0.1, dropout_sin=0.1, layerdrop=0.1, cache_bias=True),
+            dict(attn_impl="quadratic")]  # (its output gate is the gate's own kernel)
     out = [dict(config={**TINY, **c}, dtype=dt, mode="train", seq_len=48, padded=i == 0)
            for dt in DTYPES for i, c in enumerate(tiny)]
     out += [dict(config=TINY, dtype=dt, mode="decode", seq_len=40) for dt in DTYPES]
-    # 2 x 2,048 tokens a chunk: the cache fold's walk over the keys splits (its reduction kernel launches too)
+    # 2 x 2,048 tokens a chunk: the codebook statistics' walk over the keys splits (its reduction kernel launches too)
     out += [dict(config=ENWIK8, dtype="bf16", mode="train", seq_len=4096),
             dict(config=ENWIK8, dtype="bf16", mode="decode", seq_len=1028)]
     return out

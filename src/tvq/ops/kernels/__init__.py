@@ -1,10 +1,13 @@
-"""Fused Triton kernels: the blockwise attention (``scores``, ``cache_scan``: also each block's cache counts,
-``window_values``), the per-code sums and the state's cache fold (``code_sums``), the quantizer (``vq_codes``: the
-nearest codeword, the straight-through key, the error and key norms), the queries' Transformer-XL biases
-(``query_bias``), the key list of a chunk, its carried window joined with the chunk (``window_join``), and the rest
-of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU (with the query/key norms) and gate, ``residual``:
-dropout, LayerDrop and the residual add, ``dropout_linear``: the relative embeddings' dropout inside their GEMM). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it
-is tested against, outputs and gradients, and the fallback wherever Triton or a GPU is missing).
+"""Fused Triton kernels: the blockwise attention (``scores``, ``cache_scan``: the cache's per-block means, and the
+state's cache after the chunk, ``window_values``: the window's and the cache's share of the output, and the GAU's
+output gate), the per-code sums and the state's cache fold where the scan does not write it (``code_sums``), the
+quantizer (``vq_codes``: the nearest codeword, the straight-through key, the error and key norms), the queries'
+Transformer-XL biases (``query_bias``), the key list of a chunk, its carried window joined with the chunk, and each
+block's cache counts (``window_join``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU (with
+the query/key norms) and, off the blockwise path, its gate, ``residual``: dropout, LayerDrop and the residual add,
+``dropout_linear``: the relative embeddings' dropout inside their GEMM). Each has a PyTorch twin in
+:mod:`tvq.ops` or :mod:`tvq.layers` (the reference it is tested against, outputs and gradients, and the fallback
+wherever Triton or a GPU is missing).
 
 They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.
 ``use_kernels(True)`` forces them for CPU tensors too (which needs ``TRITON_INTERPRET=1`` set before Triton is

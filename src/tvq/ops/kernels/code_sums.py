@@ -67,7 +67,7 @@ def _sums_kernel(codes_ptr, valid_ptr, values_ptr, counts_ptr, sums_ptr, first_p
     sums_ptr += k * P * S * D
     s = ts * BS + tl.arange(0, BS)  # (BS,)
     d = td * BD + tl.arange(0, BD)  # (BD,)
-    s_ok, d_ok = s < S, d < D
+    d_ok = d < D
     acc = tl.zeros((BS, BD), dtype=tl.float32)
     cnt = tl.zeros((BS,), dtype=tl.float32)
     first = tl.load(first_ptr + p) if FIRST else first_int
