@@ -215,9 +215,9 @@ def test_the_triton_kernels_count_as_one_kernel_each(results):
     assert "tvq.cache_read run op by op" not in kern["meta"]["special_cases"]
     a, b = kern["per_sublayer"]["total"], torch_["per_sublayer"]["total"]
     assert a["kernels"] < b["kernels"] and a["operand_bytes"] < b["operand_bytes"]
-    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 38 per sublayer at this shape
+    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 37 per sublayer at this shape
     # since the tenth round (238 on the PyTorch path); a change that adds launches must say so here
-    assert a["kernels"] <= 38
+    assert a["kernels"] <= 37
     fa, fb = sum(a["gemm_flops"].values()), sum(b["gemm_flops"].values())
     assert 0.5 * fb < fa < 2 * fb
 

@@ -70,3 +70,23 @@ def test_dropout_and_layerdrop_run_in_the_residual_kernel():
     b, b_g = step(model, ids, True)
     assert torch.equal(a.logits, b.logits)
     assert all(torch.isfinite(g).all() and torch.equal(g, b_g[n]) for n, g in a_g.items())
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_every_sublayers_weights_cast_in_one_copy(monkeypatch, grad_checkpoint):
+    """On the Triton path under autocast the model casts every attention sublayer's weights in one multi-tensor copy
+    per forward (a recomputed sublayer reuses its cast), each sublayer's backward casting its own gradients (the
+    values: test_training_step_under_bf16_autocast, which takes this path)."""
+    model = make_model(dtype=torch.float32, n_layer=2, grad_checkpoint=grad_checkpoint)
+    ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(4))
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or real(dst, src))
+    with use_kernels(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+        n_fwd = len(copies)
+        out.loss.backward()
+    n_attn = len(model.attns)
+    assert copies[:n_fwd] == [4 * n_attn]  # W_q, W_kvg, W_o, W_r of each: one copy
+    assert copies[n_fwd:] == [4] * n_attn  # each sublayer's gradients as its backward ends
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -155,3 +155,33 @@ def test_cast_weights_are_the_casts_joined_per_group():
     assert torch.equal(ga, g_ab[:3].float()) and torch.equal(gb, g_ab[3:].float()) and torch.equal(gd, g_d.float())
     with pytest.raises(ValueError, match="one dtype and one width"):
         cast_weights([[a, torch.randn(2, 4)]], torch.float16)
+
+
+def test_precast_weights_cast_many_calls_in_one_copy(monkeypatch):
+    """precast_weights: several cast_weights calls' groups cast by ONE multi-tensor copy; each call given its own
+    (``cast=``) returns the same values without copying again, and still casts its own gradients (each weight's in
+    its dtype); a cast of the wrong shape or dtype is refused."""
+    from tvq.ops.linear import cast_weights, precast_weights
+
+    gen = torch.Generator().manual_seed(1)
+    calls = [[[torch.randn(n, 5, generator=gen, requires_grad=True) for n in (3, 4)],
+              [torch.randn(6, 3, generator=gen, requires_grad=True)]] for _ in range(3)]
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or real(dst, src))
+    casts = precast_weights(calls, torch.float16)
+    assert copies == [9]  # three calls of three weights each: one copy
+    for groups, cast in zip(calls, casts):
+        got = cast_weights(groups, torch.float16, cast)
+        want = cast_weights(groups, torch.float16)
+        assert all(not c.requires_grad for c in cast) and all(g.requires_grad for g in got)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y) and x.dtype == torch.float16
+        grads = [torch.randn(x.shape, generator=gen).half() for x in got]
+        weights = [w for g in groups for w in g]
+        for gw, w in zip(torch.autograd.grad(got, weights, grads), torch.autograd.grad(want, weights, grads)):
+            assert torch.equal(gw, w) and gw.dtype == torch.float32
+    assert copies == [9] + [3, 3, 3] * 3  # per call: the plain one's forward, then both backwards (none for the
+    # cast one's forward)
+    with pytest.raises(ValueError, match="do not match"):
+        cast_weights(calls[0], torch.bfloat16, casts[0])

@@ -44,6 +44,15 @@ def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
     return t.expand(shape)
 
 
+def _distributed(t: Tensor) -> bool:
+    """Whether t is a DTensor (e.g. an FSDP2-sharded parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 class Attention(HostFlags):
     """x + LayerDrop(Dropout((Attn(q, k, v) [* g]) W_o)), pre-norm.
 
@@ -172,14 +181,16 @@ class Attention(HostFlags):
 
     def forward(
         self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
-        start: Tensor | None = None, context=None,
+        start: Tensor | None = None, context=None, cast: tuple[Tensor, ...] | None = None,
     ) -> tuple[Tensor, LayerState, Tensor]:
         """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss).
 
         ``token_mask`` (B, T) bool: False for padding (kept out of the codebook statistics); ``start`` (B,)
         long: each row's first real position (left padding before it), or None (0). ``context``: a
         :class:`tvq.parallel.ContextParallel` when x is one rank's chunk of a sequence split over ranks (``state``
-        is then the segment's carried state, and the new state the whole segment's)."""
+        is then the segment's carried state, and the new state the whole segment's). ``cast``: this sublayer's
+        weights already cast for the Triton path (:meth:`cast_plan`; the model casts every sublayer's in one
+        launch), else (None) cast here where that path runs."""
         cfg = self.config
         B, T, _ = x.shape
         Hq, Hkv, Dk, Dv, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len
@@ -189,7 +200,7 @@ class Attention(HostFlags):
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
         # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch each way
-        w_proj, w_o, w_r = self._cast_weights(h.dtype) if self._joined_path(h) else (None, None, None)
+        w_proj, w_o, w_r = self._cast_weights(h.dtype, cast) if self._joined_path(h) else (None, None, None)
         q, k, v, g, fused = self._projections(h, w_proj)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
         v = v.view(B, T, Hkv, Dv).transpose(1, 2)  # (B, H_kv, T, D_v)
@@ -263,14 +274,36 @@ class Attention(HostFlags):
         on the Triton path, its projections plain."""
         return self.config.gated and kernels_enabled(h) and self._plain_projections()
 
-    def _cast_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """The joined projection weight (n_q + n_k + n_v + n_g, D) in ``dtype``, and w_o's and w_r's weights in it
-        too: all written by one launch (and their gradients by one), where autocast would cast each weight
-        apart both ways. w_o and w_r are passed as they are where already in ``dtype``."""
+    def cast_plan(self, x: Tensor) -> tuple[torch.dtype, list[list[Tensor]]] | None:
+        """(dtype, groups) of the weights :meth:`forward` would cast for input x on the Triton path (the joined
+        projection's, then w_o's and w_r's where not already in that dtype), or None where it casts none: what
+        :func:`tvq.ops.linear.precast_weights` casts ahead for it."""
+        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        dtype = amp or (x.dtype if self.norm.weight is None else torch.promote_types(x.dtype, self.norm.weight.dtype))
+        if not self._joined_path(x.new_empty(0, dtype=dtype)):
+            return None
+        groups = self._cast_groups(dtype)[0]
+        if any(_distributed(w) for g in groups for w in g):  # FSDP2's shards, gathered only as the sublayer runs
+            return None
+        return dtype, groups
+
+    def _cast_groups(self, dtype: torch.dtype) -> tuple[list[list[Tensor]], list[str]]:
+        """The weight groups to cast to ``dtype`` (the joined projection's [W_q; W_kvg], then w_o and w_r each alone
+        where not already in it) and the names of the single ones."""
         weights = {"o": self.w_o.weight, "r": self.w_r.weight}
         to_cast = [name for name, w in weights.items() if w.dtype != dtype]
-        w_proj, *cast = cast_weights([[self.w_q.weight, self.w_kvg.weight]] + [[weights[n]] for n in to_cast], dtype)
-        weights.update(zip(to_cast, cast))
+        return [[self.w_q.weight, self.w_kvg.weight]] + [[weights[n]] for n in to_cast], to_cast
+
+    def _cast_weights(self, dtype: torch.dtype, cast: tuple[Tensor, ...] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """The joined projection weight (n_q + n_k + n_v + n_g, D) in ``dtype``, and w_o's and w_r's weights in it
+        too: all written by one launch (and their gradients by one), where autocast would cast each weight
+        apart both ways; ``cast`` already written (:meth:`cast_plan`). w_o and w_r are passed as they are where
+        already in ``dtype``."""
+        groups, to_cast = self._cast_groups(dtype)
+        w_proj, *done = cast_weights(groups, dtype, cast)
+        weights = {"o": self.w_o.weight, "r": self.w_r.weight}
+        weights.update(zip(to_cast, done))
         return w_proj, weights["o"], weights["r"]
 
     def _projections(self, h: Tensor, w_proj: Tensor | None = None

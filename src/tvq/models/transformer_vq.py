@@ -17,6 +17,7 @@ from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
 from tvq.layers.vq import add_statistics, apply_updates, checkpointed, recomputing
+from tvq.ops.linear import precast_weights
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState, zero_states
 
@@ -232,15 +233,18 @@ class TransformerVQ(nn.Module):
         pos = state.pos + (0 if context is None else context.rank * input_ids.shape[1])  # of the first token
         layers, commits = [], []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
+        casts = self._precast(x)
         for i, (attn, layer_state) in enumerate(zip(self.attns, state.layers)):
             if recompute:  # keep only each sublayer's inputs; backward runs it again (same dropout masks)
                 # eager backward re-runs the Python forward: tell the quantizer not to count its codes
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
                 quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
                 x, new_layer_state, layer_commit = checkpoint(
-                    attn, x, layer_state, pos, token_mask, state.start, context, use_reentrant=False, **quiet)
+                    attn, x, layer_state, pos, token_mask, state.start, context, casts[i], use_reentrant=False,
+                    **quiet)
             else:
-                x, new_layer_state, layer_commit = attn(x, layer_state, pos, token_mask, state.start, context)
+                x, new_layer_state, layer_commit = attn(x, layer_state, pos, token_mask, state.start, context,
+                                                        casts[i])
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
@@ -250,6 +254,19 @@ class TransformerVQ(nn.Module):
         add_statistics(self._quantizers())  # this forward's codebook statistics (if any), all sublayers in one batch
         T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
         return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
+
+    def _precast(self, x: Tensor) -> list[tuple[Tensor, ...] | None]:
+        """Each attention sublayer's weights cast for the Triton path (:meth:`tvq.layers.attention.Attention.
+        cast_plan`), all in one multi-tensor copy per dtype (a launch per forward where each sublayer's own would be
+        one per sublayer; their gradients are still cast by each sublayer's backward as they arrive); None for a
+        sublayer that casts none."""
+        plans = [attn.cast_plan(x) for attn in self.attns]
+        casts: list[tuple[Tensor, ...] | None] = [None] * len(plans)
+        for dtype in {p[0] for p in plans if p is not None}:
+            idx = [i for i, p in enumerate(plans) if p is not None and p[0] == dtype]
+            for i, c in zip(idx, precast_weights([plans[i][1] for i in idx], dtype)):
+                casts[i] = c
+        return casts
 
     def _segment_len(self, input_ids: Tensor) -> int:
         """Tokens per segment of a forward: all of them, except in CPU inference (no autograd) of a VQ

@@ -77,20 +77,16 @@ def linear(x: Tensor, weight: Tensor, act: str | None = None, residual: Tensor |
 class _CastWeights(torch.autograd.Function):
     """Groups of weights in ``dtype``, each group's weights (rows, D_in) stacked by rows, all written by one
     multi-tensor copy (one launch on a GPU, where a cast of each weight and a ``cat`` per group are one launch
-    each); backward one multi-tensor copy of the groups' gradients into the weights' dtype (a group with no
-    gradient gives its weights none)."""
+    each), or given already cast (``cast``: :func:`precast_weights`'s, no launch); backward one multi-tensor copy of
+    the groups' gradients into the weights' dtype (a group with no gradient gives its weights none)."""
 
     @staticmethod
-    def forward(ctx, dtype, sizes, *weights):
-        outs, dst, i = [], [], 0
-        for n in sizes:
-            group = weights[i : i + n]
-            rows = [w.shape[0] for w in group]
-            out = group[0].new_empty(sum(rows), group[0].shape[1], dtype=dtype)  # (sum rows, D_in)
-            outs.append(out)
-            dst.extend(out.split(rows))
-            i += n
-        torch._foreach_copy_(dst, list(weights))
+    def forward(ctx, dtype, sizes, cast, *weights):
+        if cast is not None:  # new tensors over the copies' memory (a second call, e.g. a recomputation, alike)
+            outs = tuple(c.view_as(c) for c in cast)
+        else:
+            outs, dst, srcs = _cast_outputs(sizes, weights, dtype)
+            torch._foreach_copy_(dst, srcs)
         ctx.set_materialize_grads(False)
         ctx.sizes, ctx.rows = sizes, [w.shape[0] for w in weights]
         ctx.dtypes = [w.dtype for w in weights]
@@ -111,16 +107,59 @@ class _CastWeights(torch.autograd.Function):
             i += n
         if dst:
             torch._foreach_copy_(dst, src)
-        return (None, None, *out)
+        return (None, None, None, *out)
 
 
-def cast_weights(groups: list[list[Tensor]], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """``tuple(torch.cat([w.to(dtype) for w in group]) for group in groups)``: the weights of each group (one
-    dtype and width per group) stacked by rows, every group cast in one launch forward and one backward on a GPU
-    (a sublayer's projections as one GEMM, and its other weights' casts under autocast, which would each be a
-    launch both ways)."""
+def _cast_outputs(sizes, weights, dtype) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(the groups' outputs (sum rows, D_in) in ``dtype``, their per-weight row slices, the weights): what one
+    multi-tensor copy writes."""
+    outs, dst, i = [], [], 0
+    for n in sizes:
+        group = weights[i : i + n]
+        rows = [w.shape[0] for w in group]
+        out = group[0].new_empty(sum(rows), group[0].shape[1], dtype=dtype)  # (sum rows, D_in)
+        outs.append(out)
+        dst.extend(out.split(rows))
+        i += n
+    return outs, dst, list(weights)
+
+
+def _check_groups(groups: list[list[Tensor]]) -> None:
     for group in groups:
         if not group or len({(w.dtype, w.shape[1]) for w in group}) != 1:
             raise ValueError("cast_weights: each group needs weights of one dtype and one width, got "
                              f"{[(tuple(w.shape), w.dtype) for w in group]}")
-    return _CastWeights.apply(dtype, tuple(len(g) for g in groups), *(w for g in groups for w in g))
+
+
+def cast_weights(groups: list[list[Tensor]], dtype: torch.dtype,
+                 cast: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+    """``tuple(torch.cat([w.to(dtype) for w in group]) for group in groups)``: the weights of each group (one
+    dtype and width per group) stacked by rows, every group cast in one launch forward and one backward on a GPU
+    (a sublayer's projections as one GEMM, and its other weights' casts under autocast, which would each be a
+    launch both ways). ``cast``: those groups already cast (:func:`precast_weights`, one launch for the
+    sublayers of a whole model); forward then launches nothing, backward still casts this call's gradients."""
+    _check_groups(groups)
+    sizes = tuple(len(g) for g in groups)
+    if cast is not None and [(tuple(c.shape), c.dtype) for c in cast] != [
+            ((sum(w.shape[0] for w in g), g[0].shape[1]), dtype) for g in groups]:
+        raise ValueError(f"cast_weights: cast groups {[(tuple(c.shape), c.dtype) for c in cast]} do not match the "
+                         f"weights' in {dtype}")
+    return _CastWeights.apply(dtype, sizes, cast, *(w for g in groups for w in g))
+
+
+def precast_weights(calls: list[list[list[Tensor]]], dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
+    """For several :func:`cast_weights` calls' groups, their casts all written by ONE multi-tensor copy, without
+    gradient: pass each call its own as ``cast``. A model casts every sublayer's weights once a forward this way
+    (one launch instead of one per sublayer), while each sublayer's backward still casts its own gradients as they
+    arrive (no gradient waits for the others')."""
+    outs, dst, srcs = [], [], []
+    with torch.no_grad():
+        for groups in calls:
+            _check_groups(groups)
+            o, d, w = _cast_outputs(tuple(len(g) for g in groups), [w for g in groups for w in g], dtype)
+            outs.append(tuple(o))
+            dst += d
+            srcs += w
+        if dst:
+            torch._foreach_copy_(dst, srcs)
+    return outs
