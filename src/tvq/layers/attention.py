@@ -278,6 +278,8 @@ class Attention(HostFlags):
         """(dtype, groups) of the weights :meth:`forward` would cast for input x on the Triton path (the joined
         projection's, then w_o's and w_r's where not already in that dtype), or None where it casts none: what
         :func:`tvq.ops.linear.precast_weights` casts ahead for it."""
+        if not (self.config.gated and kernels_enabled(x)):  # (cheap on the other paths: no probe tensor made)
+            return None  # (a float64 stream under autocast is cast by its sublayer: correct either way)
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         dtype = amp or (x.dtype if self.norm.weight is None else torch.promote_types(x.dtype, self.norm.weight.dtype))
         if not self._joined_path(x.new_empty(0, dtype=dtype)):
