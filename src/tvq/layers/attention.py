@@ -17,6 +17,8 @@ sublayer passes its keys, values, codes, cache and relative embeddings expanded 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -45,12 +47,10 @@ def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
 
 
 def _distributed(t: Tensor) -> bool:
-    """Whether t is a DTensor (e.g. an FSDP2-sharded parameter)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    """Whether t is a DTensor (e.g. an FSDP2-sharded parameter); none exists unless their module was imported (which
+    takes half a second: not done here)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 class Attention(HostFlags):
