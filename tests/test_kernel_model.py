@@ -90,3 +90,24 @@ def test_every_sublayers_weights_cast_in_one_copy(monkeypatch, grad_checkpoint):
     assert copies[:n_fwd] == [4 * n_attn]  # W_q, W_kvg, W_o, W_r of each: one copy
     assert copies[n_fwd:] == [4] * n_attn  # each sublayer's gradients as its backward ends
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_sharded_weights_are_not_cast_ahead(tmp_path):
+    """FSDP2 keeps a sublayer's weights sharded (DTensors) until that sublayer runs: the model must not cast them
+    ahead (cast_plan None), while plain weights are."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = make_model(dtype=torch.float32, n_layer=1)
+    attn = model.attns[0]
+    x = torch.randn(1, 4, model.config.d_model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with use_kernels(True), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert attn.cast_plan(x) is not None
+            mesh = init_device_mesh("cpu", (1,))
+            attn.w_o.weight = torch.nn.Parameter(distribute_tensor(attn.w_o.weight.detach(), mesh, [Replicate()]))
+            assert attn.cast_plan(x) is None
+    finally:
+        dist.destroy_process_group()
