@@ -355,8 +355,7 @@ def window_values_gated(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype
     from the same launch (the GAU's output gate, float32 math on out as written, as
     :func:`tvq.ops.kernels.gate.silu_gate` computes it); gate (P, T, D_v) the gate's pre-activation of the T
     queries (T <= nb L: the rest of a padded last block get y = 0), any row strides, its last dim dense."""
-    out, y = _forward(p_win, values, acc, dtype, cache_w, means, gate)
-    return out, y
+    return _forward(p_win, values, acc, dtype, cache_w, means, gate)
 
 
 @window_values_gated.register_fake
@@ -497,7 +496,7 @@ def _gated_forward(p_win: Tensor, values: Tensor, acc: Tensor | None, dtype: tor
 
 
 def _weights_and_gate_grads(grad: Tensor, values: Tensor, W: int, dtype: torch.dtype, means: Tensor | None,
-                  gated: tuple[Tensor, Tensor] | None, need_p: bool) -> tuple:
+                            gated: tuple[Tensor, Tensor] | None, need_p: bool) -> tuple:
     """(g_p or None, g_w, the output's gradient, the gate's or None) from the node's output gradient ``grad``: behind a
     gate (``gated`` = (out, gate)) the weights' launch ungates it as it reads it; without the weights' gradient the
     gate's own backward kernel does (:func:`tvq.ops.kernels.gate.silu_gate_backward`)."""
