@@ -48,6 +48,12 @@ def test_equals_linear_of_the_masked_table(monkeypatch, dtype, tol, p):
     with use_kernels(True):  # the same seed, the same draws; another seed, another mask
         assert torch.equal(kdl.dropout_linear_kernel(x, w.detach(), p, seed), got.detach())
         assert not torch.equal(kdl.dropout_linear_kernel(x, w.detach(), p, seed + 1), got.detach())
+        # a cast weight (no gradient) with its float32 master: the same output, the gradient the master's, in float32
+        master = w.detach().float().requires_grad_()
+        got_m = kdl.dropout_linear_kernel(x, w.detach(), p, seed, master=master)
+    (got_mw,) = torch.autograd.grad(got_m, master, g)
+    assert torch.equal(got_m, got.detach()) and got_mw.dtype == torch.float32
+    assert ((got_mw.double() - want_gw).norm() / want_gw.norm()).item() < tol
 
 
 def test_the_attention_sublayer_takes_it_in_training(monkeypatch):
@@ -83,3 +89,7 @@ def test_registrations_and_refusals():
         kdl.dropout_linear_kernel(x.detach(), w, 0.0)
     with pytest.raises(ValueError, match="one dtype"):
         kdl.dropout_linear_kernel(x.detach(), w.double(), 0.2)
+    with pytest.raises(ValueError, match="master"):
+        kdl.dropout_linear_kernel(x.detach(), w, 0.2, master=torch.randn(4, 20))
+    with pytest.raises(ValueError, match="master"):
+        kdl.dropout_linear_kernel(x.detach(), w.requires_grad_(), 0.2, master=torch.randn(5, 20))

@@ -32,7 +32,7 @@ from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state, join_window
 from tvq.ops.kernels import graph_capturing, kernels_enabled
-from tvq.ops.linear import cast_weights, fused_linear_ok, linear
+from tvq.ops.linear import cast_linear, cast_weights, fused_linear_ok, linear
 from tvq.state import LayerState, empty_slots
 
 
@@ -157,10 +157,10 @@ class Attention(HostFlags):
 
             # the Triton path: the mask drawn inside the GEMM, each way (one launch forward instead of two); op by
             # op under compile or while a CUDA graph is captured (a host-drawn seed, as the residual kernel's)
-            rel = dropout_linear_kernel(table, w_r, p)  # (M + 1, H_kv D_k)
+            rel = dropout_linear_kernel(table, w_r, p, master=self._master(w_r, self.w_r))  # (M + 1, H_kv D_k)
         else:
             sin = self.drop_sin(table)
-            rel = self.w_r(sin) if w_r is None else F.linear(sin, w_r)  # (M + 1, H_kv D_k)
+            rel = self.w_r(sin) if w_r is None else self._cast_linear(sin, w_r, self.w_r)  # (M + 1, H_kv D_k)
         return rel.view(M + 1, Hkv, Dk).transpose(0, 1)  # (H_kv, M + 1, D_k)
 
     def initial_state(self, batch_size: int, dtype: torch.dtype, device) -> LayerState:
@@ -199,7 +199,8 @@ class Attention(HostFlags):
         # under autocast the norm writes the projections' input in the compute dtype once
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
-        # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch each way
+        # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch, their gradients written in
+        # their own dtype by the GEMMs
         w_proj, w_o, w_r = self._cast_weights(h.dtype, cast) if self._joined_path(h) else (None, None, None)
         q, k, v, g, fused = self._projections(h, w_proj)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H_q, T, D_k), (B, H_kv, T, D_k)
@@ -266,7 +267,7 @@ class Attention(HostFlags):
             out = out * g
         if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
             return linear(out, self.w_o.weight, residual=x), new_state, commit
-        res = self.w_o(out) if w_o is None else F.linear(out, w_o)  # (B, T, D)
+        res = self.w_o(out) if w_o is None else self._cast_linear(out, w_o, self.w_o)  # (B, T, D)
         return add_residual(x, res, cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
 
     def _joined_path(self, h: Tensor) -> bool:
@@ -299,14 +300,24 @@ class Attention(HostFlags):
     def _cast_weights(self, dtype: torch.dtype, cast: tuple[Tensor, ...] | None = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
         """The joined projection weight (n_q + n_k + n_v + n_g, D) in ``dtype``, and w_o's and w_r's weights in it
-        too: all written by one launch (and their gradients by one), where autocast would cast each weight
-        apart both ways; ``cast`` already written (:meth:`cast_plan`). w_o and w_r are passed as they are where
-        already in ``dtype``."""
+        too, without gradient: all written by one launch, where autocast would cast each weight apart (and each
+        gradient back: here the GEMMs using the casts write the weights' gradients in their dtype, :meth:`_cast_linear`);
+        ``cast`` already written (:meth:`cast_plan`). w_o and w_r are passed as they are where already in ``dtype``."""
         groups, to_cast = self._cast_groups(dtype)
         w_proj, *done = cast_weights(groups, dtype, cast)
         weights = {"o": self.w_o.weight, "r": self.w_r.weight}
         weights.update(zip(to_cast, done))
         return w_proj, weights["o"], weights["r"]
+
+    @staticmethod
+    def _master(w: Tensor, lin: nn.Linear) -> Tensor | None:
+        """lin's weight where w is a cast of it (:meth:`_cast_weights`), None where w is that weight itself."""
+        return None if w is lin.weight else lin.weight
+
+    @classmethod
+    def _cast_linear(cls, x: Tensor, w: Tensor, lin: nn.Linear) -> Tensor:
+        """F.linear(x, w) for w lin's weight or its cast, the gradient going to lin's weight in its dtype."""
+        return F.linear(x, w) if w is lin.weight else cast_linear(x, w, [lin.weight])
 
     def _projections(self, h: Tensor, w_proj: Tensor | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
@@ -332,7 +343,7 @@ class Attention(HostFlags):
 
             norm = dict(head_dim=Dk, eps=self.qk_norm.eps, scale=scale)
             if w_proj is not None:  # the query and key heads side by side in one projection: one norm for both
-                z = F.linear(h, w_proj)  # (B, T, n_q + n_k + n_v + n_g)
+                z = cast_linear(h, w_proj, [self.w_q.weight, self.w_kvg.weight])  # (B, T, n_q + n_k + n_v + n_g)
                 # parts of one output, their gradients read apart (no cat); v written, g a view of z
                 q, k, v, g = gau_activation(z, Hq * Dk + n_k, n_v, split=Hq, **norm)
                 return q, k, v, g, False

@@ -258,8 +258,8 @@ class TransformerVQ(nn.Module):
     def _precast(self, x: Tensor) -> list[tuple[Tensor, ...] | None]:
         """Each attention sublayer's weights cast for the Triton path (:meth:`tvq.layers.attention.Attention.
         cast_plan`), all in one multi-tensor copy per dtype (a launch per forward where each sublayer's own would be
-        one per sublayer; their gradients are still cast by each sublayer's backward as they arrive); None for a
-        sublayer that casts none."""
+        one per sublayer; each sublayer's backward writes its weights' gradients in their dtype as they arrive); None
+        for a sublayer that casts none."""
         plans = [attn.cast_plan(x) for attn in self.attns]
         casts: list[tuple[Tensor, ...] | None] = [None] * len(plans)
         for dtype in {p[0] for p in plans if p is not None}:

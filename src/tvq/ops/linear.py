@@ -1,5 +1,6 @@
 """The attention sublayers' projections: a CPU inference fast path (oneDNN's fused linear), and the GPU path's
-weights cast and joined in one launch (:func:`cast_weights`).
+weights cast and joined in one launch (:func:`cast_weights`), their gradients written in the weights' own dtype by
+the GEMM that computes them (:func:`cast_linear`).
 
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul with a fused activation or residual add, the
 kernel inductor's freezing pass uses) runs bench-small's float32 projections at 195-212 GFLOP/s on
@@ -74,40 +75,49 @@ def linear(x: Tensor, weight: Tensor, act: str | None = None, residual: Tensor |
     return y if residual is None else residual + y
 
 
-class _CastWeights(torch.autograd.Function):
-    """Groups of weights in ``dtype``, each group's weights (rows, D_in) stacked by rows, all written by one
-    multi-tensor copy (one launch on a GPU, where a cast of each weight and a ``cat`` per group are one launch
-    each), or given already cast (``cast``: :func:`precast_weights`'s, no launch); backward one multi-tensor copy of
-    the groups' gradients into the weights' dtype (a group with no gradient gives its weights none)."""
+def mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(a @ b).to(dtype)``: on a GPU one GEMM that writes ``dtype`` (float32 from fp16 / bf16 operands: cuBLAS
+    accumulates in float32 anyway, so the float32 result is also the more exact one), elsewhere the product cast.
+    a (M, K), b (K, N) -> (M, N)."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a, b).to(dtype)
+
+
+class _CastLinear(torch.autograd.Function):
+    """F.linear(x, w_cast), w_cast the rows of ``weights`` stacked and cast (:func:`cast_weights`); backward the
+    weights' gradient by one GEMM written in their dtype and split by rows (no cast of it after), x's as F.linear's."""
 
     @staticmethod
-    def forward(ctx, dtype, sizes, cast, *weights):
-        if cast is not None:  # new tensors over the copies' memory (a second call, e.g. a recomputation, alike)
-            outs = tuple(c.view_as(c) for c in cast)
-        else:
-            outs, dst, srcs = _cast_outputs(sizes, weights, dtype)
-            torch._foreach_copy_(dst, srcs)
-        ctx.set_materialize_grads(False)
-        ctx.sizes, ctx.rows = sizes, [w.shape[0] for w in weights]
-        ctx.dtypes = [w.dtype for w in weights]
-        return tuple(outs)
+    def forward(ctx, x, w_cast, *weights):
+        ctx.save_for_backward(x, w_cast)
+        ctx.rows, ctx.dtype = [w.shape[0] for w in weights], weights[0].dtype
+        return F.linear(x, w_cast)
 
     @staticmethod
-    def backward(ctx, *grads):
-        src, dst, out, i = [], [], [], 0
-        for n, g in zip(ctx.sizes, grads):
-            rows = ctx.rows[i : i + n]
-            if g is None:
-                out.extend([None] * n)
-            else:
-                for part, dt in zip(g.split(rows), ctx.dtypes[i : i + n]):
-                    src.append(part)
-                    dst.append(part.new_empty(part.shape, dtype=dt))
-                    out.append(dst[-1])
-            i += n
-        if dst:
-            torch._foreach_copy_(dst, src)
-        return (None, None, None, *out)
+    def backward(ctx, grad):
+        x, w_cast = ctx.saved_tensors
+        g_x = grad @ w_cast if ctx.needs_input_grad[0] else None  # (..., D_in)
+        g_w = [None] * len(ctx.rows)
+        if any(ctx.needs_input_grad[2:]):
+            g = grad.reshape(-1, grad.shape[-1])  # (rows, D_out)
+            g_w = list(mm_to(g.t(), x.reshape(-1, x.shape[-1]), ctx.dtype).split(ctx.rows))  # (D_out, D_in) split
+        return g_x, None, *g_w
+
+
+def cast_linear(x: Tensor, w_cast: Tensor, weights: list[Tensor]) -> Tensor:
+    """``F.linear(x, w_cast)`` for ``w_cast`` the group ``weights`` as :func:`cast_weights` cast it, with the
+    gradient going to the weights themselves: computed in their dtype by the weight-gradient GEMM (on a GPU
+    a bf16 GEMM writing float32, :func:`mm_to`), where autograd through a cast would write it in the compute dtype
+    and cast it after, one more launch and a round trip of every weight's gradient each step.
+
+    x (..., D_in), w_cast (sum of the weights' rows, D_in) -> (..., sum of rows)."""
+    if w_cast.shape != (sum(w.shape[0] for w in weights), weights[0].shape[1]):
+        raise ValueError(f"cast_linear: w_cast {tuple(w_cast.shape)} is not the weights "
+                         f"{[tuple(w.shape) for w in weights]} stacked by rows")
+    return _CastLinear.apply(x, w_cast, *weights)
 
 
 def _cast_outputs(sizes, weights, dtype) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -133,25 +143,27 @@ def _check_groups(groups: list[list[Tensor]]) -> None:
 
 def cast_weights(groups: list[list[Tensor]], dtype: torch.dtype,
                  cast: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
-    """``tuple(torch.cat([w.to(dtype) for w in group]) for group in groups)``: the weights of each group (one
-    dtype and width per group) stacked by rows, every group cast in one launch forward and one backward on a GPU
-    (a sublayer's projections as one GEMM, and its other weights' casts under autocast, which would each be a
-    launch both ways). ``cast``: those groups already cast (:func:`precast_weights`, one launch for the
-    sublayers of a whole model); forward then launches nothing, backward still casts this call's gradients."""
+    """``tuple(torch.cat([w.to(dtype) for w in group]) for group in groups)`` without gradient: the weights of each
+    group (one dtype and width per group) stacked by rows, every group written by one multi-tensor copy (one launch
+    on a GPU, where a cast of each weight and a ``cat`` per group are one each). Use each with :func:`cast_linear`
+    (or a kernel taking the weights for their gradient), which gives the weights their gradients. ``cast``: those
+    groups already cast (:func:`precast_weights`, one launch for the sublayers of a whole model), checked and
+    returned."""
     _check_groups(groups)
-    sizes = tuple(len(g) for g in groups)
-    if cast is not None and [(tuple(c.shape), c.dtype) for c in cast] != [
+    if cast is None:
+        return tuple(precast_weights([groups], dtype)[0])
+    if [(tuple(c.shape), c.dtype) for c in cast] != [
             ((sum(w.shape[0] for w in g), g[0].shape[1]), dtype) for g in groups]:
         raise ValueError(f"cast_weights: cast groups {[(tuple(c.shape), c.dtype) for c in cast]} do not match the "
                          f"weights' in {dtype}")
-    return _CastWeights.apply(dtype, sizes, cast, *(w for g in groups for w in g))
+    return tuple(cast)
 
 
 def precast_weights(calls: list[list[list[Tensor]]], dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
     """For several :func:`cast_weights` calls' groups, their casts all written by ONE multi-tensor copy, without
     gradient: pass each call its own as ``cast``. A model casts every sublayer's weights once a forward this way
-    (one launch instead of one per sublayer), while each sublayer's backward still casts its own gradients as they
-    arrive (no gradient waits for the others')."""
+    (one launch instead of one per sublayer); each sublayer's backward writes its weights' gradients in their
+    dtype (:func:`cast_linear`), none waiting for another's."""
     outs, dst, srcs = [], [], []
     with torch.no_grad():
         for groups in calls:

@@ -127,33 +127,41 @@ def _(grad, x, p, seed, dtype):
 
 
 class _DropoutLinear(torch.autograd.Function):
-    """out = Dropout(x) @ weight^T; the weight's gradient by the backward kernel (mask drawn again), none for x."""
+    """out = Dropout(x) @ weight^T; the gradient of ``master`` (weight itself, or the tensor weight was cast from) by
+    the backward kernel in master's dtype (mask drawn again), none for x or a cast weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, p, seed):
+    def forward(ctx, x, weight, master, p, seed):
         ctx.save_for_backward(x)
-        ctx.p, ctx.seed, ctx.w_dtype = p, seed, weight.dtype
+        ctx.p, ctx.seed, ctx.w_dtype = p, seed, master.dtype
         return dropout_linear(x, weight, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         g_w = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_w = dropout_linear_grad_weight(grad.to(x.dtype), x, ctx.p, ctx.seed, ctx.w_dtype)
-        return None, g_w, None, None
+        g_weight, g_master = (g_w, None) if ctx.needs_input_grad[1] else (None, g_w)  # master is weight, or its source
+        return None, g_weight, g_master, None, None
 
 
-def dropout_linear_kernel(x: Tensor, weight: Tensor, p: float, seed: int | None = None) -> Tensor:
+def dropout_linear_kernel(x: Tensor, weight: Tensor, p: float, seed: int | None = None,
+                          master: Tensor | None = None) -> Tensor:
     """``F.linear(F.dropout(x, p), weight)`` in one launch each way, for a constant x (R, D) (no gradient: a table)
     and weight (N, D) in x's dtype; 0 < p < 1. The mask is the residual kernel's stream from ``seed`` (None: one
     drawn by :func:`tvq.ops.kernels.residual.draw_seed`), another stream than ``F.dropout``'s. Gradients reach the
-    weight."""
+    weight, or with ``master`` (N, D) (weight a cast of it, without gradient: :func:`tvq.ops.linear.cast_weights`)
+    master, written in its dtype by the backward kernel."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype:
         raise ValueError(f"dropout_linear_kernel: x (R, D) and weight (N, D) of one dtype expected, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    if master is not None and (master.shape != weight.shape or weight.requires_grad):
+        raise ValueError(f"dropout_linear_kernel: master {tuple(master.shape)} must be of weight's shape "
+                         f"{tuple(weight.shape)}, and weight (its cast) without gradient")
     if x.requires_grad:
         raise ValueError("dropout_linear_kernel: x gets no gradient (a constant table); detach it")
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout_linear_kernel: p must be in (0, 1), got {p}")
-    return _DropoutLinear.apply(x, weight, float(p), draw_seed() if seed is None else int(seed))
+    master = weight if master is None else master
+    return _DropoutLinear.apply(x, weight, master, float(p), draw_seed() if seed is None else int(seed))
