@@ -61,6 +61,7 @@ def test_opcheck_and_flops():
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(kvq.vq_codes.op, (k, codebook), test_utils=utils)
     torch.library.opcheck(kvq.vq_quantize.op, (k, codebook), test_utils=utils)
+    torch.library.opcheck(kvq.vq_quantize.op, (k, codebook, True), test_utils=utils)
     codes = kvq.vq_codes(k, codebook)
     for dst, derr in ((torch.randn_like(k), torch.randn(2, 2, 12)), (None, torch.randn(2, 2, 12)),
                       (torch.randn_like(k), None)):
@@ -108,12 +109,17 @@ def test_quantize_forward_and_backward(dtype, tol, B, H, T, S, Dk):
         torch.testing.assert_close(k.grad.double(), k64.grad, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("H", [1, 3])
-def test_quantize_mean_error_and_its_gradient(H):
-    """quantize_kernel(mean=True)'s loss err.sum(1).mean() and k's gradient through it (the backward kernel reads
-    the scalar gradient), alone and with the straight-through key's, against float64."""
+@pytest.mark.parametrize("H, T", [(1, 19), (3, 19), (3, 70)])
+def test_quantize_mean_error_and_its_gradient(monkeypatch, H, T):
+    """quantize_kernel(mean=True)'s loss err.sum(1).mean() (summed by the launch's last program: with 30 programs
+    over partial-sum tiles of 16, in two rounds) and k's gradient through it (the backward kernel reads the scalar
+    gradient), alone and with the straight-through key's, against float64; the ticket counter is left at zero."""
+    from tvq.ops.kernels.common import tickets
+
+    monkeypatch.setattr(kvq, "TILES", {"keys": 16, "codes": 32})
+    monkeypatch.setattr(kvq, "PARTS", 16)
     g = torch.Generator().manual_seed(5 + H)
-    B, T, S, Dk = 2, 19, 24, 8
+    B, S, Dk = 2, 24, 8
     codebook = torch.randn(H, S, Dk, generator=g)
     k0 = torch.randn(B, T, H, Dk, generator=g).transpose(1, 2)  # (B, H, T, D_k), strided
     r = torch.randn(B, H, T, Dk, generator=g)
@@ -128,6 +134,7 @@ def test_quantize_mean_error_and_its_gradient(H):
         (3.0 * ref_mean + (ref[0] * r).sum() * use_st).backward()
         torch.testing.assert_close(mean_err.double(), ref_mean.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(k.grad.double(), k64.grad, rtol=1e-5, atol=1e-6)
+        assert tickets(k.device).item() == 0
 
 
 def test_quantizer_layer_kernels_equal_pytorch():

@@ -13,7 +13,9 @@ codebook is read per key tile (S D_k float32: 256 KB at S 512, D_k 128, from L2 
 
 :func:`quantize_kernel` is the whole quantizer in one kernel each way. Forward: with the code found, the program
 gathers its codeword, casts it to the keys' dtype (as the PyTorch path's ``c.to(k.dtype)``) and writes it (the
-straight-through key's value), ||k - c_z||^2 (the commitment term) and ||k||^2 (the codebook statistics) in float32.
+straight-through key's value), ||k - c_z||^2 (the commitment term) and ||k||^2 (the codebook statistics) in float32,
+and the commitment loss (their mean over tokens): each program's sum added up by the launch's last program
+(:func:`tvq.ops.kernels.common.last_program`), where a ``mean`` would be one more launch per sublayer.
 In PyTorch that is about 20 kernels (the codebook cast, the gather, the straight-through sub and add, the error's
 sub, square and sums, the key norms' cast, square and sum, and their backward). Backward: dk = d(k_st) +
 2 d(err) (k - c_z), the codeword gathered again from the codes (nothing but k and the codes saved).
@@ -27,16 +29,20 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import kernel_op, register_flops
-from tvq.ops.kernels.common import cdiv, tile
+from tvq.ops.kernels.common import cdiv, last_program, tickets, tile
 
 TILES = {"keys": 32, "codes": 32}  # largest tiles of keys and codes: 32 x 32 float32 products do not spill (sm_90)
+PARTS = 256  # partial sums the last program adds per step (the commitment loss's reduction)
 
 
 @triton.jit
-def _codes_kernel(k_ptr, c_ptr, out_ptr, cz_ptr, err_ptr, ksq_ptr, H, T, S, Dk, sk_b, sk_h, sk_t,
-                  QUANT: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
+def _codes_kernel(k_ptr, c_ptr, out_ptr, cz_ptr, err_ptr, ksq_ptr, part_ptr, mean_ptr, ticket_ptr, mean_scale, H, T,
+                  S, Dk, sk_b, sk_h, sk_t, QUANT: tl.constexpr, MEAN: tl.constexpr, BT: tl.constexpr,
+                  BS: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
     """codes of BT keys of one (b, h): the running argmin over codebook tiles of ||c||^2 - 2 k . c; with QUANT
-    also the codeword in k's dtype (contiguous (B, H, T, D_k)), ||k - c_z||^2 and ||k||^2 (float32 (B, H, T))."""
+    also the codeword in k's dtype (contiguous (B, H, T, D_k)), ||k - c_z||^2 and ||k||^2 (float32 (B, H, T)); with
+    MEAN the errors' sum times mean_scale (float32 ()): each program's sum to part[pid], added up by the last
+    program (in pid order, BP at a time: deterministic)."""
     pid = tl.program_id(0).to(tl.int64)
     n_t = tl.cdiv(T, BT)
     tt, bh = pid % n_t, pid // n_t
@@ -66,9 +72,19 @@ def _codes_kernel(k_ptr, c_ptr, out_ptr, cz_ptr, err_ptr, ksq_ptr, H, T, S, Dk, 
         cz = tl.load(c_ptr + (h * S + best_s[:, None]) * Dk + j[None, :], mask=ok, other=0.0)  # (BT, BK) float32
         cz = cz.to(cz_ptr.dtype.element_ty)  # the codeword in k's dtype, as the straight-through key holds it
         tl.store(cz_ptr + (bh * T + t[:, None]) * Dk + j[None, :], cz, mask=ok)
-        diff = k - cz.to(tl.float32)
-        tl.store(err_ptr + bh * T + t, tl.sum(diff * diff, axis=1), mask=t_ok)
+        diff = k - cz.to(tl.float32)  # (BT, BK), zero past T
+        err = tl.sum(diff * diff, axis=1)  # (BT,)
+        tl.store(err_ptr + bh * T + t, err, mask=t_ok)
         tl.store(ksq_ptr + bh * T + t, tl.sum(k * k, axis=1), mask=t_ok)
+        if MEAN:
+            tl.store(part_ptr + pid, tl.sum(err, axis=0))
+            n = tl.num_programs(0)
+            if last_program(ticket_ptr, n):
+                acc = tl.zeros((BP,), dtype=tl.float32)
+                for i0 in range(0, n, BP):
+                    i = i0 + tl.arange(0, BP)
+                    acc += tl.load(part_ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
+                tl.store(mean_ptr, tl.sum(acc, axis=0) * mean_scale)
 
 
 @triton.jit
@@ -102,22 +118,25 @@ def _quantize_bwd_kernel(k_ptr, c_ptr, code_ptr, dst_ptr, derr_ptr, dmean_ptr, d
     tl.store(dk_ptr + (bh * T + t[:, None]) * Dk + j[None, :], dk.to(dk_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(k: Tensor, codebook: Tensor, quant: bool) -> tuple[Tensor, ...]:
+def _launch(k: Tensor, codebook: Tensor, quant: bool, mean: bool = False) -> tuple[Tensor, ...]:
     B, H, T, Dk = k.shape
     S = codebook.shape[1]
     codes = torch.empty(B, H, T, dtype=torch.long, device=k.device)
     outs = (torch.empty(B, H, T, Dk, dtype=k.dtype, device=k.device),
             *(torch.empty(B, H, T, dtype=torch.float32, device=k.device) for _ in range(2))) if quant else ()
+    mean_err = torch.empty((), dtype=torch.float32, device=k.device) if quant else None
     if not codes.numel():
-        return codes, *outs
+        return (codes, *outs, mean_err.fill_(float("nan"))) if quant else (codes,)  # a mean of nothing
     if k.stride(-1) != 1:
         k = k.contiguous()
     BT, BS, BK = tile(T, TILES["keys"]), tile(S, TILES["codes"]), tile(Dk, 1 << 30)
+    grid = B * H * cdiv(T, BT)
+    parts = torch.empty(grid, dtype=torch.float32, device=k.device) if mean else codes
     dummy = outs or (codes,) * 3  # pointers never written without QUANT
-    _codes_kernel[(B * H * cdiv(T, BT),)](k, codebook.contiguous(), codes, *dummy, H, T, S, Dk,
-                                                 k.stride(0), k.stride(1), k.stride(2), QUANT=quant, BT=BT, BS=BS,
-                                                 BK=BK)
-    return codes, *outs
+    _codes_kernel[(grid,)](k, codebook.contiguous(), codes, *dummy, parts, codes if mean_err is None else mean_err,
+                           tickets(k.device) if mean else codes, 1.0 / (B * T), H, T, S, Dk, k.stride(0), k.stride(1),
+                           k.stride(2), QUANT=quant, MEAN=mean, BT=BT, BS=BS, BK=BK, BP=tile(grid, PARTS))
+    return (codes, *outs, mean_err) if quant else (codes,)
 
 
 def _flops(k: Tensor, codebook: Tensor) -> tuple[str, int]:
@@ -144,21 +163,25 @@ register_flops("tvq_kernels::vq_codes")(_flops)
 
 
 @kernel_op("tvq_kernels::vq_quantize")
-def vq_quantize(k: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(codes (B, H, T) int64, c_z (B, H, T, D_k) in k's dtype, ||k - c_z||^2 and ||k||^2 (B, H, T) float32):
-    the codes as :func:`vq_codes`', c_z their codewords cast to k's dtype (the error uses that cast)."""
-    return _launch(k, codebook, True)
+def vq_quantize(k: Tensor, codebook: Tensor, mean: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(codes (B, H, T) int64, c_z (B, H, T, D_k) in k's dtype, ||k - c_z||^2 and ||k||^2 (B, H, T) float32, and
+    with ``mean`` the errors summed over heads and averaged over (B, T), float32 () (else undefined)): the codes as
+    :func:`vq_codes`', c_z their codewords cast to k's dtype (the error uses that cast)."""
+    return _launch(k, codebook, True, mean)
 
 
 @vq_quantize.register_fake
-def _(k, codebook):
+def _(k, codebook, mean=False):
     B, H, T, Dk = k.shape
     return (torch.empty(B, H, T, dtype=torch.long, device=k.device),
             torch.empty(B, H, T, Dk, dtype=k.dtype, device=k.device),
-            *(torch.empty(B, H, T, dtype=torch.float32, device=k.device) for _ in range(2)))
+            *(torch.empty(B, H, T, dtype=torch.float32, device=k.device) for _ in range(2)),
+            torch.empty((), dtype=torch.float32, device=k.device))
 
 
-register_flops("tvq_kernels::vq_quantize")(_flops)
+@register_flops("tvq_kernels::vq_quantize")
+def _(k, codebook, mean=False):
+    return _flops(k, codebook)
 
 
 @kernel_op("tvq_kernels::vq_quantize_backward")
@@ -197,13 +220,12 @@ class _Quantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, codebook, mean):
         ctx.set_materialize_grads(False)
-        codes, c_z, err, k_sq = vq_quantize(k, codebook)
+        codes, c_z, err, k_sq, mean_err = vq_quantize(k, codebook, mean)  # mean_err: the kernel's own reduction
         ctx.mark_non_differentiable(codes, k_sq)
         ctx.save_for_backward(k, codebook, codes)
         B, H, T = codes.shape
         ctx.mean_scale = 1.0 / max(B * T, 1)
-        mean_err = (err.mean() if H == 1 else err.mean() * H) if mean else None  # sum over heads, mean over (B, T)
-        return c_z, codes, err, k_sq, mean_err
+        return c_z, codes, err, k_sq, mean_err if mean else None
 
     @staticmethod
     def backward(ctx, d_keys, _d_codes, d_err, _d_ksq, d_mean):
@@ -231,7 +253,8 @@ def quantize_kernel(k: Tensor, codebook: Tensor, mean: bool = False
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The quantizer in one kernel each way -> (k_st (B, H, T, D_k) in k's dtype, codes (B, H, T) int64,
     err (B, H, T) float32 = ||k - c_z||^2, k_sq (B, H, T) float32 = ||k||^2, and with ``mean`` the commitment
-    loss err.sum(1).mean() (float32 (), its gradient taken by the backward kernel as it is), else None).
+    loss err.sum(1).mean() (float32 (), summed in the same launch, its gradient taken by the backward kernel as it
+    is), else None).
 
     k_st's value is the codeword c_z (cast to k's dtype) and its gradient passes to k unchanged (straight-through);
     err's gradient flows to k only (the codebook is a stop-gradient: its EMA update is not a gradient step).
