@@ -6,14 +6,15 @@ dtype). ``qv`` is only ever read by the positional scores ``pos = qv @ rel_h^T``
 (H, R, D_k), R = M + 1 relative embeddings), so the kernel computes them too. In PyTorch that is a stack of u and
 v, its scale and cast, two broadcast adds and a batched GEMM; backward the adds' sums over the rows (one each, for u
 and v), the GEMM's two gradients and q's gradient as a sum: fourteen launches per sublayer and step (eleven for
-the biases, three for the GEMM). Here, four:
+the biases, three for the GEMM). Here, three:
 
 * forward, one kernel: q read once; qu, qv and pos written in q's dtype, each ``q + s u_h`` computed in float32 and
   rounded once, pos by ``tl.dot`` of the rounded qv (as the GEMM reads it) against rel in tiles of distances;
-* backward, one kernel, one GEMM and one sum: ``d_q = d_qu + d_pos @ rel`` (the product accumulated in float32 on
+* backward, one kernel and one GEMM: ``d_q = d_qu + d_pos @ rel`` (the product accumulated in float32 on
   chip and added before one rounding: ``d_qv`` never reaches HBM), each program's float32 sums of its rows of
-  ``d_qu`` and ``d_qv`` times s, which one ``sum`` over the programs of each head turns into u's and v's gradients
-  (float32, in a fixed order: deterministic, no atomics), and rel's gradient ``d_pos^T @ qv`` summed over all rows
+  ``d_qu`` and ``d_qv`` times s, which the launch's last program adds up into u's and v's gradients (float32, in a
+  fixed order: deterministic; :func:`tvq.ops.kernels.common.last_program`), and rel's gradient ``d_pos^T @ qv``
+  summed over all rows
   of a head: a reduction over B T rows that cuBLAS splits over the whole GPU, where a kernel owning a head's rows
   would run on a few SMs (enwik8: 9 tiles of distances for its one head).
 
@@ -29,11 +30,12 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import kernel_op, register_flops
-from tvq.ops.kernels.common import cdiv, dot_options, next_power_of_2, tile
+from tvq.ops.kernels.common import cdiv, dot_options, last_program, next_power_of_2, tickets, tile
 
 ROWS = 64  # query rows per program at most (tests may shrink it)
 ELEMENTS = 4096  # elements of a program's (rows, D_k) tile at most (rows = ELEMENTS / D_k): registers, not spills
 DISTANCES = 64  # relative distances per product tile at most (tests may shrink it)
+PARTS = 8  # the programs' partial sums the last program adds per step, at most (registers: 8 x BD float32)
 
 
 @triton.jit
@@ -70,12 +72,13 @@ def _fwd_kernel(q_ptr, u_ptr, v_ptr, rel_ptr, qu_ptr, qv_ptr, pos_ptr, H, T, D, 
 
 
 @triton.jit
-def _bwd_kernel(gu_ptr, gpos_ptr, rel_ptr, gq_ptr, part_ptr, P, H, T, D, R, n_t, scale, su_b, su_h, su_t, sr_h, sr_r,
-                BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _bwd_kernel(gu_ptr, gpos_ptr, rel_ptr, gq_ptr, part_ptr, guv_ptr, ticket_ptr, B, H, T, D, R, n_t, scale, su_b,
+                su_h, su_t, sr_h, sr_r, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Rows t0 .. t0 + BT - 1 of one (b, h): d_qv = d_pos @ rel[h] (float32, on chip), d_q = d_qu + d_qv, and this
-    program's float32 sums over its rows of scale d_qu and scale d_qv, written to part[0, b, h, pid_t] and
-    part[1, b, h, pid_t] (part (2, B, H, n_t, D), P = B H; d_pos contiguous (B, H, T, R))."""
+    program's float32 sums over its rows of scale d_qu and scale d_qv, written to part[0, h, b n_t + pid_t] and
+    part[1, h, b n_t + pid_t] (part (2, H, B n_t, D); d_pos contiguous (B, H, T, R)); the launch's last program then
+    sums each (c, h)'s B n_t rows, BP at a time in a fixed order, into guv[c, h] (float32 (2, H, D))."""
     pid = tl.program_id(0).to(tl.int64)
     pid_t, p = pid % n_t, pid // n_t
     b, h = p // H, p % H
@@ -95,9 +98,18 @@ def _bwd_kernel(gu_ptr, gpos_ptr, rel_ptr, gq_ptr, part_ptr, P, H, T, D, R, n_t,
             gp, rel = gp.to(tl.float32), rel.to(tl.float32)
         gv = tl.dot(gp, rel, gv, input_precision=PRECISION)
     tl.store(gq_ptr + (p * T + t[:, None]) * D + d[None, :], (gu + gv).to(gq_ptr.dtype.element_ty), mask=ok)
-    part = part_ptr + (p * n_t + pid_t) * D + d
+    n_rows = B * n_t  # partial sums per (c, h)
+    part = part_ptr + (h * n_rows + b * n_t + pid_t) * D + d
     tl.store(part, tl.sum(gu, 0) * scale, mask=d < D)
-    tl.store(part + P * n_t * D, tl.sum(gv, 0) * scale, mask=d < D)
+    tl.store(part + H * n_rows * D, tl.sum(gv, 0) * scale, mask=d < D)
+    if last_program(ticket_ptr, tl.num_programs(0)):
+        for ch in range(0, 2 * H):  # (c, h) = divmod(ch, H)
+            acc = tl.zeros((BP, BD), dtype=tl.float32)
+            for i0 in range(0, n_rows, BP):
+                i = i0 + tl.arange(0, BP)
+                acc += tl.load(part_ptr + (ch * n_rows + i[:, None]) * D + d[None, :],
+                               mask=(i < n_rows)[:, None] & (d < D)[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(guv_ptr + ch * D + d, tl.sum(acc, 0), mask=d < D)
 
 
 def _tiles(T: int, D: int, R: int) -> tuple[int, int, int, int]:
@@ -153,26 +165,29 @@ def _(q, u, v, rel, scale):
 
 @kernel_op("tvq_kernels::query_biases_backward")
 def query_biases_backward(g_qu: Tensor, g_pos: Tensor, rel: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(d_q (B, H, T, D) in g_qu's dtype, the per-program float32 sums (2, B, H, n_t, D) of scale d_qu and
-    scale d_qv) for the gradients g_qu (B, H, T, D) and g_pos (B, H, T, R) of :func:`query_biases`' qu and pos
+    """(d_q (B, H, T, D) in g_qu's dtype, float32 (2, H, D): the sums over (b, t) of scale d_qu and scale d_qv, u's
+    and v's gradients) for the gradients g_qu (B, H, T, D) and g_pos (B, H, T, R) of :func:`query_biases`' qu and pos
     (d_qv = g_pos @ rel[h]; g_pos and rel in g_qu's dtype)."""
     B, H, T, D = g_qu.shape
     R = rel.shape[1]
     g_q = torch.empty(B, H, T, D, dtype=g_qu.dtype, device=g_qu.device)
+    g_uv = torch.empty(2, H, D, dtype=torch.float32, device=g_qu.device)
+    if not g_q.numel():
+        return g_q, g_uv.zero_()
     BT, BD, BR, n_t = _tiles(T, D, R)
-    parts = torch.empty(2, B, H, n_t, D, dtype=torch.float32, device=g_qu.device)  # every entry written
-    if g_q.numel():
-        g_qu, su_b, su_h, su_t = _strides(g_qu)
-        rel, sr_h, sr_r = _rel(rel)
-        _bwd_kernel[(n_t * B * H,)](g_qu, g_pos.contiguous(), rel, g_q, parts, B * H, H, T, D, R, n_t, scale, su_b,
-                                    su_h, su_t, sr_h, sr_r, BT=BT, BD=BD, BR=BR, **dot_options(g_qu.dtype))
-    return g_q, parts
+    parts = torch.empty(2, H, B * n_t, D, dtype=torch.float32, device=g_qu.device)  # every entry written
+    g_qu, su_b, su_h, su_t = _strides(g_qu)
+    rel, sr_h, sr_r = _rel(rel)
+    _bwd_kernel[(n_t * B * H,)](g_qu, g_pos.contiguous(), rel, g_q, parts, g_uv, tickets(g_qu.device), B, H, T, D, R,
+                                n_t, scale, su_b, su_h, su_t, sr_h, sr_r, BT=BT, BD=BD, BR=BR,
+                                BP=min(PARTS, next_power_of_2(B * n_t)), **dot_options(g_qu.dtype))
+    return g_q, g_uv
 
 
 @query_biases_backward.register_fake
 def _(g_qu, g_pos, rel, scale):
     B, H, T, D = g_qu.shape
-    return g_qu.new_empty(g_qu.shape), g_qu.new_empty(2, B, H, _tiles(T, D, rel.shape[1])[3], D, dtype=torch.float32)
+    return g_qu.new_empty(g_qu.shape), g_qu.new_empty(2, H, D, dtype=torch.float32)
 
 
 @register_flops("tvq_kernels::query_biases_backward")
@@ -207,8 +222,7 @@ class _QueryBiases(torch.autograd.Function):
         qv, rel = ctx.saved_tensors
         g_qu = torch.zeros_like(qv) if g_qu is None else g_qu
         g_pos = qv.new_zeros(*qv.shape[:3], rel.shape[1]) if g_pos is None else g_pos.to(qv.dtype)
-        g_q, parts = query_biases_backward(g_qu, g_pos, rel, ctx.scale)
-        g_uv = parts.sum((1, 3))  # (2, H, D) float32: the programs' sums in a fixed order
+        g_q, g_uv = query_biases_backward(g_qu, g_pos, rel, ctx.scale)  # g_uv (2, H, D) float32
         g_rel = relative_gradient(g_pos, qv) if ctx.needs_input_grad[3] else None
         return g_q, g_uv[0].to(ctx.u_dtype), g_uv[1].to(ctx.v_dtype), g_rel, None
 
