@@ -14,6 +14,7 @@ from conftest import close_to_reference as close
 pytest.importorskip("triton")
 
 from tvq.layers.norm import rms_norm  # noqa: E402
+from tvq.ops.kernels import KERNEL_LAUNCHES  # noqa: E402
 from tvq.ops.kernels import rms_norm as krms  # noqa: E402
 
 F64 = torch.float64
@@ -173,6 +174,26 @@ def test_non_contiguous_input_and_gradient(layout):
         close(g, w, 1e-5)
 
 
+def test_a_transposed_heads_gradient_is_read_in_place(monkeypatch):  # (a model's step: test_kernel_launches)
+    """The query/key norms' output (B, T, H, D) is used transposed, (B, H, T, D), so its gradient comes as a
+    transpose whose B and T do not merge: read in place (three-level row addressing, no copy), the values the
+    reference's."""
+    monkeypatch.setattr(krms, "TILES", dict(elements=64, programs=3))  # tiles that straddle heads and tokens
+    gen = torch.Generator().manual_seed(9)
+    B, T, H, D = 2, 5, 3, 16
+    x = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+    g = torch.randn(B, H, T, D, generator=gen, dtype=F64).transpose(1, 2)  # (B, T, H, D), B and T not mergeable
+    kx = x.float().requires_grad_()
+    got = krms.rms_norm_kernel(kx, EPS, scale=0.5)
+    gf = g.float()
+    rows = krms._grad_rows(gf, D)
+    assert rows[0].data_ptr() == gf.data_ptr() and rows[3:5] == (T, H)  # read in place, as (B, T, H, D)
+    (got_dx,) = torch.autograd.grad(got, kx, gf)
+    ref = x.clone().requires_grad_()
+    (want_dx,) = torch.autograd.grad(reference(ref, None, None, 0.5), ref, g)
+    close(got_dx, want_dx, 1e-5)
+
+
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, False, True), (False, True, True), (True, True, True)])
 def test_gradients_of_only_some_inputs(monkeypatch, need):
@@ -236,13 +257,16 @@ def test_the_ops_check_and_fake_shapes():
         fw, fb = mode.from_tensor(torch.empty(100)), mode.from_tensor(torch.empty(100))
         out = krms.rms_norm(fx, fw, fb, EPS, 0.5, torch.bfloat16)
         assert out.shape == (3, 7, 100) and out.dtype == torch.bfloat16
-        dx, dw, db = krms.rms_norm_backward(out, fx, fw, EPS, 0.5, True, True)
+        dx, dwb = krms.rms_norm_backward(out, fx, fw, EPS, 0.5, True, True)
         assert dx.shape == (3, 7, 100) and dx.dtype == torch.float32
-        assert dw.shape == db.shape == (100,) and dw.dtype == db.dtype == torch.float32
-        dx, dw, db = krms.rms_norm_backward(out, fx.half(), None, EPS, 0.5, True, False)
-        assert dx.dtype == torch.float16 and dw.shape == db.shape == (0,)
-        dx, _, _ = krms.rms_norm_backward(out, fx, fw, EPS, 0.5, False, True)
+        assert dwb.shape == (2, 100) and dwb.dtype == torch.float32
+        dx, dwb = krms.rms_norm_backward(out, fx.half(), None, EPS, 0.5, True, False)
+        assert dx.dtype == torch.float16 and dwb.shape == (0,)
+        dx, _ = krms.rms_norm_backward(out, fx, fw, EPS, 0.5, False, True)
         assert dx.shape == (0,)
+    # the cost model's count: the partial sums' reduction is a second launch, only with the parameters' gradients
+    launches = KERNEL_LAUNCHES["tvq_kernels::rms_norm_backward"]
+    assert launches(grad, x, w, EPS, 0.5, True, True)[0] == 2 and launches(grad, x, w, EPS, 0.5, True, False) == (1, 0)
 
 
 def test_compiles_in_one_graph():

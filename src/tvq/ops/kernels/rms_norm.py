@@ -16,11 +16,12 @@ number is float32 (x, weight, bias and the incoming gradient are cast on load), 
   weight is saved: no output, no 1 / rms), with h = x / rms, g = grad scale, dh = g weight:
   ``dx = (dh - h mean(dh h)) / rms`` in x's dtype. The programs are persistent (2 per SM on a GPU, row tiles
   pid, pid + n_prog, ...), each summing ``g h`` and ``g`` over its rows in float32 registers, and write those
-  partial sums once per program to a (2, n_prog, D) float32 buffer that two torch ``.sum(0)`` reduce to the
-  weight and bias gradients (cast to the parameters' dtypes). Why ``.sum`` and not a second kernel or atomics:
-  the buffer is ~264 x D float32 (1.6 MB at D 1536 on a 132-SM GPU) against the N D (~10 B) that the dx pass
-  moves (250 MB for 16k rows of 1536), so a second launch would only save PyTorch's reduction launch (a few us);
-  atomics would make the gradients nondeterministic. Flags (constexpr) skip dx or the partial sums when that
+  partial sums once per program to a (2, n_prog, D) float32 buffer that one torch ``.sum(1)`` reduces to the
+  weight and bias gradients (cast to the parameters' dtypes): a second launch, registered for the cost model
+  (:func:`tvq.ops.kernels.register_launches`). Why not the launch's last program (as the query biases' sums): the
+  buffer is ~264 x D float32 (1.6 MB at D 1536 on a 132-SM GPU), which one program would read in ~100 dependent
+  round trips to L2 while the whole GPU's reduction takes a few us; atomics would make the gradients
+  nondeterministic. Flags (constexpr) skip dx or the partial sums when that
   input does not need a gradient.
 
 Inputs may be any (..., D) view whose rows are equally spaced with unit column stride (a slice of a fused
@@ -48,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tvq.ops.kernels import kernel_op
+from tvq.ops.kernels import kernel_op, register_launches
 from tvq.ops.kernels.common import cdiv, next_power_of_2
 
 # elements of a program's row tile (rows = elements / BD, at least one) and the backward's persistent programs
@@ -84,14 +85,16 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, G, sxg, eps, scale,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sgg, s2, s2g, G1, sa,
-                eps, scale, n_tiles, AFFINE: tl.constexpr, X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr,
-                HAS_ADD: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sgg, GB, GG, sgb, s2,
+                s2g, G1, sa, eps, scale, n_tiles, AFFINE: tl.constexpr, X_GRAD: tl.constexpr,
+                PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr,
+                BD: tl.constexpr):
     """dx of row tiles pid, pid + n_prog, ... (statistics recomputed from x; with HAS_ADD plus the rows of
     ``add``, x's gradient from elsewhere); with PARAM_GRAD this program's float32 sums over its rows of g h
-    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]. The gradient's rows are addressed as
-    x's (groups of G); with SPLIT a group's first G1 rows come from g (groups sg apart, rows sgg) and the rest
-    from g2 (s2, s2g): the gradients of an output returned in two parts, never joined in memory."""
+    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]. The gradient's row r is at
+    (r // (GB GG)) sg + ((r // GG) % GB) sgb + (r % GG) sgg (:func:`_grad_rows`); with SPLIT, addressed as x's
+    rows (groups of G), a group's first G1 rows come from g (groups sg apart, rows sgg) and the rest from g2
+    (s2, s2g): the gradients of an output returned in two parts, never joined in memory."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     d = tl.arange(0, BD)  # (BD,)
@@ -113,7 +116,8 @@ def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx
             g2 = tl.load(g2_ptr + (grp * s2 + (j - G1) * s2g)[:, None] + d[None, :], mask=ok & ~first, other=0.0)
             g = g.to(tl.float32) + g2.to(tl.float32)
         else:
-            g = tl.load(g_ptr + r[:, None] * sg + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            g_rows = (r // (GB * GG)) * sg + ((r // GG) % GB) * sgb + (r % GG) * sgg  # (BR,)
+            g = tl.load(g_ptr + g_rows[:, None] + d[None, :], mask=ok, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BR,)
         h = x * rstd[:, None]
         if PARAM_GRAD:
@@ -167,6 +171,28 @@ def _group_args(t: Tensor, D: int) -> tuple[Tensor, int, int]:
     return t.contiguous(), n * D, D
 
 
+def _grad_rows(grad: Tensor, D: int) -> tuple[Tensor, int, int, int, int, int]:
+    """grad's rows for the backward kernel: (t, sg, sgg, GB, GG, sgb) with row r at
+    (r // (GB GG)) sg + ((r // GG) % GB) sgb + (r % GG) sgg: evenly spaced rows (GB = GG = 1), or a (A, GB, GG, D)
+    view with a dense last dim, read in place (the gradient of heads (B, T, H, D) that come from a (B, H, T, D)
+    tensor transposed: its B and T do not merge), else a contiguous copy."""
+    try:
+        g2 = grad.view(-1, D)
+    except RuntimeError:
+        g2 = None
+    if g2 is not None and (g2.stride(1) == 1 or D == 1):
+        return g2, _row_stride(g2), 0, 1, 1, 0
+    if grad.dim() >= 3 and grad.stride(-1) == 1:
+        try:
+            g4 = grad.view(-1, *grad.shape[-3:])  # (A, GB, GG, D): the dims before the last three merged
+        except RuntimeError:
+            g4 = None
+        if g4 is not None:
+            return g4, g4.stride(0), g4.stride(2), g4.shape[1], g4.shape[2], g4.stride(1)
+    g2 = grad.reshape(-1, D).contiguous()
+    return g2, _row_stride(g2), 0, 1, 1, 0
+
+
 def _row_stride(t2: Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
@@ -216,26 +242,24 @@ def _(x, weight, bias, eps, scale, out_dtype):
 @kernel_op("tvq_kernels::rms_norm_backward")
 def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float, scale: float, x_grad: bool,
                       param_grad: bool, grad_add: Tensor | None = None,
-                      grad2: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      grad2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`rms_norm` given ``grad`` (x's shape, any dtype and strides): dx (x's shape and dtype,
     contiguous; empty (0,) unless ``x_grad``; plus ``grad_add``, x's gradient from its other uses, if given), and
-    the weight's and bias's (D,) float32 (empty (0,) unless ``param_grad``, which needs the weight). With ``grad2``
-    the gradient comes in two parts along dim -2 (x (..., G, D): grad (..., G1, D), grad2 (..., G - G1, D)), each
-    read in place."""
+    the weight's and bias's as one (2, D) float32 (empty (0,) unless ``param_grad``, which needs the weight). With
+    ``grad2`` the gradient comes in two parts along dim -2 (x (..., G, D): grad (..., G1, D), grad2 (..., G - G1, D)),
+    each read in place."""
     D = x.shape[-1]
     dx = torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device)
     if not (x_grad or param_grad):
-        return dx, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+        return dx, x.new_empty(0, dtype=torch.float32)
     x2, sx, G, sxg = _x_rows_args(x, D)
     N = x.numel() // D if D else 0
     if N == 0 or D == 0:
-        zeros = x.new_zeros(D if param_grad else 0, dtype=torch.float32)
-        return dx, zeros, zeros.clone()
+        return dx, x.new_zeros((2, D) if param_grad else (0,), dtype=torch.float32)
     if grad2 is None:
-        g2 = _rows(grad, D)
-        gs, g2s, sec = (g2, _row_stride(g2), 0), (g2, 0, 0), 0
+        gs, g2s, sec = _grad_rows(grad, D), (x2, 0, 0), 0
     else:  # rows of x are groups of G = G1 + G2 (x's view), the gradient's the same groups in two tensors
-        gs, g2s, sec = _group_args(grad, D), _group_args(grad2, D), grad.shape[-2]
+        gs, g2s, sec = (*_group_args(grad, D), 1, 1, 0), _group_args(grad2, D), grad.shape[-2]
         if G != x.shape[-2]:
             x2, sx, G, sxg = x.reshape(-1, x.shape[-2], D), x.shape[-2] * D, x.shape[-2], D  # x contiguous
             x2 = x2.contiguous()
@@ -246,21 +270,30 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
     affine = weight is not None
     _bwd_kernel[(n_prog,)](x2, weight if affine else x2, gs[0], g2s[0], a2 if a2 is not None else x2,
-                           dx if x_grad else x2, part, N, D, sx, G, sxg, gs[1], gs[2] if grad2 is not None else 0,
-                           g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
+                           dx if x_grad else x2, part, N, D, sx, G, sxg, *gs[1:], g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
                            AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad, HAS_ADD=a2 is not None,
                            SPLIT=grad2 is not None, BR=BR, BD=BD, num_warps=warps)
     if not param_grad:
-        empty = x.new_empty(0, dtype=torch.float32)
-        return dx, empty, empty.clone()
-    return dx, part[0].sum(0), part[1].sum(0)  # (D,) each (two sums: results may not share storage)
+        return dx, x.new_empty(0, dtype=torch.float32)
+    return dx, part.sum(1)  # (2, D): the weight's and the bias's
 
 
 @rms_norm_backward.register_fake
 def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None, grad2=None):
-    D = x.shape[-1] if param_grad else 0
     return (torch.empty(x.shape if x_grad else (0,), dtype=x.dtype, device=x.device),
-            x.new_empty(D, dtype=torch.float32), x.new_empty(D, dtype=torch.float32))
+            x.new_empty((2, x.shape[-1]) if param_grad else (0,), dtype=torch.float32))
+
+
+@register_launches("tvq_kernels::rms_norm_backward")
+def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None, grad2=None):
+    """With the parameters' gradients the partial sums' reduction too; scratch: the (2, n_prog, D) float32 partial
+    sums, written and read once (n_prog counted as on a 132-SM GPU where there is none)."""
+    if not param_grad or not x.numel():
+        return 1, 0
+    N, D = x.numel() // x.shape[-1], x.shape[-1]
+    n_tiles = cdiv(N, _tile(N, D)[0])
+    n_prog = max(1, min(n_tiles, TILES["programs"] or 2 * (_sm_count(0) if torch.cuda.is_available() else 132)))
+    return 2, 2 * n_prog * D * 4
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -285,9 +318,9 @@ class _RMSNorm(torch.autograd.Function):
         n_out = 2 if ctx.split else 1
         grad, grad2 = grads[0], grads[1] if ctx.split else None
         grad_x = grads[n_out] if len(grads) > n_out else None
-        dx, dw, db = rms_norm_backward(grad, x, weight, ctx.eps, ctx.scale, need_x, need_w or need_b, grad_x, grad2)
-        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
-                db.to(ctx.bias_dtype) if need_b else None, None, None, None, None, None)
+        dx, dwb = rms_norm_backward(grad, x, weight, ctx.eps, ctx.scale, need_x, need_w or need_b, grad_x, grad2)
+        return (dx if need_x else None, dwb[0].to(weight.dtype) if need_w else None,
+                dwb[1].to(ctx.bias_dtype) if need_b else None, None, None, None, None, None)
 
 
 def rms_norm_kernel(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None, *,
