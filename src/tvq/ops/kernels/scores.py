@@ -129,9 +129,10 @@ def _online(m, l, s):
 
 @triton.jit
 def _row_setup(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
-               sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h,
+               sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sc_h, sn_b, sn_h,
                HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
-    """This program's (p, n), its query rows a, their qu (BA, BD) and the bases of its rows of the inputs."""
+    """This program's (p, n), its query rows a, their qu (BA, BD) and the bases of its rows of the inputs (the
+    codebook's head and the counts' batch and head by strides: an mqa sublayer's one head expanded, stride 0)."""
     pn = tl.program_id(0).to(tl.int64)  # p nb + n
     p, n = pn // nb, pn % nb
     b, h = p // H, p % H
@@ -147,14 +148,14 @@ def _row_setup(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ni
         bias = tl.load(bias_ptr + h).to(tl.float32)
     else:
         bias = 0.0
-    return (pn, n, a, qu, k_ptr + b * sk_b + h * sk_h, pos_ptr + pn * L * (M + 1), cb_ptr + h * S * D,
-            count_ptr + pn * S, ninv, bias)
+    return (pn, n, a, qu, k_ptr + b * sk_b + h * sk_h, pos_ptr + pn * L * (M + 1), cb_ptr + h * sc_h,
+            count_ptr + b * sn_b + h * sn_h + n * S, ninv, bias)
 
 
 @triton.jit
 def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, p_win_ptr, p_cache_ptr,
                        lse_ptr, ninv_int, H, nb, L, M, W, S, D,
-                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d,
+                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d, sc_h, sn_b, sn_h,
                        AGG: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, DIVIDE: tl.constexpr,
                        BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                        PRECISION: tl.constexpr):
@@ -162,7 +163,7 @@ def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
     recomputes each tile and writes p_win (and p_cache, divided by max(count, 1) under DIVIDE), and the lse."""
     pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
         qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
-        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, HAS_BIAS, PER_ROW, BA, BD)
+        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sc_h, sn_b, sn_h, HAS_BIAS, PER_ROW, BA, BD)
     a_ok = a < L
     m = tl.full((BA,), float("-inf"), tl.float32)
     l = tl.zeros((BA,), tl.float32)
@@ -199,7 +200,7 @@ def _scores_fwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
 def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, lse_ptr, g_win_ptr,
                        g_cache_ptr, ds_win_ptr, ds_cache_ptr, d_pos_ptr, d_bias_ptr, g_qu_ptr,
                        ninv_int, H, nb, L, M, W, S, D,
-                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d,
+                       sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sk_t, sk_d, sc_h, sn_b, sn_h,
                        AGG: tl.constexpr, HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, DIVIDE: tl.constexpr,
                        BA: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                        PRECISION: tl.constexpr):
@@ -210,7 +211,7 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
     sums in float32): the program holds all of its rows' columns, so no other program adds to its rows."""
     pn, n, a, qu, k_row, pos_row, cb_row, count_row, ninv, bias = _row_setup(
         qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv_ptr, ninv_int, H, nb, L, M, S, D,
-        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, HAS_BIAS, PER_ROW, BA, BD)
+        sq_b, sq_h, sq_n, sq_l, sq_d, sk_b, sk_h, sc_h, sn_b, sn_h, HAS_BIAS, PER_ROW, BA, BD)
     a_ok = a < L
     rows = pn * L + a  # (BA,)
     lse = tl.load(lse_ptr + rows, mask=a_ok, other=0.0)  # (BA,)
@@ -267,6 +268,11 @@ def _scores_bwd_kernel(qu_ptr, k_ptr, pos_ptr, cb_ptr, count_ptr, bias_ptr, ninv
              mask=a_ok[:, None] & (d[None, :] < D))
 
 
+def _dense_rows(t: Tensor) -> bool:
+    """Whether t's last two dims are dense (unit stride, rows one after another); its leading strides are free."""
+    return t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1])
+
+
 def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int):
     """The shared leading arguments of both kernels, their meta-parameters and grid."""
     B, H, nb, L, D = qu.shape
@@ -277,10 +283,14 @@ def _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invali
     BA, BW, BS = tile(L, TILES["rows"]), tile(M + L, TILES["window"]), tile(max(S, 1), TILES["cache"])
     meta = dict(AGG=agg, HAS_BIAS=cache_bias is not None, PER_ROW=n_invalid is not None,
                 BA=BA, BW=BW, BS=BS, BD=tile(D, 2**30), PRECISION=_precision(qu.dtype))
-    inputs = (qu, keys, pos.contiguous(), codebook.contiguous() if agg else dummy,
-              count.contiguous() if agg else dummy, cache_bias.contiguous() if cache_bias is not None else dummy,
+    if agg:  # read in place where each head's (S, D_k) codebook and (nb, S) counts are dense (an expanded head too)
+        codebook = codebook if _dense_rows(codebook) else codebook.contiguous()
+        count = count if _dense_rows(count) else count.contiguous()
+    inputs = (qu, keys, pos.contiguous(), codebook if agg else dummy, count if agg else dummy,
+              cache_bias.contiguous() if cache_bias is not None else dummy,
               n_invalid.contiguous() if n_invalid is not None else dummy)
-    sizes = (n_invalid_int, H, nb, L, M, M + L, S, D, *qu.stride(), *keys.stride())
+    heads = (codebook.stride(0), count.stride(0), count.stride(1)) if agg else (0, 0, 0)
+    sizes = (n_invalid_int, H, nb, L, M, M + L, S, D, *qu.stride(), *keys.stride(), *heads)
     return inputs, sizes, meta, (B * H * nb, cdiv(L, BA))
 
 
@@ -330,7 +340,8 @@ def window_scores_backward(qu: Tensor, keys: Tensor, pos: Tensor, codebook: Tens
     ds_win = qu.new_empty(B, H, nb, L, W)
     ds_cache = qu.new_empty(B, H, nb, L, S)
     d_pos = pos.new_empty(pos.shape)  # every entry written: slot M + a - d is in the window for 0 <= d <= M
-    d_bias = qu.new_zeros(B, H, nb, L, dtype=torch.float32)
+    # every row written by the kernel where there is a cache; zeros (a fill) only without one
+    d_bias = (qu.new_empty if S else qu.new_zeros)(B, H, nb, L, dtype=torch.float32)
     g_qu = qu.new_empty(B, H, nb, L, D)
     inputs, sizes, meta, grid = _launch_args(qu, keys, pos, codebook, count, cache_bias, n_invalid, n_invalid_int)
     cache_io = (g_cache.contiguous(), ds_cache, d_bias) if S else (lse, lse, lse)  # without the cache never touched
