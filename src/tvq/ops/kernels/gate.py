@@ -155,21 +155,24 @@ def _dz_tile(pid, z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_col
 
 
 @triton.jit
-def _dnorm_tile(pid, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, s1_r, s1_h, s1_c, s2_r, s2_h, s2_c,
-                n_heads, H1, D, eps, scale, HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, BH: tl.constexpr,
-                BD: tl.constexpr):
+def _dnorm_tile(pid, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, R1, s1_o, s1_r, s1_h, s1_c, s2_o,
+                s2_r, s2_h, s2_c, n_heads, H1, D, eps, scale, HAS_D1: tl.constexpr, HAS_D2: tl.constexpr,
+                BH: tl.constexpr, BD: tl.constexpr):
     """Head-row tile ``pid`` of dz's first n_heads D columns: statistics recomputed from z_qk, h = x / rms,
-    dh = grad scale, dx = (dh - h mean(dh h)) / rms; head j < H1 reads d1[r, j], the others d2[r, j - H1]."""
+    dh = grad scale, dx = (dh - h mean(dh h)) / rms; head j < H1 reads d1[r, j], the others d2[r, j - H1], token
+    row r of a gradient at (r // R1) s_o + (r % R1) s_r (rows in R1-row groups: a (B, T, ...) view whose B and T do
+    not merge, read in place)."""
     tok, j, d, ok = _head_rows(pid, n_rows, n_heads, D, BH, BD)
+    grp, sub = tok // R1, tok % R1
     cols = j[:, None] * D + d[None, :]  # (BH, BD) columns of z_qk and dz
     x = tl.load(zq_ptr + tok[:, None] * sq_r + cols * sq_c, mask=ok, other=0.0).to(tl.float32)
     first = (j < H1)[:, None]
     g = tl.zeros((BH, BD), dtype=tl.float32)
     if HAS_D1:
-        g += tl.load(d1_ptr + tok[:, None] * s1_r + j[:, None] * s1_h + d[None, :] * s1_c, mask=ok & first,
-                     other=0.0).to(tl.float32)
+        g += tl.load(d1_ptr + (grp * s1_o + sub * s1_r)[:, None] + j[:, None] * s1_h + d[None, :] * s1_c,
+                     mask=ok & first, other=0.0).to(tl.float32)
     if HAS_D2:
-        g += tl.load(d2_ptr + tok[:, None] * s2_r + (j - H1)[:, None] * s2_h + d[None, :] * s2_c,
+        g += tl.load(d2_ptr + (grp * s2_o + sub * s2_r)[:, None] + (j - H1)[:, None] * s2_h + d[None, :] * s2_c,
                      mask=ok & ~first, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)  # (BH,)
     h = x * rstd[:, None]
@@ -182,7 +185,8 @@ def _dnorm_tile(pid, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c,
 @triton.jit
 def _activation_bwd_kernel(z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_cols,
                            sz_r, sz_c, sk_r, sk_c, sv_r, sv_c, sg_r, sg_c,
-                           zq_ptr, d1_ptr, d2_ptr, sq_r, sq_c, s1_r, s1_h, s1_c, s2_r, s2_h, s2_c, n_heads, H1, D,
+                           zq_ptr, d1_ptr, d2_ptr, sq_r, sq_c, R1, s1_o, s1_r, s1_h, s1_c, s2_o, s2_r, s2_h, s2_c,
+                           n_heads, H1, D,
                            eps, scale, main_tiles, c0,
                            HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DG: tl.constexpr, NORM: tl.constexpr,
                            HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
@@ -195,8 +199,8 @@ def _activation_bwd_kernel(z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n
         _dz_tile(pid, z_ptr, dk_ptr, dv_ptr, dg_ptr, dz_ptr, n_rows, n_k, n_v, n_cols, sz_r, sz_c, sk_r, sk_c, sv_r,
                  sv_c, sg_r, sg_c, c0, HAS_DK, HAS_DV, HAS_DG, BR, BC)
     elif NORM:
-        _dnorm_tile(pid - main_tiles, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, s1_r, s1_h, s1_c,
-                    s2_r, s2_h, s2_c, n_heads, H1, D, eps, scale, HAS_D1, HAS_D2, BH, BD)
+        _dnorm_tile(pid - main_tiles, zq_ptr, d1_ptr, d2_ptr, dz_ptr, n_rows, n_cols, sq_r, sq_c, R1, s1_o, s1_r,
+                    s1_h, s1_c, s2_o, s2_r, s2_h, s2_c, n_heads, H1, D, eps, scale, HAS_D1, HAS_D2, BH, BD)
 
 
 @triton.jit
@@ -301,14 +305,20 @@ def _dz_shape(z_v: Tensor, n_k: int, n_g: int) -> tuple[int, ...]:
 
 
 def _heads_grad(d: Tensor | None, lead: tuple, n: int, head_dim: int, name: str, dummy: Tensor) -> tuple:
-    """A normalized part's gradient (..., n, head_dim) as (rows, n, head_dim) and its three strides (a dummy
-    pointer where absent, never read)."""
+    """A normalized part's gradient (..., n, head_dim) as (groups, R1, n, head_dim), R1 = :func:`_row_group`'s, and its
+    four strides (a dummy pointer where absent, never read): a (B, T, n, head_dim) view is read in place, whatever its
+    strides (the queries' gradient of several heads comes as a transpose of (B, n, T, head_dim))."""
     if d is None or n == 0:
-        return dummy, 0, 0, 0
+        return dummy, 0, 0, 0, 0
     if d.shape != (*lead, n, head_dim):
         raise ValueError(f"gau_activation_backward: {name} {(*lead, n, head_dim)} expected, got {tuple(d.shape)}")
-    d3 = d.reshape(-1, n, head_dim)
-    return d3, *d3.stride()
+    d4 = d.reshape(-1, _row_group(lead), n, head_dim)  # a view for (B, T) leading dims; else a copy, if needed
+    return d4, *d4.stride()
+
+
+def _row_group(lead: tuple) -> int:
+    """R1, the rows per group of :func:`_heads_grad`: T of (B, T) leading dims, else all rows."""
+    return lead[-1] if len(lead) == 2 else math.prod(lead)
 
 
 @kernel_op("tvq_kernels::gau_activation_backward")
@@ -345,12 +355,13 @@ def gau_activation_backward(z_v: Tensor, dk: Tensor | None, dv: Tensor | None, d
     q2, n_heads, bh, bd = _head_args(z_qk, head_dim) if norm else (z2, 0, 1, 1)
     H1 = (d1.shape[-2] if d1 is not None else n_heads - d2.shape[-2] if d2 is not None else n_heads) if norm else 0
     lead = tuple(z_v.shape[:-1])
-    p1 = _heads_grad(d1, lead, H1, head_dim, "d1", z2) if norm else (z2, 0, 0, 0)
-    p2 = _heads_grad(d2, lead, n_heads - H1, head_dim, "d2", z2) if norm else (z2, 0, 0, 0)
+    p1 = _heads_grad(d1, lead, H1, head_dim, "d1", z2) if norm else (z2, 0, 0, 0, 0)
+    p2 = _heads_grad(d2, lead, n_heads - H1, head_dim, "d2", z2) if norm else (z2, 0, 0, 0, 0)
     h_tiles = cdiv(rows * n_heads, bh)
     _activation_bwd_kernel[(main_tiles + h_tiles,)](
         z2, grads[0], grads[3], grads[6], dz, rows, n_k, n_v, n, *z2.stride(), *grads[1:3], *grads[4:6],
-        *grads[7:9], q2, p1[0], p2[0], *q2.stride(), *p1[1:], *p2[1:], n_heads, H1, head_dim, eps, scale,
+        *grads[7:9], q2, p1[0], p2[0], *q2.stride(), max(_row_group(lead), 1), *p1[1:], *p2[1:], n_heads, H1,
+        head_dim, eps, scale,
         main_tiles, c0, HAS_DK=has[0], HAS_DV=has[1], HAS_DG=has[2], NORM=norm,
         HAS_D1=norm and d1 is not None and H1 > 0, HAS_D2=norm and d2 is not None and n_heads > H1,
         BR=br, BC=bc, BH=bh, BD=bd)
