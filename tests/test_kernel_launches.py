@@ -54,7 +54,7 @@ class _Inside(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("config", [
-    dict(head_type="shga", dropout_sin=0.2, dropout_res=0.3, layerdrop=0.2),
+    dict(head_type="shga", dropout_sin=0.2, dropout_res=0.3, layerdrop=0.2, cache_bias=True),
     dict(head_type="mqa"),
 ])
 def test_every_launch_is_registered(monkeypatch, config):
