@@ -27,7 +27,7 @@ from tvq.config import TransformerVQConfig
 from tvq.layers.host_flags import HostFlags
 from tvq.layers.norm import RMSNorm
 from tvq.layers.position import SinusoidTable
-from tvq.layers.residual import add_residual
+from tvq.layers.residual import add_residual, add_residual_norm
 from tvq.layers.vq import VectorQuantizer
 from tvq.ops import blockwise_attention, dense_attention, quadratic_attention
 from tvq.ops.cache import advance_state, join_window
@@ -182,15 +182,20 @@ class Attention(HostFlags):
     def forward(
         self, x: Tensor, state: LayerState, pos: int, token_mask: Tensor | None = None,
         start: Tensor | None = None, context=None, cast: tuple[Tensor, ...] | None = None,
-    ) -> tuple[Tensor, LayerState, Tensor]:
-        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss).
+        normed: Tensor | None = None, next_norm: RMSNorm | None = None,
+    ) -> tuple[Tensor, LayerState, Tensor] | tuple[Tensor, LayerState, Tensor, Tensor]:
+        """x (B, T, D) at positions pos..pos+T-1 -> (x', new state, commitment loss), and with ``next_norm`` the
+        next sublayer's normalized input.
 
         ``token_mask`` (B, T) bool: False for padding (kept out of the codebook statistics); ``start`` (B,)
         long: each row's first real position (left padding before it), or None (0). ``context``: a
         :class:`tvq.parallel.ContextParallel` when x is one rank's chunk of a sequence split over ranks (``state``
         is then the segment's carried state, and the new state the whole segment's). ``cast``: this sublayer's
         weights already cast for the Triton path (:meth:`cast_plan`; the model casts every sublayer's in one
-        launch), else (None) cast here where that path runs."""
+        launch), else (None) cast here where that path runs. ``next_norm``: the next pre-norm sublayer's norm, applied
+        to x' with the residual add (:func:`tvq.layers.residual.add_residual_norm`: one kernel each way on the Triton
+        path) and its output returned as a fourth element, for the next sublayer's ``normed`` (its norm then
+        skipped: x its residual stream as returned here)."""
         cfg = self.config
         B, T, _ = x.shape
         Hq, Hkv, Dk, Dv, M = cfg.n_q_head, cfg.n_kv_head, cfg.d_k, cfg.head_d_v, cfg.mem_len
@@ -198,7 +203,10 @@ class Attention(HostFlags):
 
         # under autocast the norm writes the projections' input in the compute dtype once
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        h, x = self.norm(x, out_dtype=amp, residual=True)  # (B, T, D); x's two gradients joined in the norm's
+        if normed is None:  # (B, T, D); x's two gradients joined in the norm's
+            h, x = self.norm(x, out_dtype=amp, residual=True)
+        else:  # written by the previous sublayer with its residual add
+            h = normed
         # the Triton path: the weights cast (and q's and k/v/g's joined) in one launch, their gradients written in
         # their own dtype by the GEMMs
         w_proj, w_o, w_r = self._cast_weights(h.dtype, cast) if self._joined_path(h) else (None, None, None)
@@ -266,9 +274,17 @@ class Attention(HostFlags):
         elif g is not None:
             out = out * g
         if fused and not self.training:  # no dropout or LayerDrop: the residual add joins the GEMM
-            return linear(out, self.w_o.weight, residual=x), new_state, commit
+            x = linear(out, self.w_o.weight, residual=x)
+            if next_norm is None:
+                return x, new_state, commit
+            h_next, x = next_norm(x, out_dtype=amp, residual=True)
+            return x, new_state, commit, h_next
         res = self.w_o(out) if w_o is None else self._cast_linear(out, w_o, self.w_o)  # (B, T, D)
-        return add_residual(x, res, cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
+        if next_norm is None:
+            return add_residual(x, res, cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
+        x, h_next = add_residual_norm(x, res, cfg.dropout_res, cfg.layerdrop, self.training, next_norm, amp,
+                                      kernel=not _distributed(next_norm.weight))  # (FSDP2: a shard until it runs)
+        return x, new_state, commit, h_next
 
     def _joined_path(self, h: Tensor) -> bool:
         """Whether the projections run as one GEMM of joined weights (:meth:`_cast_weights`): the gated sublayer

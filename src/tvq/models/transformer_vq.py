@@ -17,6 +17,7 @@ from tvq.layers.attention import Attention
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
 from tvq.layers.vq import add_statistics, apply_updates, checkpointed, recomputing
+from tvq.ops.kernels import kernels_enabled
 from tvq.ops.linear import precast_weights
 from tvq.sampling import sample_next
 from tvq.state import TransformerVQState, zero_states
@@ -234,17 +235,19 @@ class TransformerVQ(nn.Module):
         layers, commits = [], []
         recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
         casts = self._precast(x)
+        next_norms = self._next_norms(x)
+        h = None  # the next sublayer's normalized input, where the previous one wrote it with its residual add
         for i, (attn, layer_state) in enumerate(zip(self.attns, state.layers)):
+            args = (x, layer_state, pos, token_mask, state.start, context, casts[i], h, next_norms[i])
             if recompute:  # keep only each sublayer's inputs; backward runs it again (same dropout masks)
                 # eager backward re-runs the Python forward: tell the quantizer not to count its codes
                 # twice; a compiled graph recomputes inside the graph (and takes no context_fn)
                 quiet = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_quietly}
-                x, new_layer_state, layer_commit = checkpoint(
-                    attn, x, layer_state, pos, token_mask, state.start, context, casts[i], use_reentrant=False,
-                    **quiet)
+                out = checkpoint(attn, *args, use_reentrant=False, **quiet)
             else:
-                x, new_layer_state, layer_commit = attn(x, layer_state, pos, token_mask, state.start, context,
-                                                        casts[i])
+                out = attn(*args)
+            x, new_layer_state, layer_commit = out[:3]
+            h = out[3] if next_norms[i] is not None else None
             if self.mlps is not None:  # mha / mqa: the layer's MLP sublayer
                 x = checkpoint(self.mlps[i], x, use_reentrant=False) if recompute else self.mlps[i](x)
             layers.append(new_layer_state)
@@ -254,6 +257,21 @@ class TransformerVQ(nn.Module):
         add_statistics(self._quantizers())  # this forward's codebook statistics (if any), all sublayers in one batch
         T = input_ids.shape[1] * (1 if context is None else context.size)  # tokens of the new state
         return self._logits(x), TransformerVQState(layers, state.pos + T, state.start), commit
+
+    def _next_norms(self, x: Tensor) -> list[RMSNorm | None]:
+        """For each attention sublayer, the next one's norm where the two are joined (its residual add and the next
+        pre-norm in one kernel each way, :func:`tvq.layers.residual.add_residual_norm`), else None: on the Triton path
+        (elsewhere the norm stays in its sublayer, as it would compute the same), between consecutive attention
+        sublayers (an MLP comes between them for mha / mqa), for a plain norm (no hooks, which its kernel would
+        skip)."""
+        nexts: list[RMSNorm | None] = [None] * len(self.attns)
+        if self.mlps is not None or not kernels_enabled(x) or torch.compiler.is_compiling():
+            return nexts
+        for i, nxt in enumerate(self.attns[1:]):
+            norm = nxt.norm
+            if type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks):
+                nexts[i] = norm
+        return nexts
 
     def _precast(self, x: Tensor) -> list[tuple[Tensor, ...] | None]:
         """Each attention sublayer's weights cast for the Triton path (:meth:`tvq.layers.attention.Attention.

@@ -63,6 +63,21 @@ def dropout_scale(seed, cnt, lane, thresh, keep_scale):
 
 
 @triton.jit
+def dropout_scale4(seed, cnt, thresh, keep_scale):
+    """The four lanes' multipliers (keep_scale or 0, float32, cnt's shape each) of the stream at Philox counters
+    cnt: one Philox call for four elements (a kernel that lays them out its own way interleaves them)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, cnt)
+    return (tl.where(_r31(r0) >= thresh, keep_scale, 0.0), tl.where(_r31(r1) >= thresh, keep_scale, 0.0),
+            tl.where(_r31(r2) >= thresh, keep_scale, 0.0), tl.where(_r31(r3) >= thresh, keep_scale, 0.0))
+
+
+@triton.jit
+def row_scale(seed, cnt, thresh, scale):
+    """LayerDrop's factor (scale or 0, float32) of the rows whose draws are lane 0 of Philox at counters cnt."""
+    return tl.where(_r31(tl.randint(seed, cnt)) >= thresh, scale, 0.0)
+
+
+@triton.jit
 def _multiplier(seed, b, cnt, lane, n_cnt, thresh, keep_scale, ld_thresh, ld_scale,
                 LAYERDROP: tl.constexpr, DROP: tl.constexpr):
     """(BG, 4) float32 multipliers of res for row b: mask (0 or keep_scale, from Philox at the groups' counters cnt)
@@ -71,8 +86,7 @@ def _multiplier(seed, b, cnt, lane, n_cnt, thresh, keep_scale, ld_thresh, ld_sca
     if DROP:
         m = m * dropout_scale(seed, cnt[:, None], lane, thresh, 1.0)  # (BG, 4)
     if LAYERDROP:
-        row = tl.randint(seed, tl.full((1,), 0, tl.int64) + n_cnt + b)  # (1,): the row's one draw
-        m = m * tl.where(_r31(row) >= ld_thresh, ld_scale, 0.0)[:, None]
+        m = m * row_scale(seed, tl.full((1,), 0, tl.int64) + n_cnt + b, ld_thresh, ld_scale)[:, None]  # (1,)
     return m
 
 
