@@ -65,7 +65,7 @@ def test_outputs_and_gradients_match_the_reference(monkeypatch, dtype, shape, R,
     assert got_grads[1].is_contiguous() and got_grads[2].is_contiguous()
     for g, w in zip(got_grads, want_grads):
         close(g, w, TOL[dtype])
-    assert tickets(q.device).item() == 0
+    assert not tickets(q.device).any()
 
 
 @pytest.mark.parametrize("used", ["qu", "pos"])

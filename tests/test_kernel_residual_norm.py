@@ -105,7 +105,7 @@ def test_registrations_and_refusals():
                            torch.float32, True, True, True))
     launches = KERNEL_LAUNCHES["tvq_kernels::residual_norm_backward"]
     args = (x, w, x, x, EPS, 0.3, 0.2, 9, torch.float32, torch.float32, True, True)
-    assert launches(*args, True)[0] == 2 and launches(*args, False) == (1, 0)
+    assert launches(*args, True)[0] == 1 and launches(*args, True)[1] > 0 and launches(*args, False) == (1, 0)
     with pytest.raises(ValueError, match="one shape"):
         krn.residual_norm_kernel(x, res[:, :2], w, w, EPS)
     with pytest.raises(ValueError, match="both or neither"):

@@ -3,6 +3,7 @@ reduction of per-program partial sums by the launch's last program (:func:`last_
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -52,16 +53,68 @@ def last_program(ticket_ptr, n_programs):
     return last
 
 
+@triton.jit
+def tree_sum(part_ptr, tree_ptr, out_ptr, ticket_ptr, pid, n_prog, D, G, BD: tl.constexpr, BG: tl.constexpr):
+    """The sums over a launch's programs of two float32 partial rows, part (2, n_prog, D) -> out (2, D), in the launch
+    itself, by a two-level tree of last programs (:func:`last_program`): the last of each group of G programs (pid //
+    G; G about sqrt(n_prog)) adds up its group's rows into tree (2, n_groups, D), and the last of those the groups'
+    rows. Each level reads about sqrt(n_prog) rows, BG at a time, in a fixed order (deterministic): a few round trips
+    to L2 where one program reading all n_prog rows would take n_prog / BG (the persistent kernels' 2 programs per SM:
+    264 on an H100). Call once per program after storing its rows; ticket_ptr: :func:`tickets`' counters (1 +
+    n_groups of them: the groups' from ticket_ptr + 1)."""
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    grp = pid // G
+    lo = grp * G
+    n_in = tl.minimum(G, n_prog - lo)
+    if last_program(ticket_ptr + 1 + grp, n_in):
+        n_groups = tl.cdiv(n_prog, G)
+        a0 = tl.zeros((BG, BD), dtype=tl.float32)
+        a1 = tl.zeros((BG, BD), dtype=tl.float32)
+        for i0 in range(0, n_in, BG):
+            i = i0 + tl.arange(0, BG)
+            ok = (i < n_in)[:, None] & d_ok[None, :]
+            rows = (lo + i)[:, None] * D + d[None, :]
+            a0 += tl.load(part_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+            a1 += tl.load(part_ptr + n_prog * D + rows, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(tree_ptr + grp * D + d, tl.sum(a0, axis=0), mask=d_ok)
+        tl.store(tree_ptr + (n_groups + grp) * D + d, tl.sum(a1, axis=0), mask=d_ok)
+        if last_program(ticket_ptr, n_groups):
+            a0 = tl.zeros((BG, BD), dtype=tl.float32)
+            a1 = tl.zeros((BG, BD), dtype=tl.float32)
+            for i0 in range(0, n_groups, BG):
+                i = i0 + tl.arange(0, BG)
+                ok = (i < n_groups)[:, None] & d_ok[None, :]
+                rows = i[:, None] * D + d[None, :]
+                a0 += tl.load(tree_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+                a1 += tl.load(tree_ptr + n_groups * D + rows, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + d, tl.sum(a0, axis=0), mask=d_ok)
+            tl.store(out_ptr + D + d, tl.sum(a1, axis=0), mask=d_ok)
+
+
+def tree_args(n_prog: int, D: int, BD: int, elements: int, device: torch.device) -> dict:
+    """:func:`tree_sum`'s host side for n_prog programs' rows of D: its scratch tree (2, n_groups, D) float32 and
+    counters, G, and BG (rows per load: BG BD at most ``elements``, the kernel's own tile)."""
+    G = math.isqrt(max(n_prog - 1, 0)) + 1  # ceil(sqrt(n_prog))
+    n_groups = -(-n_prog // G)
+    tree = torch.empty(2, n_groups, D, dtype=torch.float32, device=device)
+    return dict(tree=tree, ticket=tickets(device, 1 + n_groups), G=G,
+                BG=max(1, min(elements // BD, 1 << max(G - 1, 0).bit_length())))
+
+
+TICKETS = 1024  # counters per device and stream
 _TICKETS: dict[tuple, Tensor] = {}
 
 
-def tickets(device: torch.device) -> Tensor:
-    """The int32 counter :func:`last_program` takes tickets from, zero between launches: one per device and CUDA
-    stream (launches on one stream run one after another; two streams' would mix their tickets). Made once (one
-    fill) and kept; each launch leaves it at zero."""
+def tickets(device: torch.device, n: int = 1) -> Tensor:
+    """The int32 counters :func:`last_program` takes tickets from (n of them used), zero between launches: one set
+    per device and CUDA stream (launches on one stream run one after another; two streams' would mix their
+    tickets). Made once (one fill) and kept; each launch leaves them at zero."""
+    if n > TICKETS:
+        raise ValueError(f"tickets: at most {TICKETS} counters, {n} asked")
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
-    counter = _TICKETS.get(key)
-    if counter is None:
-        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+    counters = _TICKETS.get(key)
+    if counters is None:
+        counters = _TICKETS[key] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return counters

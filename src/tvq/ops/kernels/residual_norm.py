@@ -8,8 +8,8 @@ and, from the same registers, h: one launch instead of two and no read of y (4 b
 Backward is one persistent launch too (as the norm's): with g_h the gradient of h and g_y the gradient y gets from
 its other uses (the next residual add), ``dy = g_y + (dh - h mean(dh h)) / rms`` (dh = g_h weight) is x's gradient
 and ``dy * mask * row_factor`` res's, both written by the program that computes dy (the norm's backward wrote dy
-and the residual's backward read it back), and the norm's parameter gradients as per-program partial sums that one
-reduction adds up (:mod:`tvq.ops.kernels.rms_norm`'s reasons; two launches, registered with the cost model).
+and the residual's backward read it back), and the norm's parameter gradients as per-program partial sums that the
+launch's last programs add up (:func:`tvq.ops.kernels.common.tree_sum`, as the norm's).
 
 The dropout mask and LayerDrop's row factors are drawn from a seed with the residual kernel's Philox stream, laid
 out by rows here: element (r, d) of row r (of N = B T rows of D) keeps lane d % 4 of ``philox(seed, r ceil(D / 4) +
@@ -26,9 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import kernel_op, register_launches
-from tvq.ops.kernels.common import cdiv
+from tvq.ops.kernels.common import cdiv, tree_args, tree_sum
 from tvq.ops.kernels.residual import draw_seed, dropout_scale4, dropout_threshold, row_scale
-from tvq.ops.kernels.rms_norm import MAX_D, TILES, _programs, _tile
+from tvq.ops.kernels.rms_norm import MAX_D, TILES, _programs, _tile, param_scratch
 
 
 @triton.jit
@@ -74,13 +74,14 @@ def _fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, h_ptr, seed, N, D, T, NG, n
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_kernel(y_ptr, w_ptr, gh_ptr, gy_ptr, dx_ptr, dres_ptr, part_ptr, seed, N, D, T, NG, n_cnt, thresh,
-                keep_scale, ld_thresh, ld_scale, eps, n_tiles, AFFINE: tl.constexpr, HAS_GH: tl.constexpr,
-                HAS_GY: tl.constexpr, X_GRAD: tl.constexpr, RES_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr,
-                LAYERDROP: tl.constexpr, DROP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+def _bwd_kernel(y_ptr, w_ptr, gh_ptr, gy_ptr, dx_ptr, dres_ptr, part_ptr, tree_ptr, dwb_ptr, ticket_ptr, seed, N, D,
+                T, NG, n_cnt, thresh, keep_scale, ld_thresh, ld_scale, eps, n_tiles, TG, AFFINE: tl.constexpr,
+                HAS_GH: tl.constexpr, HAS_GY: tl.constexpr, X_GRAD: tl.constexpr, RES_GRAD: tl.constexpr,
+                PARAM_GRAD: tl.constexpr, LAYERDROP: tl.constexpr, DROP: tl.constexpr, BR: tl.constexpr,
+                BD: tl.constexpr, BG: tl.constexpr):
     """Row tiles pid, pid + n_prog, ...: dy = g_y + the norm's input gradient (statistics recomputed from y) to dx,
     dy * multiplier to d_res; with PARAM_GRAD this program's float32 sums of g_h h and g_h to part[0, pid] and
-    part[1, pid]."""
+    part[1, pid], added up into dwb (2, D) by the launch's last programs (:func:`tvq.ops.kernels.common.tree_sum`)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     d = tl.arange(0, BD)
@@ -116,6 +117,7 @@ def _bwd_kernel(y_ptr, w_ptr, gh_ptr, gy_ptr, dx_ptr, dres_ptr, part_ptr, seed, 
     if PARAM_GRAD:
         tl.store(part_ptr + pid.to(tl.int64) * D + d, dw, mask=d_ok)
         tl.store(part_ptr + (n_prog + pid).to(tl.int64) * D + d, db, mask=d_ok)
+        tree_sum(part_ptr, tree_ptr, dwb_ptr, ticket_ptr, pid, n_prog, D, TG, BD, BG)
 
 
 def _stream_args(y: Tensor, p: float, layerdrop: float) -> dict:
@@ -174,13 +176,16 @@ def residual_norm_backward(y: Tensor, weight: Tensor | None, g_h: Tensor | None,
     n_tiles = cdiv(N, BR)
     n_prog = _programs(y.device, n_tiles)
     part = y.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else y
+    dwb = y.new_empty((2, D) if param_grad else (0,), dtype=torch.float32)  # the weight's and the bias's
+    tree = tree_args(n_prog, D, BD, TILES["elements"], y.device) if param_grad else dict(tree=y, ticket=y, G=1, BG=1)
     affine = weight is not None
     _bwd_kernel[(n_prog,)](y.contiguous(), weight if affine else y, g_h.contiguous() if g_h is not None else y,
                            g_y.contiguous() if g_y is not None else y, dx if x_grad else y, d_res if res_grad else y,
-                           part, seed, N, D, eps=eps, n_tiles=n_tiles, AFFINE=affine, HAS_GH=g_h is not None,
-                           HAS_GY=g_y is not None, X_GRAD=x_grad, RES_GRAD=res_grad, PARAM_GRAD=param_grad, BR=BR,
-                           BD=BD, num_warps=warps, **_stream_args(y, p, layerdrop))
-    return dx, d_res, part.sum(1) if param_grad else y.new_empty(0, dtype=torch.float32)
+                           part, tree["tree"], dwb, tree["ticket"], seed, N, D, eps=eps, n_tiles=n_tiles, TG=tree["G"],
+                           AFFINE=affine, HAS_GH=g_h is not None, HAS_GY=g_y is not None, X_GRAD=x_grad,
+                           RES_GRAD=res_grad, PARAM_GRAD=param_grad, BR=BR, BD=BD, BG=tree["BG"], num_warps=warps,
+                           **_stream_args(y, p, layerdrop))
+    return dx, d_res, dwb
 
 
 @residual_norm_backward.register_fake
@@ -192,14 +197,8 @@ def _(y, weight, g_h, g_y, eps, p, layerdrop, seed, x_dtype, res_dtype, x_grad, 
 
 @register_launches("tvq_kernels::residual_norm_backward")
 def _(y, weight, g_h, g_y, eps, p, layerdrop, seed, x_dtype, res_dtype, x_grad, res_grad, param_grad):
-    """With the parameters' gradients the partial sums' reduction too; scratch: the (2, n_prog, D) float32 partial
-    sums, written and read once (n_prog as on a 132-SM GPU where there is none)."""
-    if not (param_grad and g_h is not None) or not y.numel():
-        return 1, 0
-    N, D = y.numel() // y.shape[-1], y.shape[-1]
-    n_tiles = cdiv(N, _tile(N, D)[0])
-    n_prog = max(1, min(n_tiles, TILES["programs"] or 2 * 132))
-    return 2, 2 * n_prog * D * 4
+    """One launch; scratch with the parameters' gradients: the partial sums and their tree (as the norm's)."""
+    return 1, param_scratch(y) if param_grad and g_h is not None else 0
 
 
 class _ResidualNorm(torch.autograd.Function):

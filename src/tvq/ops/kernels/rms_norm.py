@@ -16,12 +16,12 @@ number is float32 (x, weight, bias and the incoming gradient are cast on load), 
   weight is saved: no output, no 1 / rms), with h = x / rms, g = grad scale, dh = g weight:
   ``dx = (dh - h mean(dh h)) / rms`` in x's dtype. The programs are persistent (2 per SM on a GPU, row tiles
   pid, pid + n_prog, ...), each summing ``g h`` and ``g`` over its rows in float32 registers, and write those
-  partial sums once per program to a (2, n_prog, D) float32 buffer that one torch ``.sum(1)`` reduces to the
-  weight and bias gradients (cast to the parameters' dtypes): a second launch, registered for the cost model
-  (:func:`tvq.ops.kernels.register_launches`). Why not the launch's last program (as the query biases' sums): the
-  buffer is ~264 x D float32 (1.6 MB at D 1536 on a 132-SM GPU), which one program would read in ~100 dependent
-  round trips to L2 while the whole GPU's reduction takes a few us; atomics would make the gradients
-  nondeterministic. Flags (constexpr) skip dx or the partial sums when that
+  partial sums once per program to a (2, n_prog, D) float32 buffer, which the launch itself reduces to the weight
+  and bias gradients (cast to the parameters' dtypes) by a two-level tree of last programs
+  (:func:`tvq.ops.kernels.common.tree_sum`): the last of each group of ~sqrt(n_prog) programs adds up its group's
+  rows, the last of those the groups' (a few round trips to L2 each; one program reading all ~264 rows, 1.6 MB at D
+  1536 on a 132-SM GPU, would take ~100). No second launch (a ``.sum`` would be one), no atomics on the gradients
+  (deterministic: fixed order). Flags (constexpr) skip dx or the partial sums when that
   input does not need a gradient.
 
 Inputs may be any (..., D) view whose rows are equally spaced with unit column stride (a slice of a fused
@@ -43,6 +43,7 @@ two (BD,) sums) no longer fit in one program's registers and spill: use the PyTo
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -50,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tvq.ops.kernels import kernel_op, register_launches
-from tvq.ops.kernels.common import cdiv, next_power_of_2
+from tvq.ops.kernels.common import cdiv, next_power_of_2, tree_args, tree_sum
 
 # elements of a program's row tile (rows = elements / BD, at least one) and the backward's persistent programs
 # (0: 2 per SM on a GPU, 4 in the interpreter); tests shrink them
@@ -85,13 +86,14 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, D, sx, G, sxg, eps, scale,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx, G, sxg, sg, sgg, GB, GG, sgb, s2,
-                s2g, G1, sa, eps, scale, n_tiles, AFFINE: tl.constexpr, X_GRAD: tl.constexpr,
-                PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr, SPLIT: tl.constexpr, BR: tl.constexpr,
-                BD: tl.constexpr):
+def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, tree_ptr, dwb_ptr, ticket_ptr, N, D, sx, G, sxg,
+                sg, sgg, GB, GG, sgb, s2, s2g, G1, sa, eps, scale, n_tiles, TG, AFFINE: tl.constexpr,
+                X_GRAD: tl.constexpr, PARAM_GRAD: tl.constexpr, HAS_ADD: tl.constexpr, SPLIT: tl.constexpr,
+                BR: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr):
     """dx of row tiles pid, pid + n_prog, ... (statistics recomputed from x; with HAS_ADD plus the rows of
     ``add``, x's gradient from elsewhere); with PARAM_GRAD this program's float32 sums over its rows of g h
-    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid]. The gradient's row r is at
+    (weight) and g (bias), g = grad scale, to part[0, pid] and part[1, pid], which the launch's last programs add up
+    into dwb (2, D) (:func:`tvq.ops.kernels.common.tree_sum`, groups of TG programs). The gradient's row r is at
     (r // (GB GG)) sg + ((r // GG) % GB) sgb + (r % GG) sgg (:func:`_grad_rows`); with SPLIT, addressed as x's
     rows (groups of G), a group's first G1 rows come from g (groups sg apart, rows sgg) and the rest from g2
     (s2, s2g): the gradients of an output returned in two parts, never joined in memory."""
@@ -133,6 +135,7 @@ def _bwd_kernel(x_ptr, w_ptr, g_ptr, g2_ptr, add_ptr, dx_ptr, part_ptr, N, D, sx
     if PARAM_GRAD:
         tl.store(part_ptr + pid.to(tl.int64) * D + d, dw * scale, mask=d_ok)
         tl.store(part_ptr + (n_prog + pid).to(tl.int64) * D + d, db * scale, mask=d_ok)
+        tree_sum(part_ptr, tree_ptr, dwb_ptr, ticket_ptr, pid, n_prog, D, TG, BD, BG)
 
 
 def _rows(t: Tensor, D: int) -> Tensor:
@@ -268,14 +271,15 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     n_tiles = cdiv(N, BR)
     n_prog = _programs(x.device, n_tiles)
     part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
+    dwb = x.new_empty((2, D) if param_grad else (0,), dtype=torch.float32)  # the weight's and the bias's
+    tree = tree_args(n_prog, D, BD, TILES["elements"], x.device) if param_grad else dict(tree=x2, ticket=x2, G=1, BG=1)
     affine = weight is not None
     _bwd_kernel[(n_prog,)](x2, weight if affine else x2, gs[0], g2s[0], a2 if a2 is not None else x2,
-                           dx if x_grad else x2, part, N, D, sx, G, sxg, *gs[1:], g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
-                           AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad, HAS_ADD=a2 is not None,
-                           SPLIT=grad2 is not None, BR=BR, BD=BD, num_warps=warps)
-    if not param_grad:
-        return dx, x.new_empty(0, dtype=torch.float32)
-    return dx, part.sum(1)  # (2, D): the weight's and the bias's
+                           dx if x_grad else x2, part, tree["tree"], dwb, tree["ticket"], N, D, sx, G, sxg, *gs[1:],
+                           g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
+                           tree["G"], AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad, HAS_ADD=a2 is not None,
+                           SPLIT=grad2 is not None, BR=BR, BD=BD, BG=tree["BG"], num_warps=warps)
+    return dx, dwb
 
 
 @rms_norm_backward.register_fake
@@ -286,14 +290,19 @@ def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None, grad2=None
 
 @register_launches("tvq_kernels::rms_norm_backward")
 def _(grad, x, weight, eps, scale, x_grad, param_grad, grad_add=None, grad2=None):
-    """With the parameters' gradients the partial sums' reduction too; scratch: the (2, n_prog, D) float32 partial
-    sums, written and read once (n_prog counted as on a 132-SM GPU where there is none)."""
-    if not param_grad or not x.numel():
-        return 1, 0
+    """One launch; scratch with the parameters' gradients: the (2, n_prog, D) float32 partial sums and the tree's
+    (2, ~sqrt(n_prog), D), written and read once (n_prog as on a 132-SM GPU where there is none)."""
+    return 1, param_scratch(x) if param_grad else 0
+
+
+def param_scratch(x: Tensor) -> int:
+    """Bytes of a persistent norm backward's partial sums and their tree for rows of x (:func:`tree_sum`)."""
+    if not x.numel():
+        return 0
     N, D = x.numel() // x.shape[-1], x.shape[-1]
     n_tiles = cdiv(N, _tile(N, D)[0])
     n_prog = max(1, min(n_tiles, TILES["programs"] or 2 * (_sm_count(0) if torch.cuda.is_available() else 132)))
-    return 2, 2 * n_prog * D * 4
+    return 2 * (n_prog + math.isqrt(max(n_prog - 1, 0)) + 2) * D * 4
 
 
 class _RMSNorm(torch.autograd.Function):
