@@ -213,11 +213,17 @@ def test_the_triton_kernels_count_as_one_kernel_each(results):
         assert op not in ops, op  # the scan folds the state's cache, the value kernels apply the gate, the key
         # list's launch counts the blocks' codes
     assert "tvq.cache_read run op by op" not in kern["meta"]["special_cases"]
+    sub = {name for name, _, _ in kern["sublayer_ops_by_count"]}
+    for op in ("tvq_kernels.residual_norm", "tvq_kernels.residual_norm_backward"):
+        assert op in sub, op  # the residual add joined with the next sublayer's norm
+    for op in ("aten.mean", "aten.sum", "aten._foreach_copy_"):
+        assert op not in sub, op  # the commitment mean, the biases' and norms' partial sums and the weights'
+        # gradient cast happen inside other launches (the weights are cast once per model forward: outside)
     a, b = kern["per_sublayer"]["total"], torch_["per_sublayer"]["total"]
     assert a["kernels"] < b["kernels"] and a["operand_bytes"] < b["operand_bytes"]
-    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 37 per sublayer at this shape
-    # since the tenth round (238 on the PyTorch path); a change that adds launches must say so here
-    assert a["kernels"] <= 37
+    # launches bound the step on a GPU at 8k (benchmarks/README.md, fifth round): 32 per sublayer at this shape
+    # since the eleventh round (238 on the PyTorch path); a change that adds launches must say so here
+    assert a["kernels"] <= 32
     fa, fb = sum(a["gemm_flops"].values()), sum(b["gemm_flops"].values())
     assert 0.5 * fb < fa < 2 * fb
 
