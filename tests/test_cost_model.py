@@ -239,9 +239,12 @@ def test_kernel_ops_are_placed_by_their_callers(results):
     rows = [(op, site) for _, op, site, _ in results["train1"]["kernels_by_site"] if op.startswith("tvq_kernels.")]
     assert rows and not any("kernels/__init__.py" in site for _, site in rows)
     rest = {"tvq_kernels.rms_norm", "tvq_kernels.residual_dropout", "tvq_kernels.gau_activation",
-            "tvq_kernels.gau_activation_norm", "tvq_kernels.silu_gate"}
+            "tvq_kernels.gau_activation_norm", "tvq_kernels.silu_gate", "tvq_kernels.residual_norm"}
     for op, site in rows:
         assert any(m in site for m in cost.REST_MODULES) == (op.removesuffix("_backward") in rest), (op, site)
+    # the projections' GEMMs (a dense model has them too) are "rest", wherever the cast weights' GEMM runs
+    gemm_sites = [site for _, op, site, _ in results["train1"]["kernels_by_site"] if op == "aten.mm"]
+    assert any("tvq/ops/linear.py" in site for site in gemm_sites)
     assert results["train1"]["parts"]["rest"]["kernels"] > results["train1"]["meta"]["n_attn"] * 6
 
 

@@ -142,8 +142,10 @@ SPARSE_WRITES = frozenset({"aten.scatter_", "aten.scatter_add_", "aten.scatter_r
 SCALAR_READS = frozenset({"item", "__int__", "__bool__", "__float__", "__index__", "__complex__", "tolist"})
 
 ATTENTION_MODULES = ("tvq/ops/", "tvq/layers/vq.py")  # the VQ attention core, for the "parts" split
-# kernels under tvq/ops/ that fuse the rest of a sublayer (norms, the GAU's activation and gate, the residual add)
-REST_MODULES = ("tvq/ops/kernels/rms_norm.py", "tvq/ops/kernels/gate.py", "tvq/ops/kernels/residual.py")
+# modules under tvq/ops/ whose kernels are the rest of a sublayer, which a dense model has too (norms, the GAU's
+# activation and gate, the residual add, the projections' GEMMs)
+REST_MODULES = ("tvq/ops/kernels/rms_norm.py", "tvq/ops/kernels/gate.py", "tvq/ops/kernels/residual.py",
+                "tvq/ops/kernels/residual_norm.py", "tvq/ops/linear.py")
 NONDETERMINISTIC_CUMSUM = "aten.cumsum of floats (no deterministic CUDA kernel: raises in deterministic mode)"
 INDUCTOR_NOTE = ("skipped: inductor generates Triton kernels for CUDA tensors, which needs a GPU (and Triton) "
                  "to compile; run the cost model's train mode under torch.compile on a GPU machine")
