@@ -95,7 +95,7 @@ def test_every_sublayers_weights_cast_in_one_copy(monkeypatch, grad_checkpoint):
 
 def test_sharded_weights_are_not_cast_ahead(tmp_path):
     """FSDP2 keeps a sublayer's weights sharded (DTensors) until that sublayer runs: the model must not cast them
-    ahead (cast_plan None), while plain weights are."""
+    ahead (cast_plan None), while plain weights are; nor hand a sharded norm to the sublayer before (_next_norms)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
@@ -110,5 +110,9 @@ def test_sharded_weights_are_not_cast_ahead(tmp_path):
             mesh = init_device_mesh("cpu", (1,))
             attn.w_o.weight = torch.nn.Parameter(distribute_tensor(attn.w_o.weight.detach(), mesh, [Replicate()]))
             assert attn.cast_plan(x) is None
+            assert model._next_norms(x)[0] is model.attns[1].norm
+            norm = model.attns[1].norm
+            norm.weight = torch.nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Replicate()]))
+            assert model._next_norms(x) == [None, None]
     finally:
         dist.destroy_process_group()

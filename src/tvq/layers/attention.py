@@ -46,7 +46,7 @@ def per_query_head(t: Tensor, n_q_head: int, dim: int = 1) -> Tensor:
     return t.expand(shape)
 
 
-def _distributed(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> bool:
     """Whether t is a DTensor (e.g. an FSDP2-sharded parameter); none exists unless their module was imported (which
     takes half a second: not done here)."""
     module = sys.modules.get("torch.distributed.tensor")
@@ -283,7 +283,7 @@ class Attention(HostFlags):
         if next_norm is None:
             return add_residual(x, res, cfg.dropout_res, cfg.layerdrop, self.training), new_state, commit
         x, h_next = add_residual_norm(x, res, cfg.dropout_res, cfg.layerdrop, self.training, next_norm, amp,
-                                      kernel=not _distributed(next_norm.weight))  # (FSDP2: a shard until it runs)
+                                      kernel=not is_dtensor(next_norm.weight))  # (FSDP2: a shard until it runs)
         return x, new_state, commit, h_next
 
     def _joined_path(self, h: Tensor) -> bool:
@@ -302,7 +302,7 @@ class Attention(HostFlags):
         if not self._joined_path(x.new_empty(0, dtype=dtype)):
             return None
         groups = self._cast_groups(dtype)[0]
-        if any(_distributed(w) for g in groups for w in g):  # FSDP2's shards, gathered only as the sublayer runs
+        if any(is_dtensor(w) for g in groups for w in g):  # FSDP2's shards, gathered only as the sublayer runs
             return None
         return dtype, groups
 

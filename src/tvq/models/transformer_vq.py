@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tvq.config import TransformerVQConfig
-from tvq.layers.attention import Attention
+from tvq.layers.attention import Attention, is_dtensor
 from tvq.layers.mlp import MLP
 from tvq.layers.norm import RMSNorm
 from tvq.layers.vq import add_statistics, apply_updates, checkpointed, recomputing
@@ -263,13 +263,14 @@ class TransformerVQ(nn.Module):
         pre-norm in one kernel each way, :func:`tvq.layers.residual.add_residual_norm`), else None: on the Triton path
         (elsewhere the norm stays in its sublayer, as it would compute the same), between consecutive attention
         sublayers (an MLP comes between them for mha / mqa), for a plain norm (no hooks, which its kernel would
-        skip)."""
+        skip) whose weights are not FSDP2's shards (DTensors until their own sublayer gathers them)."""
         nexts: list[RMSNorm | None] = [None] * len(self.attns)
         if self.mlps is not None or not kernels_enabled(x) or torch.compiler.is_compiling():
             return nexts
         for i, nxt in enumerate(self.attns[1:]):
             norm = nxt.norm
-            if type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks):
+            if (type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks)
+                    and not any(is_dtensor(p) for p in norm.parameters())):
                 nexts[i] = norm
         return nexts
 
