@@ -5,7 +5,8 @@ quantizer (``vq_codes``: the nearest codeword, the straight-through key, the err
 Transformer-XL biases (``query_bias``), the key list of a chunk, its carried window joined with the chunk, and each
 block's cache counts (``window_join``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU (with
 the query/key norms) and, off the blockwise path, its gate, ``residual``: dropout, LayerDrop and the residual add,
-``dropout_linear``: the relative embeddings' dropout inside their GEMM). Each has a PyTorch twin in
+``residual_norm``: that add joined with the next sublayer's norm, ``dropout_linear``: the relative embeddings'
+dropout inside their GEMM), and what they share (``common``: tiles, products, reductions across a launch's programs). Each has a PyTorch twin in
 :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it is tested against, outputs and gradients, and the fallback
 wherever Triton or a GPU is missing).
 
