@@ -330,8 +330,8 @@ class Attention(HostFlags):
         """lin's weight where w is a cast of it (:meth:`_cast_weights`), None where w is that weight itself."""
         return None if w is lin.weight else lin.weight
 
-    @classmethod
-    def _cast_linear(cls, x: Tensor, w: Tensor, lin: nn.Linear) -> Tensor:
+    @staticmethod
+    def _cast_linear(x: Tensor, w: Tensor, lin: nn.Linear) -> Tensor:
         """F.linear(x, w) for w lin's weight or its cast, the gradient going to lin's weight in its dtype."""
         return F.linear(x, w) if w is lin.weight else cast_linear(x, w, [lin.weight])
 

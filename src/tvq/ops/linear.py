@@ -75,13 +75,16 @@ def linear(x: Tensor, weight: Tensor, act: str | None = None, residual: Tensor |
     return y if residual is None else residual + y
 
 
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (PyTorch 2.8 on; CUDA)
+
+
 def mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """``(a @ b).to(dtype)``: on a GPU one GEMM that writes ``dtype`` (float32 from fp16 / bf16 operands: cuBLAS
-    accumulates in float32 anyway, so the float32 result is also the more exact one), elsewhere the product cast.
-    a (M, K), b (K, N) -> (M, N)."""
+    accumulates in float32 anyway, so the float32 result is also the more exact one), elsewhere (or with a PyTorch
+    without it) the product cast. a (M, K), b (K, N) -> (M, N)."""
     if a.dtype == dtype:
         return torch.mm(a, b)
-    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+    if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
         return torch.mm(a, b, out_dtype=dtype)
     return torch.mm(a, b).to(dtype)
 
