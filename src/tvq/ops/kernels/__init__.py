@@ -6,9 +6,9 @@ Transformer-XL biases (``query_bias``), the key list of a chunk, its carried win
 block's cache counts (``window_join``), and the rest of a sublayer (``rms_norm``, ``gate``: the GAU's SiLU (with
 the query/key norms) and, off the blockwise path, its gate, ``residual``: dropout, LayerDrop and the residual add,
 ``residual_norm``: that add joined with the next sublayer's norm, ``dropout_linear``: the relative embeddings'
-dropout inside their GEMM), and what they share (``common``: tiles, products, reductions across a launch's programs). Each has a PyTorch twin in
-:mod:`tvq.ops` or :mod:`tvq.layers` (the reference it is tested against, outputs and gradients, and the fallback
-wherever Triton or a GPU is missing).
+dropout inside their GEMM), and what they share (``common``: tiles, products, reductions across a launch's
+programs). Each has a PyTorch twin in :mod:`tvq.ops` or :mod:`tvq.layers` (the reference it is tested against,
+outputs and gradients, and the fallback wherever Triton or a GPU is missing).
 
 They are chosen automatically for CUDA tensors in float32, float16 or bfloat16 when Triton imports.
 ``use_kernels(True)`` forces them for CPU tensors too (which needs ``TRITON_INTERPRET=1`` set before Triton is

@@ -69,36 +69,43 @@ def tree_sum(part_ptr, tree_ptr, out_ptr, ticket_ptr, pid, n_prog, D, G, BD: tl.
     n_in = tl.minimum(G, n_prog - lo)
     if last_program(ticket_ptr + 1 + grp, n_in):
         n_groups = tl.cdiv(n_prog, G)
-        a0 = tl.zeros((BG, BD), dtype=tl.float32)
-        a1 = tl.zeros((BG, BD), dtype=tl.float32)
-        for i0 in range(0, n_in, BG):
-            i = i0 + tl.arange(0, BG)
-            ok = (i < n_in)[:, None] & d_ok[None, :]
-            rows = (lo + i)[:, None] * D + d[None, :]
-            a0 += tl.load(part_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            a1 += tl.load(part_ptr + n_prog * D + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(tree_ptr + grp * D + d, tl.sum(a0, axis=0), mask=d_ok)
-        tl.store(tree_ptr + (n_groups + grp) * D + d, tl.sum(a1, axis=0), mask=d_ok)
+        s0, s1 = _sum_rows(part_ptr, n_prog * D, lo, n_in, D, BD, BG)
+        tl.store(tree_ptr + grp * D + d, s0, mask=d_ok)
+        tl.store(tree_ptr + (n_groups + grp) * D + d, s1, mask=d_ok)
         if last_program(ticket_ptr, n_groups):
-            a0 = tl.zeros((BG, BD), dtype=tl.float32)
-            a1 = tl.zeros((BG, BD), dtype=tl.float32)
-            for i0 in range(0, n_groups, BG):
-                i = i0 + tl.arange(0, BG)
-                ok = (i < n_groups)[:, None] & d_ok[None, :]
-                rows = i[:, None] * D + d[None, :]
-                a0 += tl.load(tree_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-                a1 += tl.load(tree_ptr + n_groups * D + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + d, tl.sum(a0, axis=0), mask=d_ok)
-            tl.store(out_ptr + D + d, tl.sum(a1, axis=0), mask=d_ok)
+            s0, s1 = _sum_rows(tree_ptr, n_groups * D, 0, n_groups, D, BD, BG)
+            tl.store(out_ptr + d, s0, mask=d_ok)
+            tl.store(out_ptr + D + d, s1, mask=d_ok)
 
 
-def tree_args(n_prog: int, D: int, BD: int, elements: int, device: torch.device) -> dict:
-    """:func:`tree_sum`'s host side for n_prog programs' rows of D: its scratch tree (2, n_groups, D) float32 and
-    counters, G, and BG (rows per load: BG BD at most ``elements``, the kernel's own tile)."""
+@triton.jit
+def _sum_rows(ptr, half, lo, n, D, BD: tl.constexpr, BG: tl.constexpr):
+    """The sums of rows lo .. lo + n - 1 of D float32 at ptr and at ptr + half (two (BD,) results), BG rows at a
+    time in order, read past L1 (other programs wrote them: :func:`last_program`)."""
+    d = tl.arange(0, BD)
+    a0 = tl.zeros((BG, BD), dtype=tl.float32)
+    a1 = tl.zeros((BG, BD), dtype=tl.float32)
+    for i0 in range(0, n, BG):
+        i = i0 + tl.arange(0, BG)
+        ok = (i < n)[:, None] & (d < D)[None, :]
+        rows = (lo + i)[:, None] * D + d[None, :]
+        a0 += tl.load(ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+        a1 += tl.load(ptr + half + rows, mask=ok, other=0.0, cache_modifier=".cg")
+    return tl.sum(a0, axis=0), tl.sum(a1, axis=0)
+
+
+def tree_args(n_prog: int, D: int, BD: int, elements: int, like: Tensor, on: bool = True) -> dict:
+    """:func:`tree_sum`'s host side for n_prog programs' rows of D on ``like``'s device: the partial sums ``part``
+    (2, n_prog, D) and the result ``out`` (2, D), float32, the scratch ``tree`` (2, n_groups, D) and ``ticket``
+    counters, ``G``, and ``BG`` (rows per load: BG BD at most ``elements``, the kernel's own tile). ``on`` False:
+    ``like`` for every pointer (never touched) and an empty (0,) result."""
+    if not on:
+        return dict(part=like, out=like.new_empty(0, dtype=torch.float32), tree=like, ticket=like, G=1, BG=1)
     G = math.isqrt(max(n_prog - 1, 0)) + 1  # ceil(sqrt(n_prog))
     n_groups = -(-n_prog // G)
-    tree = torch.empty(2, n_groups, D, dtype=torch.float32, device=device)
-    return dict(tree=tree, ticket=tickets(device, 1 + n_groups), G=G,
+    f32 = dict(dtype=torch.float32, device=like.device)
+    return dict(part=torch.empty(2, n_prog, D, **f32), out=torch.empty(2, D, **f32),
+                tree=torch.empty(2, n_groups, D, **f32), ticket=tickets(like.device, 1 + n_groups), G=G,
                 BG=max(1, min(elements // BD, 1 << max(G - 1, 0).bit_length())))
 
 

@@ -175,17 +175,16 @@ def residual_norm_backward(y: Tensor, weight: Tensor | None, g_h: Tensor | None,
     BD = max(BD, 4)
     n_tiles = cdiv(N, BR)
     n_prog = _programs(y.device, n_tiles)
-    part = y.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else y
-    dwb = y.new_empty((2, D) if param_grad else (0,), dtype=torch.float32)  # the weight's and the bias's
-    tree = tree_args(n_prog, D, BD, TILES["elements"], y.device) if param_grad else dict(tree=y, ticket=y, G=1, BG=1)
+    tree = tree_args(n_prog, D, BD, TILES["elements"], y, param_grad)  # out: the weight's and the bias's
     affine = weight is not None
     _bwd_kernel[(n_prog,)](y.contiguous(), weight if affine else y, g_h.contiguous() if g_h is not None else y,
                            g_y.contiguous() if g_y is not None else y, dx if x_grad else y, d_res if res_grad else y,
-                           part, tree["tree"], dwb, tree["ticket"], seed, N, D, eps=eps, n_tiles=n_tiles, TG=tree["G"],
-                           AFFINE=affine, HAS_GH=g_h is not None, HAS_GY=g_y is not None, X_GRAD=x_grad,
+                           tree["part"], tree["tree"], tree["out"], tree["ticket"], seed, N, D, eps=eps,
+                           n_tiles=n_tiles, TG=tree["G"], AFFINE=affine, HAS_GH=g_h is not None, HAS_GY=g_y is not None,
+                           X_GRAD=x_grad,
                            RES_GRAD=res_grad, PARAM_GRAD=param_grad, BR=BR, BD=BD, BG=tree["BG"], num_warps=warps,
                            **_stream_args(y, p, layerdrop))
-    return dx, d_res, dwb
+    return dx, d_res, tree["out"]
 
 
 @residual_norm_backward.register_fake

@@ -270,16 +270,15 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
     BR, BD, warps = _tile(N, D)
     n_tiles = cdiv(N, BR)
     n_prog = _programs(x.device, n_tiles)
-    part = x.new_empty(2, n_prog, D, dtype=torch.float32) if param_grad else x2
-    dwb = x.new_empty((2, D) if param_grad else (0,), dtype=torch.float32)  # the weight's and the bias's
-    tree = tree_args(n_prog, D, BD, TILES["elements"], x.device) if param_grad else dict(tree=x2, ticket=x2, G=1, BG=1)
+    tree = tree_args(n_prog, D, BD, TILES["elements"], x2, param_grad)  # out: the weight's and the bias's
     affine = weight is not None
     _bwd_kernel[(n_prog,)](x2, weight if affine else x2, gs[0], g2s[0], a2 if a2 is not None else x2,
-                           dx if x_grad else x2, part, tree["tree"], dwb, tree["ticket"], N, D, sx, G, sxg, *gs[1:],
-                           g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps, scale, n_tiles,
-                           tree["G"], AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad, HAS_ADD=a2 is not None,
-                           SPLIT=grad2 is not None, BR=BR, BD=BD, BG=tree["BG"], num_warps=warps)
-    return dx, dwb
+                           dx if x_grad else x2, tree["part"], tree["tree"], tree["out"], tree["ticket"], N, D, sx, G,
+                           sxg, *gs[1:], g2s[1], g2s[2], sec, _row_stride(a2) if a2 is not None else 0, eps,
+                           scale, n_tiles, tree["G"], AFFINE=affine, X_GRAD=x_grad, PARAM_GRAD=param_grad,
+                           HAS_ADD=a2 is not None, SPLIT=grad2 is not None, BR=BR, BD=BD, BG=tree["BG"],
+                           num_warps=warps)
+    return dx, tree["out"]
 
 
 @rms_norm_backward.register_fake
